@@ -1,0 +1,5 @@
+import sys
+
+from fxpasses.cli import main
+
+sys.exit(main())

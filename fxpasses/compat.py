@@ -1,0 +1,56 @@
+"""Every private torch API fxpasses touches, in one place.
+
+CI runs torch 2.13, the GPU machine 2.11. When a torch upgrade breaks something, this module is where the fix
+goes; nothing else imports ``torch._*`` internals that are known to move between releases.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def fake_store() -> Any:
+    """The in-memory store torch's ``fake`` process-group backend needs."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    return FakeStore()
+
+
+def resolve_process_group(group_name: str) -> "torch.distributed.ProcessGroup":
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def symint_hint(value: Any) -> int | None:
+    """The concrete value a SymInt was traced with (portable across 2.11 and 2.13); ints pass through."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, torch.SymInt):
+        node = value.node
+        hint = getattr(node, "hint", None)
+        if hint is not None:
+            return int(hint)
+        shape_env = getattr(node, "shape_env", None)
+        if shape_env is not None:
+            table = getattr(shape_env, "backed_var_to_val", None) or getattr(shape_env, "var_to_val", {})
+            if node.expr in table:
+                return int(table[node.expr])
+    return None
+
+
+def auto_functionalized_ops() -> tuple[Any, Any]:
+    """The v1 and v2 auto-functionalization higher-order ops."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized, auto_functionalized_v2
+
+    return auto_functionalized, auto_functionalized_v2
+
+
+def set_auto_functionalized_v2(enabled: bool) -> Any:
+    """Context manager choosing v1 or v2 auto-functionalization while tracing."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(enable_auto_functionalized_v2=enabled)

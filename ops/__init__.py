@@ -1,0 +1,12 @@
+"""Custom ops of fxpasses, in the ``torch.ops.fxp`` namespace.
+
+Importing this package registers every op once per process (Python's import cache makes it idempotent).
+Each op has a schema, a fake (meta) implementation for tracing, and an eager implementation in plain torch
+that runs on CPU and CUDA. This package depends on nothing else of ours: ``patterns`` and ``fxpasses`` build
+on it, never the other way round.
+"""
+from ops import norms, p2p, quant  # noqa: F401  (registration happens on import)
+from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES
+from ops.quant import FP8_DTYPE, FP8_MAX
+
+__all__ = ["NAMESPACE", "SIDE_EFFECT_OPS", "SUPPORTED_FLOAT_DTYPES", "FP8_DTYPE", "FP8_MAX"]

@@ -1,0 +1,63 @@
+"""The one ``torch.library.Library`` that owns the ``fxp`` namespace, and the helper every op module uses.
+
+We use ``Library.define`` + ``impl`` + ``register_fake`` rather than ``torch.library.custom_op``: the schema is
+written by hand (``int`` stays ``int`` instead of ``SymInt``; alias annotations such as ``Tensor(a!)[]`` are
+exact) and the eager call is about half the cost (field notes: 12 µs vs 26 µs).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+
+NAMESPACE = "fxp"
+LIB = torch.library.Library(NAMESPACE, "DEF")
+
+# Ops whose effect is outside their outputs (communication). AOT's dead-code elimination would otherwise
+# delete e.g. a send whose buffer is never read again; fxpasses' own passes consult this set too.
+SIDE_EFFECT_OPS: set[torch._ops.OpOverload] = set()
+
+SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def define_op(
+    schema: str,
+    eager: Callable,
+    fake: Callable,
+    *,
+    side_effect: bool = False,
+) -> torch._ops.OpOverload:
+    """Define ``fxp::<schema>`` with an eager kernel for every device and a fake kernel for tracing."""
+    name = schema.split("(", 1)[0]
+    LIB.define(schema)
+    LIB.impl(name, eager, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIB)
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    if side_effect:
+        torch.fx.node.has_side_effect(overload)
+        SIDE_EFFECT_OPS.add(overload)
+    return overload
+
+
+def check_float(op: str, **tensors: torch.Tensor) -> None:
+    """Raise a ValueError naming the argument when a tensor's dtype is not one the norms support."""
+    for arg, t in tensors.items():
+        if t.dtype not in SUPPORTED_FLOAT_DTYPES:
+            raise ValueError(
+                f"fxp.{op}: argument {arg!r} has dtype {t.dtype}; supported dtypes are "
+                f"{', '.join(str(d) for d in SUPPORTED_FLOAT_DTYPES)}. Cast the input first."
+            )
+
+
+def check_norm_shapes(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"fxp.{op}: weight has shape {tuple(weight.shape)} but the input's last dimension is "
+            f"{x.shape[-1]}; the weight must be 1-D of that size."
+        )
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"fxp.{op}: residual is {tuple(residual.shape)} {residual.dtype} but x is "
+            f"{tuple(x.shape)} {x.dtype}; they must have the same shape and dtype."
+        )
