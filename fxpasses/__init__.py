@@ -1,10 +1,22 @@
 """fxpasses: a pure FX pass pipeline for torch.compile on tensor- and pipeline-parallel models.
 
-Importing fxpasses registers the ``torch.ops.fxp`` custom ops.
+Importing fxpasses registers the ``torch.ops.fxp`` custom ops and the ``"fxpasses"`` torch.compile backend.
 """
 import ops  # noqa: F401  (registers torch.ops.fxp.*)
 
+from fxpasses.backend import Backend
+from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.mapping import Mapping, ProcessGroups, init_process_groups
+from fxpasses.pass_manager import PassError, PassManager, Stage
+from fxpasses.passes import PassContext, PassResult, PipelineConfig
+from fxpasses.report import PassRecord, Report
+from fxpasses.rewrite import rewrite
+from fxpasses.tokens import TokenDim, find_token_dim
+from fxpasses.verifier import VerificationError
 
-__all__ = ["Mapping", "ProcessGroups", "init_process_groups"]
+__all__ = [
+    "Backend", "Mapping", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineConfig",
+    "ProcessGroups", "Report", "Stage", "TokenDim", "VerificationError", "defunctionalize", "find_token_dim",
+    "functionalize", "init_process_groups", "rewrite",
+]
 __version__ = "0.1.0"

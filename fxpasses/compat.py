@@ -54,3 +54,41 @@ def set_auto_functionalized_v2(enabled: bool) -> Any:
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(enable_auto_functionalized_v2=enabled)
+
+
+def source_name(source: Any) -> str:
+    """A Dynamo Source's name (a method in 2.11, a property in 2.13)."""
+    name = source.name
+    return name() if callable(name) else name
+
+
+def custom_graph_pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+def register_dynamo_backend(name: str, fn: Any) -> None:
+    from torch._dynamo.backends import registry
+
+    if name not in registry._COMPILER_FNS:
+        registry.register_backend(compiler_fn=fn, name=name)
+
+
+def make_boxed(fn: Any) -> Any:
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(fn)
+
+
+def detect_fake_mode(inputs: Any) -> Any:
+    from torch._guards import detect_fake_mode as detect
+
+    return detect(inputs)
+
+
+def fx_graph_cache_counters() -> tuple[int, int]:
+    """(hits, misses) of Inductor's FX graph cache so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]

@@ -193,3 +193,16 @@ def init_process_groups(mapping: Mapping, backend: str | None = None) -> Process
 def forget_process_groups() -> None:
     """Drop cached groups (called when the default group is destroyed)."""
     _GROUPS.clear()
+
+
+def cached_process_groups(mapping: Mapping) -> ProcessGroups | None:
+    """This rank's groups if ``init_process_groups`` already created them; never creates groups.
+
+    Compilation must not create groups: ``new_group`` is collective, and ranks of different pipeline stages
+    compile different graphs at different times.
+    """
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    cached = _GROUPS.get((id(world), mapping))
+    return cached[1] if cached is not None and cached[0] is world else None

@@ -1,0 +1,200 @@
+"""``fxpasses.Backend``: the object handed to ``torch.compile(model, backend=...)``.
+
+Dynamo graph → ``aot_module_simplified`` (inference, input mutations kept in the graph as ``copy_``) → the
+pipeline → either Inductor (the graph stays functional; our pipeline runs as Inductor's post-grad custom pass
+and takes part in its FX-graph cache key) or defunctionalization and the FX graph run as is.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch._functorch.aot_autograd import aot_module_simplified
+
+from fxpasses import compat
+from fxpasses.mapping import Mapping, cached_process_groups
+from fxpasses.passes import PassContext, PassResult, PipelineConfig, pass_name
+from fxpasses.pipeline import build_pipeline
+from fxpasses.report import Report
+from fxpasses.tokens import DEFAULT_TOKEN_INPUTS, TokenDim, find_token_dim
+
+log = logging.getLogger("fxpasses")
+
+Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
+
+
+@functools.lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """Hash of fxpasses' own pass code, so editing a pass invalidates Inductor's cached graphs."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for pkg in ("fxpasses", "patterns", "ops"):
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _pass_identity(p: Any) -> str:
+    """A stable identity for a user pass: its own uuid() if it has one, else its name and source."""
+    if hasattr(p, "uuid") and callable(p.uuid):
+        return f"{pass_name(p)}:{p.uuid()}"
+    try:
+        src = inspect.getsource(p if inspect.isfunction(p) or inspect.isclass(p) else type(p))
+    except (OSError, TypeError):
+        src = repr(p)
+    return f"{pass_name(p)}:{hashlib.sha256(src.encode()).hexdigest()[:16]}"
+
+
+class Backend:
+    """A torch.compile backend running the fxpasses pipeline. One instance per model (it holds the report).
+
+    Args:
+        mapping: this rank's parallel layout (default: a single rank).
+        inductor: hand the rewritten functional graph to Inductor instead of running the FX graph.
+        patterns: pattern passes to apply (default: none until the pattern registry is installed).
+        extra_passes: user passes ``(gm, ctx) -> PassResult`` run after the patterns.
+        strict: raise when a pass fails instead of rolling it back and recording the error.
+        dump_dir: write each graph before and after the pipeline there, as readable Python.
+        verify: run the verifier after every pass.
+        token_inputs: input names that carry the token count, in order of preference.
+    """
+
+    def __init__(
+        self,
+        mapping: Mapping | None = None,
+        *,
+        inductor: bool = False,
+        patterns: Sequence[Pass] | None = None,
+        extra_passes: Sequence[Pass] = (),
+        strict: bool = False,
+        dump_dir: str | os.PathLike | None = None,
+        verify: bool = True,
+        token_inputs: Sequence[str] = DEFAULT_TOKEN_INPUTS,
+    ) -> None:
+        if mapping is not None and not isinstance(mapping, Mapping):
+            raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__}.")
+        self.mapping = mapping or Mapping()
+        self.inductor = inductor
+        self.patterns = list(patterns) if patterns is not None else []
+        self.extra_passes = list(extra_passes)
+        self.config = PipelineConfig(verify=verify, strict=strict, defunctionalize=not inductor)
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.token_inputs = tuple(token_inputs)
+        self.report = Report()
+        self.token_dims: list[TokenDim | None] = []
+        self._graphs = 0
+
+    # ---- identity ----------------------------------------------------------------------------------------------
+    def uuid(self) -> str:
+        """Covers everything that changes what the pipeline does: our code, the Mapping, config, patterns, passes."""
+        key = {
+            "code": _source_digest(),
+            "torch": torch.__version__,
+            "mapping": self.mapping.to_dict(),
+            "config": self.config.to_dict(),
+            "patterns": [_pass_identity(p) for p in self.patterns],
+            "extra_passes": [_pass_identity(p) for p in self.extra_passes],
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def token_dim(self) -> TokenDim | None:
+        """The token dimension of the most recently compiled graph that has one."""
+        return next((t for t in reversed(self.token_dims) if t is not None), None)
+
+    # ---- the pipeline ------------------------------------------------------------------------------------------
+    def context(self, fake_mode: Any = None) -> PassContext:
+        groups = cached_process_groups(self.mapping)
+        return PassContext(
+            mapping=self.mapping,
+            config=self.config,
+            report=self.report,
+            fake_mode=fake_mode,
+            shape_env=getattr(fake_mode, "shape_env", None),
+            tp_group_name=groups.tp.group_name if groups else None,
+            pp_group_name=groups.pp.group_name if groups else None,
+        )
+
+    def run_pipeline(self, gm: torch.fx.GraphModule, graph_index: int, fake_mode: Any = None,
+                     defunctionalize: bool = True) -> torch.fx.GraphModule:
+        self._dump(gm, graph_index, "before")
+        manager = build_pipeline(self.patterns, self.extra_passes, defunctionalize_after=defunctionalize)
+        manager.run(gm, self.context(fake_mode), graph_index)
+        self._dump(gm, graph_index, "after")
+        return gm
+
+    def _dump(self, gm: torch.fx.GraphModule, index: int, when: str) -> None:
+        if self.dump_dir is None:
+            return
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        path = self.dump_dir / f"graph{index}_{when}.py"
+        path.write_text(gm.print_readable(print_output=False))
+
+    # ---- torch.compile entry -----------------------------------------------------------------------------------
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        t0 = time.perf_counter()
+        index = self._graphs
+        self._graphs += 1
+        self.report.graphs += 1
+        self.token_dims.append(find_token_dim(gm, self.token_inputs))
+        try:
+            if self.inductor:
+                return self._compile_inductor(gm, example_inputs, index)
+            return aot_module_simplified(
+                gm,
+                example_inputs,
+                fw_compiler=functools.partial(self._fx_compiler, index=index),
+                keep_inference_input_mutations=True,
+            )
+        finally:
+            self.report.compile_seconds += time.perf_counter() - t0
+
+    def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
+        self.run_pipeline(gm, index, compat.detect_fake_mode(example_inputs), defunctionalize=True)
+        return compat.make_boxed(gm.forward)
+
+    def _compile_inductor(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        custom = make_inductor_pass(self, index)
+        hits, misses = compat.fx_graph_cache_counters()
+        with inductor_config.patch(post_grad_custom_pre_pass=custom):
+            compiled = compile_fx(gm, example_inputs)
+        new_hits, _ = compat.fx_graph_cache_counters()
+        if new_hits > hits:
+            self.report.note(f"graph {index}: served from Inductor's FX graph cache; the passes did not run again")
+        return compiled
+
+
+def make_inductor_pass(backend: Backend, index: int) -> Any:
+    """Our pipeline as Inductor's post-grad custom pass; its uuid() enters the FX-graph cache key."""
+    base = compat.custom_graph_pass_base()
+
+    class FxpassesInductorPass(base):  # type: ignore[misc, valid-type]
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            gm = graph.owning_module
+            backend.run_pipeline(gm, index, defunctionalize=False)
+
+        def uuid(self) -> Any:
+            return backend.uuid()
+
+    return FxpassesInductorPass()
+
+
+def fxpasses_backend(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """``torch.compile(model, backend="fxpasses")``: a default Backend (single rank, no Inductor) per graph."""
+    return Backend()(gm, example_inputs)
+
+
+compat.register_dynamo_backend("fxpasses", fxpasses_backend)

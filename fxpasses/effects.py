@@ -1,0 +1,206 @@
+"""What a node does besides computing its outputs, derived from op schemas (never from a hand-kept table).
+
+- *mutations*: which arguments an op writes (``Tensor(a!)`` / ``Tensor(a!)[]`` alias annotations);
+- *views*: which outputs alias an input (a return annotated ``Tensor(a)`` with the same alias set as an argument);
+- *effects*: what must never be dropped, duplicated or reordered: communication (any op with a ``group_name``
+  argument: torch's functional collectives, our point-to-point and fused ops), ops registered with
+  ``torch.fx.node.has_side_effect``, and writes to graph inputs.
+
+An op wrapped in ``auto_functionalized`` / ``auto_functionalized_v2`` has the effects of the op it wraps, so a send
+is the same effect before and after (de)functionalization.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Iterator
+
+import torch
+import torch.fx
+
+from fxpasses import compat
+
+AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2 = compat.auto_functionalized_ops()
+HOPS = (AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2)
+
+# Fused ops perform the collective they replaced; an effect key names the collective, so a fusion keeps it.
+_COLLECTIVE_KIND = {"allreduce": "all_reduce"}
+
+
+def is_hop(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in HOPS
+
+
+def underlying_op(node: torch.fx.Node) -> Any:
+    """The OpOverload a node calls, looking through the auto-functionalization HOPs."""
+    if node.op != "call_function":
+        return None
+    if is_hop(node):
+        return node.args[0]
+    return node.target
+
+
+@dataclass(frozen=True)
+class MutableArg:
+    name: str
+    is_list: bool
+    optional: bool
+
+
+def mutable_args(op: Any) -> list[MutableArg]:
+    """Arguments an op writes, in schema order, from its alias annotations."""
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for arg in schema.arguments:
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            t = arg.type
+            optional = isinstance(t, torch.OptionalType)
+            inner = t.getElementType() if optional else t
+            out.append(MutableArg(arg.name, isinstance(inner, torch.ListType), optional))
+    return out
+
+
+def returns_alias(op: Any) -> bool:
+    schema = getattr(op, "_schema", None)
+    return schema is not None and any(r.alias_info is not None for r in schema.returns)
+
+
+def can_auto_functionalize(op: Any) -> bool:
+    """A custom op that mutates arguments but returns fresh tensors (what auto_functionalized supports)."""
+    return (
+        isinstance(op, torch._ops.OpOverload)
+        and op.namespace not in ("aten", "prim", "prims")
+        and bool(mutable_args(op))
+        and not returns_alias(op)
+    )
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """An op whose (single) return aliases its first argument without writing it: view, slice, alias, ..."""
+    op = underlying_op(node)
+    schema = getattr(op, "_schema", None)
+    if schema is None or is_hop(node) or not schema.returns or not schema.arguments:
+        return False
+    ret, first = schema.returns[0].alias_info, schema.arguments[0].alias_info
+    return ret is not None and not ret.is_write and first is not None and ret.before_set == first.before_set
+
+
+def base_of(node: Any) -> Any:
+    """Follow view ops back to the tensor that owns the storage."""
+    while isinstance(node, torch.fx.Node) and is_view(node):
+        node = node.args[0]
+    return node
+
+
+def node_args_by_name(node: torch.fx.Node) -> dict[str, Any]:
+    """Direct calls as name → value, using the schema to name positional arguments."""
+    op = node.target
+    schema = op._schema
+    values = dict(zip((a.name for a in schema.arguments), node.args))
+    values.update(node.kwargs)
+    return values
+
+
+def written_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Graph values a direct (non-functional) call writes in place."""
+    if node.op != "call_function" or is_hop(node):
+        return []
+    op = node.target
+    margs = mutable_args(op)
+    if not margs:
+        return []
+    values = node_args_by_name(node)
+    out = []
+    for m in margs:
+        v = values.get(m.name)
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(item, torch.fx.Node):
+                out.append(item)
+    return out
+
+
+def _group_name(node: torch.fx.Node) -> str | None:
+    op = underlying_op(node)
+    schema = getattr(op, "_schema", None)
+    if schema is None:
+        return None
+    names = [a.name for a in schema.arguments]
+    if "group_name" not in names:
+        return None
+    if is_hop(node):
+        return str(node.kwargs.get("group_name"))
+    return str(node_args_by_name(node).get("group_name"))
+
+
+def _op_label(op: Any) -> str:
+    name = op._schema.name.split("::")[-1] if hasattr(op, "_schema") else str(op)
+    for fused, kind in _COLLECTIVE_KIND.items():
+        if name.startswith(fused):
+            return kind
+    return name
+
+
+def effect_keys(node: torch.fx.Node, placeholders: set[torch.fx.Node]) -> tuple[list[Hashable], list[str]]:
+    """(ordered effects, names of graph inputs written) for one node.
+
+    Ordered effects are communication and registered side effects; their sequence must survive every pass.
+    Input writes may move (AOT puts them at the end as ``copy_``; defunctionalization moves them to the op).
+    """
+    if node.op != "call_function":
+        return [], []
+    op = underlying_op(node)
+    ordered: list[Hashable] = []
+    group = _group_name(node)
+    if group is not None:
+        label = _op_label(op)
+        if label == "wait_tensor":
+            return [], []
+        args = node.kwargs if is_hop(node) else node_args_by_name(node)
+        peer = args.get("peer")
+        ordered.append(("comm", label, group) + ((("peer", peer),) if peer is not None else ()))
+    elif op in torch.fx.node._side_effectful_functions and not _is_torch_internal_effect(op):
+        ordered.append(("effect", _op_label(op)))
+    written = [base_of(t) for t in written_tensors(node)]
+    inputs = [t.name for t in written if t in placeholders]
+    return ordered, inputs
+
+
+def _is_torch_internal_effect(op: Any) -> bool:
+    # torch marks asserts and profiler/record ops as side-effecting; they carry no ordering meaning for us.
+    name = getattr(op, "__name__", "") or str(op)
+    return "assert" in name or "record" in name or "profiler" in name
+
+
+def is_impure(node: torch.fx.Node) -> bool:
+    """Nodes dead-code elimination must keep even without users."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op != "call_function":
+        return node.op == "call_module"
+    op = underlying_op(node)
+    if op in torch.fx.node._side_effectful_functions:
+        return True
+    if _group_name(node) is not None:  # communication: every rank must issue it, used or not
+        return True
+    return bool(written_tensors(node))
+
+
+def side_effect_nodes(graph: torch.fx.Graph) -> Iterator[torch.fx.Node]:
+    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
+    for n in graph.nodes:
+        ordered, inputs = effect_keys(n, placeholders)
+        if ordered or inputs:
+            yield n
+
+
+def effect_signature(graph: torch.fx.Graph) -> tuple[list[Hashable], set[str]]:
+    """The ordered communication/side-effect sequence and the set of graph inputs written."""
+    placeholders = {n for n in graph.nodes if n.op == "placeholder"}
+    seq: list[Hashable] = []
+    inputs: set[str] = set()
+    for n in graph.nodes:
+        ordered, written = effect_keys(n, placeholders)
+        seq.extend(ordered)
+        inputs.update(written)
+    return seq, inputs

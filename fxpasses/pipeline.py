@@ -1,0 +1,43 @@
+"""The one pipeline, as named stages, and the helper that runs it on a graph.
+
+    cleanup → patterns → user passes → finalize (stable topological sort, side-effect-safe DCE)
+      → Inductor (the graph stays functional: Inductor re-inplaces HOPs itself)
+      → or defunctionalize (+ DCE) → run the FX graph
+
+Graphs captured outside AOT (make_fx, export, hand-built) first go through ``functionalize`` so every stage sees
+the same canonical functional form.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch.fx
+
+from fxpasses.cleanup import remove_noop_ops, strip_asserts
+from fxpasses.dependency import eliminate_dead_code, stable_topological_sort
+from fxpasses.functionalization import defunctionalize, functionalize
+from fxpasses.pass_manager import PassManager, Stage
+from fxpasses.passes import PassContext, PassResult
+
+Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
+
+
+def build_pipeline(
+    patterns: Sequence[Pass] = (),
+    extra_passes: Sequence[Pass] = (),
+    *,
+    canonicalize: bool = False,
+    defunctionalize_after: bool = True,
+) -> PassManager:
+    stages = []
+    if canonicalize:
+        stages.append(Stage("canonicalize", [functionalize]))
+    stages += [
+        Stage("cleanup", [strip_asserts, remove_noop_ops]),
+        Stage("patterns", list(patterns)),
+        Stage("user", list(extra_passes)),
+        Stage("finalize", [stable_topological_sort, eliminate_dead_code]),
+    ]
+    if defunctionalize_after:
+        stages.append(Stage("defunctionalize", [defunctionalize, eliminate_dead_code]))
+    return PassManager(stages)
