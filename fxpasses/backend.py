@@ -90,6 +90,7 @@ class Backend:
         self.config = PipelineConfig(verify=verify, strict=strict, defunctionalize=not inductor)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.token_inputs = tuple(token_inputs)
+        self.__name__ = "fxpasses"  # how torch.compile names this backend in its errors
         self.report = Report()
         self.token_dims: list[TokenDim | None] = []
         self._graphs = 0

@@ -2,17 +2,19 @@
 
 - ``strip_asserts``: ``aten._assert_tensor_metadata`` that export adds (each is a user that blocks a match).
 - ``remove_noop_ops``: views/reshapes/expands to the same shape, full slices, conversions to the same dtype, and
-  the functional ``aten.copy(dst, src)`` that an in-place ``dist.all_reduce`` leaves (src already has dst's shape,
-  dtype and device). A node is only replaced by its input when neither takes part in an in-place mutation, so
-  removing a copy can never make two buffers alias.
+  the copy an in-place ``dist.all_reduce`` leaves: the functional ``aten.copy(dst, src)`` in AOT graphs, or
+  ``aten.copy_(dst, src)`` into an intermediate in export graphs. A node is only replaced by its input when
+  neither takes part in an in-place mutation, so removing a copy can never make two buffers alias.
 """
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpasses.effects import base_of, is_hop, written_tensors
+from fxpasses.effects import base_of, is_hop, is_view, written_tensors
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -47,14 +49,45 @@ def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
             and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride())))
 
 
-def _mutated_bases(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    out: set[torch.fx.Node] = set()
+def _mutations(graph: torch.fx.Graph) -> Counter[torch.fx.Node]:
+    """How many nodes write each buffer (in place, or as a base of an auto_functionalized op)."""
+    out: Counter[torch.fx.Node] = Counter()
     for node in graph.nodes:
-        out.update(base_of(t) for t in written_tensors(node))
+        out.update({base_of(t) for t in written_tensors(node)})
         if is_hop(node):
-            out.update(base_of(b) for b in node.kwargs.get("_all_bases", []) or [])
-            out.update(base_of(a) for a in node.all_input_nodes)
+            out.update({base_of(a) for a in node.all_input_nodes})
     return out
+
+
+def _fold_intermediate_copy(graph: torch.fx.Graph, node: torch.fx.Node, writes: Counter, position: dict) -> bool:
+    """``copy_(dst, src)`` into a fresh intermediate (export's form of an in-place all_reduce): read src instead.
+
+    Safe when dst is a plain intermediate written only here, src is never written, both have the same layout,
+    and no view of dst made before the copy is read after it.
+    """
+    dst, src = node.args[0], node.args[1]
+    if not (isinstance(dst, torch.fx.Node) and isinstance(src, torch.fx.Node)) or node.kwargs:
+        return False
+    if dst.op in ("placeholder", "get_attr") or base_of(dst) is not dst or writes[dst] != 1 or writes[base_of(src)]:
+        return False
+    a, b = _val(dst), _val(src)
+    if a is None or b is None or not _same_layout(a, b):
+        return False
+    if any(is_view(u) and any(position[w] > position[node] for w in u.users) for u in dst.users):
+        return False
+    for user in list(dst.users):
+        if user is not node and position[user] > position[node]:
+            user.replace_input_with(dst, src)
+    node.replace_all_uses_with(src)
+    graph.erase_node(node)
+    return True
+
+
+# Ops whose result, when it has the input's shape, dtype, device and strides, holds exactly the input's values.
+_SAME_LAYOUT_NOOPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default, aten.alias.default,
+    aten.slice.Tensor, aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout,
+}
 
 
 def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -66,14 +99,8 @@ def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
     if out is None or inp is None:
         return None
     t = node.target
-    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
-             aten.alias.default, aten.view.dtype if hasattr(aten.view, "dtype") else None):
+    if t in _SAME_LAYOUT_NOOPS:
         return src if _same_layout(out, inp) else None
-    if t is aten.slice.Tensor:
-        return src if _same_layout(out, inp) else None
-    if t in (aten._to_copy.default, aten.clone.default):
-        # Only a same-dtype, same-device conversion with nothing but optional layout kwargs is a no-op value.
-        return src if _same_layout(out, inp) and t is aten._to_copy.default else None
     if t is aten.copy.default and isinstance(node.args[1], torch.fx.Node):
         src2 = _val(node.args[1])
         return node.args[1] if src2 is not None and _same_layout(out, src2) else None
@@ -83,17 +110,22 @@ def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
 def remove_noop_ops(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
     result = PassResult()
     graph = gm.graph
-    mutated = _mutated_bases(graph)
+    writes = _mutations(graph)
+    position = {n: i for i, n in enumerate(graph.nodes)}
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.copy_.default:
+            if _fold_intermediate_copy(graph, node, writes, position):
+                result.count("removed_copy_")
+            continue
         src = _noop_input(node)
-        if src is None or node in mutated or base_of(src) in mutated:
+        if src is None or writes[node] or writes[base_of(src)]:
             continue
         if node in output.all_input_nodes and src.op == "placeholder":
             continue  # returning an input itself would alias the caller's tensor
         node.replace_all_uses_with(src)
         graph.erase_node(node)
-        result.count(f"removed_{str(node.target).split('.')[-2] if '.' in str(node.target) else node.target}")
+        result.count(f"removed_{node.target._opname if hasattr(node.target, '_opname') else node.target}")
     return result
 
 

@@ -74,9 +74,15 @@ class ViewSpec:
                                              kwargs[f"{prefix}_slice_end"]))
         return ViewSpec(index)
 
-    def build(self, graph: torch.fx.Graph, base: torch.fx.Node) -> torch.fx.Node:
+    def build(self, graph: torch.fx.Graph, base: torch.fx.Node, before: torch.fx.Node | None = None,
+              position: dict | None = None) -> torch.fx.Node:
+        """The view node: an equivalent one that already exists before ``before``, or a new one."""
         if self.kind == "base":
             return base
+        if before is not None and position is not None:
+            for user in base.users:
+                if position.get(user, 1 << 60) < position[before] and self.matches(user):
+                    return user
         if self.kind == "alias":
             node = graph.call_function(aten.alias.default, (base,))
         elif self.kind == "slice":
@@ -85,6 +91,46 @@ class ViewSpec:
             node = graph.call_function(aten.as_strided.default, (base, *self.params))
         _set_view_meta(node)
         return node
+
+
+    def matches(self, node: torch.fx.Node) -> bool:
+        """Does an existing view node compute exactly this view of its base?"""
+        if node.op != "call_function" or not is_view(node):
+            return False
+        if self.kind == "alias":
+            return node.target is aten.alias.default
+        if self.kind == "slice":
+            if node.target is not aten.slice.Tensor or node.kwargs:
+                return False
+            dim, start, end, *step = list(node.args[1:]) + [0, None, None][len(node.args) - 1:]
+            return (dim, start, end) == tuple(self.params) and step in ([], [1])
+        val = node.meta.get("val")
+        size, stride, offset = self.params
+        return (isinstance(val, torch.Tensor) and list(val.shape) == list(size)
+                and list(val.stride()) == list(stride) and val.storage_offset() == offset)
+
+
+def merge_duplicate_views(graph: torch.fx.Graph) -> int:
+    """Replace a view op identical to an earlier one (same op, base and arguments) by the earlier one.
+
+    Views alias their base, so two identical views are the same tensor whatever mutations come between them.
+    """
+    seen: dict[tuple, torch.fx.Node] = {}
+    merged = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not is_view(node):
+            continue
+        try:
+            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
+            hash(key)
+        except TypeError:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            merged += 1
+    return merged
 
 
 def _set_view_meta(node: torch.fx.Node) -> None:
@@ -172,6 +218,7 @@ def defunctionalize(gm: torch.fx.GraphModule, ctx: PassContext | None = None) ->
             continue
         _apply(graph, node, op, rewrite, position)
         result.count("defunctionalized")
+    result.count("views_merged", merge_duplicate_views(graph))
     for node in list(graph.nodes):  # the copy_(x, x) that a write-back epilogue becomes
         if node.op == "call_function" and node.target is aten.copy_.default and node.args[0] is node.args[1]:
             node.replace_all_uses_with(node.args[0])
@@ -263,9 +310,10 @@ def _apply(graph: torch.fx.Graph, node: torch.fx.Node, op: Any, rw: _Rewrite, po
         kwargs: dict[str, Any] = {}
         for name, value in rw.call_kwargs.items():
             if isinstance(value, ViewSpec):
-                value = value.build(graph, rw.bases[value.base_index])
+                value = value.build(graph, rw.bases[value.base_index], node, position)
             elif isinstance(value, list) and any(isinstance(v, ViewSpec) for v in value):
-                value = [v.build(graph, rw.bases[v.base_index]) if isinstance(v, ViewSpec) else v for v in value]
+                value = [v.build(graph, rw.bases[v.base_index], node, position) if isinstance(v, ViewSpec) else v
+                         for v in value]
             kwargs[name] = value
         call = graph.call_function(op, (), kwargs)
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
@@ -435,13 +483,14 @@ def _rewire_after(graph: torch.fx.Graph, base: torch.fx.Node, new: torch.fx.Node
             regenerated[view] = fresh
         return regenerated[view]
 
-    for alias in _aliases(base):
+    stack = [base]
+    while stack:  # base and the views of it that existed before the call
+        alias = stack.pop()
         for user in list(alias.users):
-            if user is call or user is new or position.get(user, -1) <= here:
+            if user is call or user is new:
                 continue
-            if is_view(user) and position.get(user, -1) > here:
-                user.replace_input_with(alias, regenerate(alias))
-                continue
-            if is_view(user):
+            if position.get(user, -1) <= here:
+                if is_view(user):
+                    stack.append(user)
                 continue
             user.replace_input_with(alias, regenerate(alias))

@@ -10,6 +10,7 @@ the pass, :func:`verify` checks:
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Hashable
 
@@ -48,8 +49,8 @@ def verify(graph: torch.fx.Graph, before: Snapshot, pass_name: str) -> Snapshot:
         raise VerificationError(pass_name, f"graph lint failed: {err}") from err
     after = snapshot(graph)
     if after.effects != before.effects:
-        missing = [e for e in before.effects if before.effects.count(e) > after.effects.count(e)]
-        extra = [e for e in after.effects if after.effects.count(e) > before.effects.count(e)]
+        missing = list((Counter(before.effects) - Counter(after.effects)).elements())
+        extra = list((Counter(after.effects) - Counter(before.effects)).elements())
         what = ("dropped " + repr(missing) if missing else "") + (" added " + repr(extra) if extra else "")
         raise VerificationError(pass_name, f"side effects changed: {what.strip() or 'reordered'}; "
                                            f"before {before.effects}, after {after.effects}")
