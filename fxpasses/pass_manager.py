@@ -29,8 +29,11 @@ class PassError(RuntimeError):
 
 @dataclass
 class Stage:
+    """A named group of passes. In a ``records_matches`` stage, a pass's counts are pattern-name → matches."""
+
     name: str
     passes: Sequence[Pass]
+    records_matches: bool = False
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
@@ -79,6 +82,8 @@ class PassManager:
                 seconds = time.perf_counter() - t0
                 report.passes.append(PassRecord(f"{stage.name}/{name}", seconds, result.modified,
                                                 dict(result.counts), list(result.notes), graph=graph_index))
+                if stage.records_matches:
+                    report.add_matches(result.counts)
                 for note in result.notes:
                     log.info("fxpasses: %s: %s", name, note)
         report.pipeline_seconds += time.perf_counter() - t_start

@@ -34,7 +34,7 @@ def build_pipeline(
         stages.append(Stage("canonicalize", [functionalize]))
     stages += [
         Stage("cleanup", [strip_asserts, remove_noop_ops]),
-        Stage("patterns", list(patterns)),
+        Stage("patterns", list(patterns), records_matches=True),
         Stage("user", list(extra_passes)),
         Stage("finalize", [stable_topological_sort, eliminate_dead_code]),
     ]

@@ -25,6 +25,7 @@ class TokenDim:
     input_index: int  # position among the graph's placeholders / example inputs
     expr: sympy.Expr  # the size's sympy expression (an Integer when static)
     hint: int | None  # the concrete size it was traced with
+    symint_inputs: tuple[int, ...] = ()  # placeholders that are the token count itself (dynamic shapes)
 
     @property
     def is_dynamic(self) -> bool:
@@ -52,7 +53,8 @@ def _input_name(source: str, placeholder: str) -> str:
 def find_token_dim(gm: torch.fx.GraphModule, names: Sequence[str] = DEFAULT_TOKEN_INPUTS) -> TokenDim | None:
     """The first placeholder named like a token input (in ``names`` order) and its first dimension."""
     candidates: dict[str, TokenDim] = {}
-    for index, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
         val: Any = node.meta.get("example_value", node.meta.get("val"))
         if not isinstance(val, torch.Tensor) or val.dim() == 0:
             continue
@@ -62,8 +64,20 @@ def find_token_dim(gm: torch.fx.GraphModule, names: Sequence[str] = DEFAULT_TOKE
             continue
         size = val.shape[0]
         expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
-        candidates[name] = TokenDim(node.name, source, index, expr, compat.symint_hint(size))
+        candidates[name] = TokenDim(node.name, source, index, expr, compat.symint_hint(size),
+                                    _symint_placeholders(placeholders, expr))
     for name in names:
         if name in candidates:
             return candidates[name]
     return None
+
+
+def _symint_placeholders(placeholders: list[torch.fx.Node], expr: sympy.Expr) -> tuple[int, ...]:
+    if expr.is_number:
+        return ()
+    out = []
+    for i, node in enumerate(placeholders):
+        val = node.meta.get("example_value", node.meta.get("val"))
+        if isinstance(val, torch.SymInt) and val.node.expr == expr:
+            out.append(i)
+    return tuple(out)

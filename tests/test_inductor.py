@@ -1,0 +1,77 @@
+"""The Inductor path: our pipeline runs as Inductor's post-grad pass and its uuid drives the FX-graph cache.
+
+Inductor compiles cost ~20 s each on CPU, so this module is small and marked slow.
+"""
+import pytest
+import torch
+
+import fxpasses
+from fxpasses import compat
+from test_backend import double_to_add
+
+pytestmark = pytest.mark.slow
+
+
+def f(x, w):
+    return torch.relu(x @ w) * 2 + 1
+
+
+def compile_and_check(backend):
+    torch._dynamo.reset()
+    x, w = torch.randn(8, 16), torch.randn(16, 16)
+    with torch.no_grad():
+        got = torch.compile(f, backend=backend)(x, w)
+    torch.testing.assert_close(got, f(x, w))
+
+
+def test_inductor_runs_pipeline_and_cache_key_follows_configuration(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    first = fxpasses.Backend(inductor=True, patterns=[double_to_add])
+    hits0, misses0 = compat.fx_graph_cache_counters()
+    compile_and_check(first)
+    hits1, misses1 = compat.fx_graph_cache_counters()
+    assert (hits1 - hits0, misses1 - misses0) == (0, 1)
+    assert first.report.matches == {"double_to_add": 1}
+    names = [r.name for r in first.report.passes]
+    assert "patterns/double_to_add" in names and not any(n.startswith("defunctionalize") for n in names)
+
+    same = fxpasses.Backend(inductor=True, patterns=[double_to_add])
+    compile_and_check(same)
+    hits2, misses2 = compat.fx_graph_cache_counters()
+    assert (hits2 - hits1, misses2 - misses1) == (1, 0)  # identical configuration: served from the cache
+    assert any("served from Inductor's FX graph cache" in n for n in same.report.notes)
+
+    other_mapping = fxpasses.Backend(fxpasses.Mapping(2, 1, 2, 1), inductor=True, patterns=[double_to_add])
+    compile_and_check(other_mapping)
+    hits3, misses3 = compat.fx_graph_cache_counters()
+    assert (hits3 - hits2, misses3 - misses2) == (0, 1)  # a different Mapping must not reuse the cached graph
+    assert other_mapping.report.matches == {"double_to_add": 1}
+
+
+def p2p(x):
+    buf = torch.empty_like(x)
+    torch.ops.fxp.pp_recv(buf, 1, "0")
+    y = x * 2 + buf
+    torch.ops.fxp.pp_send(y * 3, 1, "0")  # never read again
+    return y
+
+
+def test_inductor_keeps_sends_and_receives_v1():
+    from fxpasses.testing import count_ops, fake_process_group
+
+    backend = fxpasses.Backend(inductor=True)
+    seen = {}
+    original = backend.run_pipeline
+
+    def spy(gm, *a, **k):
+        out = original(gm, *a, **k)
+        seen.update(count_ops(gm))
+        return out
+
+    backend.run_pipeline = spy
+    torch._dynamo.reset()
+    with fake_process_group(2, 0), compat.set_auto_functionalized_v2(False), torch.no_grad():
+        x = torch.ones(4)
+        out = torch.compile(p2p, backend=backend)(x)
+    assert seen["auto_functionalized(fxp.pp_send)"] == 1 and seen["auto_functionalized(fxp.pp_recv)"] == 1
+    assert out.shape == (4,) and not backend.report.errors
