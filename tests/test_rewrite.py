@@ -85,11 +85,27 @@ def test_make_fx_real_tensors_get_metadata_from_example_inputs(world):
 def test_aot_export_graph(world):
     from torch._functorch.aot_autograd import aot_export_module
 
-    model = Stage().eval()
+    from torch.distributed import _functional_collectives as funcol
+
+    class TupleOut(torch.nn.Module):
+        """Functional all_reduce (in-place c10d ops become with_effects tokens here); tuple outputs."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            buf = torch.zeros_like(x)
+            torch.ops.fxp.pp_recv(buf, 1, "0")
+            y = funcol.all_reduce((x + buf) * self.w * 2, "sum", dist.group.WORLD)
+            torch.ops.fxp.pp_send(y, 1, "0")
+            return (y + 1,)
+
+    model = TupleOut().eval()
     x = torch.randn(8)
     with torch.no_grad():
         gm, sig = aot_export_module(model, (x,), trace_joint=False)
-        expected = model(x)
+        (expected,) = model(x)
     assert any(k.startswith("auto_functionalized") for k in count_ops(gm))
     gm, report = fxpasses.rewrite(gm, patterns=[double_to_add])
     ops = count_ops(gm)
