@@ -65,7 +65,7 @@ class Backend:
         extra_passes: user passes ``(gm, ctx) -> PassResult`` run after the patterns.
         strict: raise when a pass fails instead of rolling it back and recording the error.
         dump_dir: write each graph before and after the pipeline there, as readable Python.
-        verify: run the verifier after every pass.
+        verify: run the verifier after every pass (default: the ``FXPASSES_VERIFY`` environment variable, off).
         token_inputs: input names that carry the token count, in order of preference.
     """
 
@@ -78,7 +78,7 @@ class Backend:
         extra_passes: Sequence[Pass] = (),
         strict: bool = False,
         dump_dir: str | os.PathLike | None = None,
-        verify: bool = True,
+        verify: bool | None = None,
         token_inputs: Sequence[str] = DEFAULT_TOKEN_INPUTS,
     ) -> None:
         if mapping is not None and not isinstance(mapping, Mapping):
@@ -87,7 +87,9 @@ class Backend:
         self.inductor = inductor
         self.patterns = list(patterns) if patterns is not None else []
         self.extra_passes = list(extra_passes)
-        self.config = PipelineConfig(verify=verify, strict=strict, defunctionalize=not inductor)
+        self.config = PipelineConfig(strict=strict, defunctionalize=not inductor)
+        if verify is not None:
+            self.config.verify = verify
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.token_inputs = tuple(token_inputs)
         self.__name__ = "fxpasses"  # how torch.compile names this backend in its errors

@@ -7,6 +7,7 @@ context, and everything they did is in the result.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol, runtime_checkable
 
@@ -32,11 +33,17 @@ class PassResult:
             self.modified = True
 
 
+def verify_default() -> bool:
+    """The verifier is off unless ``FXPASSES_VERIFY=1``: it costs 4-12% of a whole compile (see
+    benchmarks/verifier_cost.py), more than the rest of the pipeline. The test suite turns it on."""
+    return os.environ.get("FXPASSES_VERIFY", "0") == "1"
+
+
 @dataclass
 class PipelineConfig:
     """Knobs of the pipeline that change what it does (and so take part in cache keys)."""
 
-    verify: bool = True
+    verify: bool = field(default_factory=verify_default)
     strict: bool = False
     defunctionalize: bool = True
 

@@ -32,7 +32,7 @@ def rewrite(
     extra_passes: Sequence[Pass] = (),
     example_inputs: Sequence[Any] | None = None,
     strict: bool = False,
-    verify: bool = True,
+    verify: bool | None = None,
 ) -> tuple[torch.fx.GraphModule, Report]:
     """Rewrite an ExportedProgram, its ``.module()``, a make_fx graph or an AOT graph; return (module, report).
 
@@ -56,7 +56,7 @@ def rewrite(
     report = Report(graphs=1)
     ctx = PassContext(
         mapping=mapping,
-        config=PipelineConfig(verify=verify, strict=strict),
+        config=PipelineConfig(strict=strict) if verify is None else PipelineConfig(verify=verify, strict=strict),
         report=report,
         tp_group_name=groups.tp.group_name if groups else None,
         pp_group_name=groups.pp.group_name if groups else None,

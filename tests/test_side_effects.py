@@ -110,7 +110,7 @@ def swap_sends(gm, ctx):
 
 
 def compile_with(pass_, strict):
-    backend = fxpasses.Backend(extra_passes=[pass_], strict=strict)
+    backend = fxpasses.Backend(extra_passes=[pass_], strict=strict, verify=True)
     torch._dynamo.reset()
     with torch.no_grad():
         out = torch.compile(two_sends, backend=backend, fullgraph=True)(torch.ones(3))
