@@ -23,6 +23,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 from fxpasses import compat
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import PassContext, PassResult, PipelineConfig, pass_name
+from fxpasses.pattern_pass import split_patterns
 from fxpasses.pipeline import build_pipeline
 from fxpasses.report import Report
 from fxpasses.tokens import DEFAULT_TOKEN_INPUTS, TokenDim, find_token_dim
@@ -61,7 +62,8 @@ class Backend:
     Args:
         mapping: this rank's parallel layout (default: a single rank).
         inductor: hand the rewritten functional graph to Inductor instead of running the FX graph.
-        patterns: pattern passes to apply (default: none until the pattern registry is installed).
+        patterns: registered patterns (``patterns.Pattern`` objects or names) and/or pattern pass callables;
+            default: every registered pattern that applies to the Mapping.
         extra_passes: user passes ``(gm, ctx) -> PassResult`` run after the patterns.
         strict: raise when a pass fails instead of rolling it back and recording the error.
         dump_dir: write each graph before and after the pipeline there, as readable Python.
@@ -85,11 +87,13 @@ class Backend:
             raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__}.")
         self.mapping = mapping or Mapping()
         self.inductor = inductor
-        self.patterns = list(patterns) if patterns is not None else []
         self.extra_passes = list(extra_passes)
         self.config = PipelineConfig(strict=strict, defunctionalize=not inductor)
         if verify is not None:
             self.config.verify = verify
+        t0 = time.perf_counter()
+        self.patterns = split_patterns(patterns, self.mapping, self.config)
+        self.pattern_setup_seconds = time.perf_counter() - t0
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.token_inputs = tuple(token_inputs)
         self.__name__ = "fxpasses"  # how torch.compile names this backend in its errors

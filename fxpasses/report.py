@@ -20,6 +20,7 @@ class Report:
     matches: dict[str, int] = field(default_factory=dict)
     passes: list[PassRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    near_misses: list = field(default_factory=list)  # patterns.NearMiss: what nearly matched, and why not
     graphs: int = 0
     compile_seconds: float = 0.0
     pipeline_seconds: float = 0.0
@@ -54,6 +55,8 @@ class Report:
                          f"{counts} | {notes} |")
         if self.matches:
             lines += ["", "matches: " + ", ".join(f"{k}={v}" for k, v in sorted(self.matches.items()))]
+        for m in self.near_misses:
+            lines.append(f"near miss: {m}")
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)

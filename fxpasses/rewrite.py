@@ -20,6 +20,7 @@ import torch.fx
 
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import PassContext, PipelineConfig
+from fxpasses.pattern_pass import split_patterns
 from fxpasses.pipeline import Pass, build_pipeline
 from fxpasses.report import Report
 
@@ -28,7 +29,7 @@ def rewrite(
     graph: Any,
     mapping: Mapping | None = None,
     *,
-    patterns: Sequence[Pass] | None = None,
+    patterns: Sequence[Any] | None = None,
     extra_passes: Sequence[Pass] = (),
     example_inputs: Sequence[Any] | None = None,
     strict: bool = False,
@@ -54,14 +55,15 @@ def rewrite(
     mapping = mapping or Mapping()
     groups = cached_process_groups(mapping)
     report = Report(graphs=1)
+    config = PipelineConfig(strict=strict) if verify is None else PipelineConfig(verify=verify, strict=strict)
     ctx = PassContext(
         mapping=mapping,
-        config=PipelineConfig(strict=strict) if verify is None else PipelineConfig(verify=verify, strict=strict),
+        config=config,
         report=report,
         tp_group_name=groups.tp.group_name if groups else None,
         pp_group_name=groups.pp.group_name if groups else None,
     )
-    build_pipeline(list(patterns or ()), extra_passes, canonicalize=True).run(gm, ctx)
+    build_pipeline(split_patterns(patterns, mapping, config), extra_passes, canonicalize=True).run(gm, ctx)
     gm.recompile()
     return gm, report
 

@@ -1,0 +1,310 @@
+"""A small graph-pattern matcher that can say why it did not match.
+
+A pattern is a plain torch function (a *spelling*), traced once with the running torch's ``make_fx`` into a small
+ATen graph, then turned into our own ``PNode`` tree: the pattern follows whatever ATen the running torch
+produces, while matching, commutativity and explanations are ours. Constants that vary between call sites become
+wildcards bound at match time: epsilon (traced with a sentinel value), the reduction dims, the cast-back dtype,
+device/layout keywords, and process-group names.
+
+Matching is anchored at a graph node and walks producers, binding pattern nodes to graph nodes one to one; ``add``
+and ``mul`` (and ops declared commutative) are tried in both operand orders. Internal pattern nodes may have no
+users outside the match. Every failure records how far it got and why, in words a user can act on.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+aten = torch.ops.aten
+
+EPS_SENTINEL = 1.2345678e-5  # traced in place of epsilon; any float this close becomes the "eps" wildcard
+GROUP_SENTINEL = "__fxpasses_group__"
+TRACE_LOW_DTYPE = torch.bfloat16  # the dtype low-precision spellings are traced with; its literals become "dtype"
+
+# Operand pairs whose order does not change the result.
+COMMUTATIVE: dict[Any, tuple[int, int]] = {aten.add.Tensor: (0, 1), aten.mul.Tensor: (0, 1)}
+_REDUCE_DIM_OPS = {aten.mean.dim, aten.sum.dim_IntList}
+
+
+@dataclass(frozen=True)
+class Wildcard:
+    name: str
+    kind: str  # tensor | scalar | dtype | dims | str | any
+
+
+@dataclass(eq=False)
+class PNode:
+    """One node of a pattern: an op with arguments, or (``target is None``) a tensor wildcard input."""
+
+    name: str
+    target: Any = None
+    args: dict[str, Any] = field(default_factory=dict)  # schema argument name -> PNode | Wildcard | literal
+    wildcard: Wildcard | None = None
+
+    def describe(self) -> str:
+        return _op_label(self.target) if self.target is not None else f"input {self.name}"
+
+
+@dataclass
+class PatternGraph:
+    outputs: list[PNode]
+    inputs: list[PNode]
+    nodes: list[PNode]  # topological order
+
+    @property
+    def anchor(self) -> PNode:
+        return self.outputs[0]
+
+    def signature(self) -> str:
+        """A canonical text for deduplicating spellings that trace to the same graph."""
+        index = {id(n): i for i, n in enumerate(self.nodes)}
+
+        def show(v: Any) -> str:
+            if isinstance(v, PNode):
+                return f"%{index[id(v)]}"
+            if isinstance(v, (list, tuple)):
+                return "[" + ",".join(show(x) for x in v) + "]"
+            return repr(v)
+
+        lines = [f"{index[id(n)]}={n.target}({','.join(f'{k}={show(v)}' for k, v in n.args.items())})"
+                 for n in self.nodes]
+        return ";".join(lines) + "|out=" + ",".join(show(o) for o in self.outputs)
+
+
+def _op_label(target: Any) -> str:
+    if target is None:
+        return "input"
+    if target is operator.getitem:
+        return "getitem"
+    if isinstance(target, torch._ops.OpOverload):
+        ns, name = target._schema.name.split("::")
+        return f"{ns}.{name}" if ns != "aten" else f"aten.{name}"
+    return getattr(target, "__name__", str(target))
+
+
+# ---- arguments by schema name --------------------------------------------------------------------------------
+def args_by_name(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments as schema name -> value, with defaults filled in."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return {str(i): a for i, a in enumerate(args)}
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(target._schema.arguments):
+        if i < len(args):
+            out[arg.name] = args[i]
+        elif arg.name in kwargs:
+            out[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+# ---- tracing -------------------------------------------------------------------------------------------------
+def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_names: Sequence[str]) -> PatternGraph:
+    """Trace ``fn`` with fake tensors and turn it into a PatternGraph with wildcards."""
+    tensor_positions = [i for i, a in enumerate(example_args) if isinstance(a, torch.Tensor)]
+    tensor_names = [input_names[i] for i in tensor_positions]
+    constants = {i: a for i, a in enumerate(example_args) if not isinstance(a, torch.Tensor)}
+
+    def tensors_only(*tensors: torch.Tensor) -> Any:
+        full = list(constants.get(i) for i in range(len(example_args)))
+        for pos, t in zip(tensor_positions, tensors):
+            full[pos] = t
+        return fn(*full)
+
+    gm = make_fx(tensors_only, tracing_mode="fake")(*[example_args[i] for i in tensor_positions])
+    return _to_pattern(gm.graph, tensor_names)
+
+
+def _to_pattern(graph: torch.fx.Graph, tensor_names: Sequence[str]) -> PatternGraph:
+    mapping: dict[torch.fx.Node, PNode] = {}
+    nodes: list[PNode] = []
+    inputs: list[PNode] = []
+    placeholders = iter(tensor_names)
+    outputs: list[PNode] = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            name = next(placeholders)
+            p = PNode(name, wildcard=Wildcard(name, "tensor"))
+            inputs.append(p)
+        elif node.op == "call_function":
+            named = args_by_name(node.target, node.args, node.kwargs)
+            p = PNode(node.name, node.target, {k: _wildcards(node.target, k, v, mapping) for k, v in named.items()})
+        elif node.op == "output":
+            result = node.args[0]
+            outputs = [mapping[r] for r in (result if isinstance(result, (list, tuple)) else [result])]
+            continue
+        else:
+            raise ValueError(f"pattern tracing produced an unexpected {node.op} node")
+        mapping[node] = p
+        nodes.append(p)
+    return PatternGraph(outputs, inputs, nodes)
+
+
+def _wildcards(target: Any, name: str, value: Any, mapping: dict[torch.fx.Node, PNode]) -> Any:
+    if isinstance(value, torch.fx.Node):
+        return mapping[value]
+    if isinstance(value, (list, tuple)):
+        if target in _REDUCE_DIM_OPS and name == "dim":
+            return Wildcard("dims", "dims")
+        return type(value)(_wildcards(target, name, v, mapping) for v in value)
+    if name in ("device", "layout", "memory_format", "pin_memory"):
+        return Wildcard("_" + name, "any")
+    if isinstance(value, float) and math.isclose(value, EPS_SENTINEL, rel_tol=1e-6):
+        return Wildcard("eps", "scalar")
+    if isinstance(value, torch.dtype) and value == TRACE_LOW_DTYPE:
+        return Wildcard("dtype", "dtype")
+    if isinstance(value, str) and value == GROUP_SENTINEL:
+        return Wildcard("group", "str")
+    return value
+
+
+# ---- matching ------------------------------------------------------------------------------------------------
+class MatchFailure(Exception):
+    """Why a match failed, how far it got, and which graph nodes it had bound (for near-miss reports)."""
+
+    def __init__(self, reason: str, reached: int, nodes: frozenset = frozenset()) -> None:
+        super().__init__(reason)
+        self.reason, self.reached, self.nodes = reason, reached, nodes
+
+
+@dataclass
+class Match:
+    pattern: PatternGraph
+    anchor: torch.fx.Node
+    bindings: dict[str, Any]  # wildcard name -> graph node or value
+    nodes: dict[int, torch.fx.Node]  # id(PNode) -> graph node
+
+    def node(self, p: PNode) -> torch.fx.Node:
+        return self.nodes[id(p)]
+
+    @property
+    def graph_nodes(self) -> list[torch.fx.Node]:
+        return list(self.nodes.values())
+
+
+@dataclass
+class _State:
+    bindings: dict[str, Any]
+    nodes: dict[int, torch.fx.Node]
+    owners: dict[torch.fx.Node, int]
+
+    def copy(self) -> "_State":
+        return _State(dict(self.bindings), dict(self.nodes), dict(self.owners))
+
+
+LIFTED_EPS = ("epsilon was lifted to a graph input (set torch._dynamo.config.specialize_float=True, "
+              "or compile without dynamic=True)")
+
+
+def match(pattern: PatternGraph, anchor: torch.fx.Node) -> Match:
+    """Match ``pattern`` with its first output at ``anchor``; raise MatchFailure saying why not."""
+    state = _State({}, {}, {})
+    state = _match_node(pattern.anchor, anchor, state)
+    for out in pattern.outputs[1:]:  # further outputs must have been reached from the anchor
+        if id(out) not in state.nodes:
+            raise _fail(f"output {out.describe()} is not part of the computation", state)
+    outputs = {id(o) for o in pattern.outputs}
+    matched = set(state.owners)
+    for p in pattern.nodes:
+        if p.target is None or id(p) in outputs or id(p) not in state.nodes:
+            continue
+        g = state.nodes[id(p)]
+        for user in g.users:
+            if user not in matched:
+                raise _fail(
+                    f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside the pattern",
+                    state)
+    return Match(pattern, anchor, state.bindings, state.nodes)
+
+
+def _fail(reason: str, state: _State) -> MatchFailure:
+    return MatchFailure(reason, len(state.nodes), frozenset(g.name for g in state.owners))
+
+
+def _match_node(p: PNode, g: Any, state: _State) -> _State:
+    if p.wildcard is not None:
+        if not isinstance(g, torch.fx.Node):
+            raise _fail(f"expected a tensor for {p.name}, found the constant {g!r}", state)
+        bound = state.bindings.get(p.name)
+        if bound is not None and bound is not g:
+            raise _fail(f"{p.name} must be the same tensor in both places ({bound.name} vs {g.name})", state)
+        state.bindings[p.name] = g
+        return state
+    if not isinstance(g, torch.fx.Node) or g.op != "call_function":
+        found = g.name if isinstance(g, torch.fx.Node) else repr(g)
+        raise _fail(f"expected {p.describe()} where the graph has {found}", state)
+    if g.target != p.target:
+        raise _fail(f"expected {p.describe()} where the graph has {_op_label(g.target)} ({g.name})", state)
+    if id(p) in state.nodes:
+        if state.nodes[id(p)] is not g:
+            raise _fail(f"{p.describe()} would have to be two different nodes", state)
+        return state
+    if g in state.owners:
+        raise _fail(f"{g.name} would have to play two parts in the pattern", state)
+    state.nodes[id(p)] = g
+    state.owners[g] = id(p)
+    gargs = args_by_name(g.target, g.args, g.kwargs)
+    orders = [list(p.args)]
+    pair = COMMUTATIVE.get(p.target)
+    if pair is not None:
+        names = list(p.args)
+        swapped = list(names)
+        i, j = pair
+        swapped[i], swapped[j] = names[j], names[i]
+        orders.append(swapped)
+    last: MatchFailure | None = None
+    for order in orders:
+        trial = state.copy() if len(orders) > 1 else state
+        try:
+            for pname, gname in zip(p.args, order):
+                trial = _match_value(p.args[pname], gargs.get(gname), trial, p, pname)
+            return trial
+        except MatchFailure as err:
+            if last is None or err.reached > last.reached:
+                last = err
+    assert last is not None
+    raise last
+
+
+def _match_value(pv: Any, gv: Any, state: _State, owner: PNode, arg: str) -> _State:
+    if isinstance(pv, PNode):
+        return _match_node(pv, gv, state)
+    if isinstance(pv, Wildcard):
+        return _match_wildcard(pv, gv, state, owner)
+    if isinstance(pv, (list, tuple)):
+        if not isinstance(gv, (list, tuple)) or len(gv) != len(pv):
+            raise _fail(f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
+        for a, b in zip(pv, gv):
+            state = _match_value(a, b, state, owner, arg)
+        return state
+    if isinstance(gv, torch.fx.Node):
+        raise _fail(f"{owner.describe()} argument {arg}: expected the constant {pv!r}, found {gv.name}", state)
+    if pv != gv or (isinstance(pv, bool) != isinstance(gv, bool)):
+        raise _fail(f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
+    return state
+
+
+def _match_wildcard(w: Wildcard, gv: Any, state: _State, owner: PNode) -> _State:
+    if w.kind == "any":
+        return state
+    if w.kind == "scalar":
+        if isinstance(gv, torch.fx.Node):
+            raise _fail(LIFTED_EPS if w.name == "eps" else f"{w.name} is a graph value, not a constant", state)
+        if not isinstance(gv, (int, float)) or isinstance(gv, bool):
+            raise _fail(f"{w.name} must be a number, found {gv!r}", state)
+    elif w.kind == "dtype" and not isinstance(gv, torch.dtype):
+        raise _fail(f"{owner.describe()}: expected a dtype, found {gv!r}", state)
+    elif w.kind == "str" and not isinstance(gv, str):
+        raise _fail(f"{owner.describe()}: {w.name} must be a constant string, found {gv!r}", state)
+    elif w.kind == "dims" and not (isinstance(gv, (list, tuple)) and all(isinstance(d, int) for d in gv)):
+        raise _fail(f"{owner.describe()}: reduction dims must be constant, found {gv!r}", state)
+    if w.name in state.bindings and state.bindings[w.name] != gv:
+        raise _fail(f"{w.name} differs between its uses ({state.bindings[w.name]!r} vs {gv!r})", state)
+    state.bindings[w.name] = gv
+    return state

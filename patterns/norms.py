@@ -1,0 +1,196 @@
+"""RMSNorm patterns: ``rms_norm``, ``add_rms_norm``, ``allreduce_add_rms_norm``.
+
+Every family is generated from the same list of RMSNorm *spellings*: register a new spelling with
+``@rms_norm_spelling`` and every norm pattern (and its fp8 variant) matches it. Each spelling is traced in float32
+(where ``.float()`` is a no-op, so the casts vanish) and in bfloat16 (with the casts; the cast-back dtype is a
+wildcard, so one trace serves fp16 too).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import ops
+from patterns.matcher import EPS_SENTINEL, GROUP_SENTINEL, Match
+from patterns.registry import MatchContext, Pattern, register
+
+fxp = torch.ops.fxp
+aten = torch.ops.aten
+
+_SPELLINGS: list[Callable[..., Any]] = []
+
+
+def rms_norm_spelling(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Register ``fn(x, weight, eps)`` as one more way to write RMSNorm."""
+    _SPELLINGS.append(fn)
+    return fn
+
+
+def rms_norm_spellings() -> list[Callable[..., Any]]:
+    return list(_SPELLINGS)
+
+
+@rms_norm_spelling
+def transformers_weight_first(x, weight, eps):
+    """transformers' LlamaRMSNorm (and Mistral, Qwen2, ...)."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+@rms_norm_spelling
+def weight_last(x, weight, eps):
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(dtype) * weight
+
+
+@rms_norm_spelling
+def no_upcast(x, weight, eps):
+    """Normalizing in the input dtype (no float32 casts)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@rms_norm_spelling
+def torch_functional(x, weight, eps):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _norm_inputs(dtype: torch.dtype, *extra: str) -> tuple:
+    x = torch.empty(3, 8, dtype=dtype, device="meta")
+    values = {"residual": torch.empty(3, 8, dtype=dtype, device="meta"),
+              "scale": torch.empty((), dtype=torch.float32, device="meta"),
+              "group": GROUP_SENTINEL}
+    return (x, *[values[e] for e in extra if e in ("residual",)], torch.empty(8, dtype=dtype, device="meta"),
+            EPS_SENTINEL, *[values[e] for e in extra if e in ("scale", "group")])
+
+
+# ---- checks (each returns the reason a structural match is rejected, or None) ------------------------------------
+def _val(m: Match, name: str) -> Any:
+    v = m.bindings.get(name)
+    return v.meta.get("val") if isinstance(v, torch.fx.Node) else None
+
+
+def check_norm(m: Match, ctx: MatchContext) -> str | None:
+    x, w = _val(m, "x"), _val(m, "weight")
+    if x is None or w is None:
+        return "the inputs carry no shape metadata (meta['val']); run fake-tensor propagation first"
+    if x.dtype not in ops.SUPPORTED_FLOAT_DTYPES:
+        return (f"dtype {x.dtype} is not registered (fxp norms support "
+                f"{', '.join(str(d) for d in ops.SUPPORTED_FLOAT_DTYPES)})")
+    if "dtype" in m.bindings and m.bindings["dtype"] != x.dtype:
+        return f"the result is cast to {m.bindings['dtype']}, not back to the input dtype {x.dtype}"
+    dims = list(m.bindings.get("dims", [-1]))
+    if dims not in ([-1], [x.dim() - 1]):
+        return f"the mean is over dims {dims}, not the last dimension"
+    weight = m.bindings["weight"]
+    if weight.op not in ("placeholder", "get_attr"):
+        return (f"the weight is computed ({weight.target}, node {weight.name}), not a parameter: a different norm "
+                "formula (e.g. Gemma's x * (1 + w)) is not plain RMSNorm")
+    if w.dim() != 1 or w.shape[0] != x.shape[-1]:
+        return f"the weight has shape {tuple(w.shape)}, not ({x.shape[-1]},)"
+    if w.dtype != x.dtype:
+        return f"the weight is {w.dtype} but the input is {x.dtype}"
+    return None
+
+
+def check_residual(m: Match, ctx: MatchContext) -> str | None:
+    x, r = _val(m, "x"), _val(m, "residual")
+    if x is None or r is None or x.shape != r.shape or x.dtype != r.dtype:
+        return (f"the residual add broadcasts or mixes dtypes ({tuple(x.shape) if x is not None else '?'} "
+                f"{getattr(x, 'dtype', '?')} + {tuple(r.shape) if r is not None else '?'} {getattr(r, 'dtype', '?')})")
+    return None
+
+
+def check_tp_group(m: Match, ctx: MatchContext) -> str | None:
+    group = m.bindings.get("group")
+    if ctx.tp_group_name is None:
+        return "this rank's TP process group is unknown (call fxpasses.init_process_groups(mapping) before compiling)"
+    if group != ctx.tp_group_name:
+        return f"the all_reduce is on group {group}, not this mapping's TP group {ctx.tp_group_name}"
+    return None
+
+
+def check_sum(m: Match, ctx: MatchContext) -> str | None:
+    return None
+
+
+def is_rsqrt(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is aten.rsqrt.default
+
+
+def is_all_reduce(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_reduce.default
+
+
+def tp_enabled(mapping: Any, config: Any) -> bool:
+    return mapping is not None and getattr(mapping, "tp_size", 1) > 1
+
+
+def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    return torch.ops._c10d_functional.wait_tensor(torch.ops._c10d_functional.all_reduce(x, "sum", group))
+
+
+# ---- the patterns ----------------------------------------------------------------------------------------------
+register(Pattern(
+    name="rms_norm",
+    benefit=10,
+    spellings=lambda: [s for s in rms_norm_spellings()],
+    input_names=("x", "weight", "eps"),
+    example_inputs=lambda dtype: _norm_inputs(dtype),
+    replace=lambda b, x, weight, eps, **_: b.call(fxp.rms_norm.default, x, weight, eps),
+    checks=(check_norm,),
+    hint=is_rsqrt,
+    doc="any registered RMSNorm spelling -> fxp.rms_norm",
+))
+
+
+def _add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
+    def search(x, residual, weight, eps):
+        r = x + residual
+        return spelling(r, weight, eps), r
+
+    return search
+
+
+register(Pattern(
+    name="add_rms_norm",
+    benefit=20,
+    spellings=lambda: [_add_norm(s) for s in rms_norm_spellings()],
+    input_names=("x", "residual", "weight", "eps"),
+    example_inputs=lambda dtype: _norm_inputs(dtype, "residual"),
+    replace=lambda b, x, residual, weight, eps, **_: b.outputs(
+        b.call(fxp.add_rms_norm.default, x, residual, weight, eps), 2),
+    checks=(check_norm, check_residual),
+    hint=is_rsqrt,
+    doc="residual add whose sum feeds an RMSNorm and is also the next residual -> fxp.add_rms_norm",
+))
+
+
+def _allreduce_add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
+    def search(x, residual, weight, eps, group):
+        r = _all_reduce(x, group) + residual
+        return spelling(r, weight, eps), r
+
+    return search
+
+
+register(Pattern(
+    name="allreduce_add_rms_norm",
+    benefit=30,
+    spellings=lambda: [_allreduce_add_norm(s) for s in rms_norm_spellings()],
+    input_names=("x", "residual", "weight", "eps", "group"),
+    example_inputs=lambda dtype: _norm_inputs(dtype, "residual", "group"),
+    replace=lambda b, x, residual, weight, eps, group, **_: b.outputs(
+        b.call(fxp.allreduce_add_rms_norm.default, x, residual, weight, eps, group), 2),
+    checks=(check_norm, check_residual, check_tp_group),
+    applies=tp_enabled,
+    applies_doc="mapping.tp_size > 1",
+    hint=is_all_reduce,
+    doc="functional all_reduce on the TP group -> residual add -> RMSNorm -> fxp.allreduce_add_rms_norm",
+))

@@ -1,0 +1,259 @@
+"""Patterns as data, registered in one place, applied by one driver to a fixed point (MLIR's model).
+
+A :class:`Pattern` has a public name (what reports say), a benefit (larger fusions first), its *spellings* (plain
+torch functions computing the same thing; the registry traces each for every dtype in ``trace_dtypes`` and keeps
+the distinct graphs), a replacement, checks that a structural match must pass, an applicability predicate over
+the Mapping and config, and a hint saying which nodes look like the root of this pattern (for near-miss
+explanations). ``register`` adds a pattern to the registry; ``patterns.all()`` lists them.
+
+``PatternSet`` is what one Backend owns: the patterns that apply to its Mapping, with their traced graphs. Traced
+graphs do not depend on the Mapping, so they are cached per process; nothing Mapping-dependent is.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from patterns.matcher import Match, MatchFailure, PatternGraph, match, trace_pattern
+
+log = logging.getLogger("fxpasses.patterns")
+
+
+@dataclass(frozen=True)
+class MatchContext:
+    """What checks and predicates may read: the Mapping (duck-typed: tp_size, ...), config, group names."""
+
+    mapping: Any = None
+    config: Any = None
+    tp_group_name: str | None = None
+    pp_group_name: str | None = None
+
+
+Check = Callable[[Match, MatchContext], "str | None"]  # returns the reason it fails, or None
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    benefit: int
+    spellings: Callable[[], Sequence[Callable[..., Any]]]
+    input_names: tuple[str, ...]
+    example_inputs: Callable[[torch.dtype], tuple]
+    replace: Callable[..., Any]  # (builder, **bindings) -> node or tuple of nodes, one per pattern output
+    checks: tuple[Check, ...] = ()
+    applies: Callable[[Any, Any], bool] = lambda mapping, config: True
+    applies_doc: str = "always"
+    hint: Callable[[torch.fx.Node], bool] | None = None
+    trace_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+    doc: str = ""
+
+
+_REGISTRY: dict[str, Pattern] = {}
+
+
+def register(pattern: Pattern) -> Pattern:
+    if pattern.name in _REGISTRY:
+        raise ValueError(f"a pattern named {pattern.name!r} is already registered; pick another name.")
+    _REGISTRY[pattern.name] = pattern
+    return pattern
+
+
+def all_patterns() -> list[Pattern]:
+    """Every registered pattern, largest benefit first."""
+    return sorted(_REGISTRY.values(), key=lambda p: (-p.benefit, p.name))
+
+
+def get(name: str) -> Pattern:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no pattern named {name!r}; registered: {sorted(_REGISTRY)}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def traced_variants(name: str) -> tuple[PatternGraph, ...]:
+    """The distinct graphs of a pattern's spellings over its trace dtypes (cached: they depend on nothing else)."""
+    pattern = _REGISTRY[name]
+    seen: dict[str, PatternGraph] = {}
+    for spelling in pattern.spellings():
+        for dtype in pattern.trace_dtypes:
+            graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names)
+            seen.setdefault(graph.signature(), graph)
+    return tuple(seen.values())
+
+
+# ---- building replacements -----------------------------------------------------------------------------------
+class Builder:
+    """Inserts replacement nodes and gives them ``meta['val']`` by running the op on the inputs' fake values."""
+
+    def __init__(self, graph: torch.fx.Graph, meta: dict[str, Any]) -> None:
+        self.graph = graph
+        self.meta = {k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta}
+        self.created: list[torch.fx.Node] = []
+
+    def call(self, op: Any, *args: Any) -> torch.fx.Node:
+        node = self.graph.call_function(op, tuple(args))
+        node.meta.update(self.meta)
+        vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
+        from torch._guards import detect_fake_mode
+
+        mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        if mode is not None:
+            with mode:
+                node.meta["val"] = op(*vals)
+        self.created.append(node)
+        return node
+
+    def getitem(self, node: torch.fx.Node, index: int) -> torch.fx.Node:
+        item = self.graph.call_function(operator.getitem, (node, index))
+        item.meta.update(self.meta)
+        if isinstance(node.meta.get("val"), (tuple, list)):
+            item.meta["val"] = node.meta["val"][index]
+        self.created.append(item)
+        return item
+
+    def outputs(self, node: torch.fx.Node, n: int) -> tuple[torch.fx.Node, ...]:
+        return tuple(self.getitem(node, i) for i in range(n))
+
+
+# ---- the driver ----------------------------------------------------------------------------------------------
+@dataclass
+class NearMiss:
+    node: str  # the node that looked like the root of a pattern
+    pattern: str  # the pattern that came closest
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.pattern} did not apply: {self.reason}"
+
+
+@dataclass
+class ApplyResult:
+    counts: dict[str, int] = field(default_factory=dict)
+    near_misses: list[NearMiss] = field(default_factory=list)
+    rounds: int = 0
+
+
+@dataclass
+class _Attempt:
+    pattern: str
+    reason: str
+    reached: int
+    nodes: frozenset
+
+
+class PatternSet:
+    """The patterns one pipeline applies: those whose predicate holds for this Mapping and config."""
+
+    def __init__(self, patterns: Iterable[Pattern], mapping: Any = None, config: Any = None) -> None:
+        t0 = time.perf_counter()
+        chosen = sorted(patterns, key=lambda p: (-p.benefit, p.name))
+        self.active = [p for p in chosen if p.applies(mapping, config)]
+        self.inactive = [p for p in chosen if p not in self.active]
+        self.variants = {p.name: traced_variants(p.name) for p in self.active}
+        self.by_anchor: dict[Any, list[tuple[Pattern, PatternGraph]]] = defaultdict(list)
+        for p in self.active:
+            for v in self.variants[p.name]:
+                self.by_anchor[v.anchor.target].append((p, v))
+        self.setup_seconds = time.perf_counter() - t0
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.active]
+
+    def identity(self) -> list[str]:
+        """Names and traced structure of every variant: changes whenever what the set matches changes."""
+        return [f"{p.name}:{p.benefit}:" + "|".join(v.signature() for v in self.variants[p.name]) for p in self.active]
+
+    def apply(self, gm: torch.fx.GraphModule, ctx: MatchContext, max_rounds: int = 8) -> ApplyResult:
+        """Apply every pattern, bottom-up, largest benefit first at each anchor, until nothing matches."""
+        result = ApplyResult()
+        attempts: dict[torch.fx.Node, list[_Attempt]] = defaultdict(list)
+        graph = gm.graph
+        for _ in range(max_rounds):
+            result.rounds += 1
+            changed = False
+            erased: set[torch.fx.Node] = set()
+            for node in reversed(list(graph.nodes)):
+                if node in erased or node.op != "call_function":
+                    continue
+                for pattern, variant in self.by_anchor.get(node.target, ()):
+                    try:
+                        m = match(variant, node)
+                        for check in pattern.checks:
+                            reason = check(m, ctx)
+                            if reason:
+                                raise MatchFailure(reason, len(m.nodes) + 1, frozenset(g.name for g in m.graph_nodes))
+                    except MatchFailure as failure:
+                        if failure.reached >= 3:
+                            attempts[node].append(_Attempt(pattern.name, failure.reason, failure.reached, failure.nodes))
+                        continue
+                    erased.update(self._rewrite(graph, pattern, m))
+                    result.counts[pattern.name] = result.counts.get(pattern.name, 0) + 1
+                    changed = True
+                    break
+            if not changed:
+                break
+        result.near_misses = self._explain(graph, attempts)
+        return result
+
+    def _rewrite(self, graph: torch.fx.Graph, pattern: Pattern, m: Match) -> set[torch.fx.Node]:
+        outputs = [m.node(o) for o in m.pattern.outputs]
+        first = min(outputs, key=_position(graph))
+        inputs = [v for v in m.bindings.values() if isinstance(v, torch.fx.Node)]
+        where = first if all(_position(graph)(i) < _position(graph)(first) for i in inputs) else m.anchor
+        with graph.inserting_before(where):
+            builder = Builder(graph, m.anchor.meta)
+            new = pattern.replace(builder, **m.bindings)
+        new = new if isinstance(new, tuple) else (new,)
+        for old, repl in zip(outputs, new):
+            old.replace_all_uses_with(repl)
+        erased = set()
+        for g in sorted(m.graph_nodes, key=_position(graph), reverse=True):
+            if not g.users:
+                graph.erase_node(g)
+                erased.add(g)
+        return erased
+
+    def _explain(self, graph: torch.fx.Graph, attempts: dict[torch.fx.Node, list[_Attempt]]) -> list[NearMiss]:
+        alive = set(graph.nodes)
+        out: list[NearMiss] = []
+        hinted = [(p, h) for p in self.active + self.inactive if (h := p.hint) is not None]
+        for node in graph.nodes:
+            families = [p for p, h in hinted if h(node)]
+            if not families:
+                continue
+            inactive = [p for p in families if p in self.inactive]
+            best: _Attempt | None = None
+            for anchor, tries in attempts.items():
+                if anchor not in alive:
+                    continue
+                for a in tries:
+                    if node.name in a.nodes and (best is None or a.reached > best.reached):
+                        best = a
+            if best is not None:
+                out.append(NearMiss(node.name, best.pattern, best.reason))
+            elif inactive and not any(p in self.active for p in families):
+                p = inactive[0]
+                out.append(NearMiss(node.name, p.name, f"the pattern is off for this configuration (needs {p.applies_doc})"))
+            elif families:
+                out.append(NearMiss(node.name, families[0].name,
+                                    f"no spelling of {families[0].name} reached {_describe(node)}: the computation around it "
+                                    "has a different structure (register a spelling for it)"))
+        return out
+
+
+def _describe(node: torch.fx.Node) -> str:
+    return f"{node.target} ({node.name})"
+
+
+def _position(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: index.get(n, -1)
