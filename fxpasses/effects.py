@@ -159,11 +159,17 @@ def effect_keys(node: torch.fx.Node, placeholders: set[torch.fx.Node]) -> tuple[
         args = node.kwargs if is_hop(node) else node_args_by_name(node)
         peer = args.get("peer")
         ordered.append(("comm", label, group) + ((("peer", peer),) if peer is not None else ()))
-    elif op in torch.fx.node._side_effectful_functions and not _is_torch_internal_effect(op):
+    elif op in torch.fx.node._side_effectful_functions and not _is_torch_internal_effect(op) and not _is_wait(op):
         ordered.append(("effect", _op_label(op)))
     written = [base_of(t) for t in written_tensors(node)]
     inputs = [t.name for t in written if t in placeholders]
     return ordered, inputs
+
+
+def _is_wait(op: Any) -> bool:
+    """``wait_tensor`` completes the collective it belongs to (torch 2.13 marks it side-effecting); a fusion that
+    absorbs the collective absorbs its wait, so it is not an effect of its own."""
+    return getattr(op, "_schema", None) is not None and op._schema.name.endswith("wait_tensor")
 
 
 def _is_torch_internal_effect(op: Any) -> bool:

@@ -1,7 +1,7 @@
 """A small graph-pattern matcher that can say why it did not match.
 
-A pattern is a plain torch function (a *spelling*), traced once with the running torch's ``make_fx`` into a small
-ATen graph, then turned into our own ``PNode`` tree: the pattern follows whatever ATen the running torch
+A pattern is a plain torch function (a *spelling*), traced once by the running torch's AOT autograd into a small
+functional ATen graph (exactly how the graphs we match are made), then turned into our own ``PNode`` tree: the pattern follows whatever ATen the running torch
 produces, while matching, commutativity and explanations are ours. Constants that vary between call sites become
 wildcards bound at match time: epsilon (traced with a sentinel value), the reduction dims, the cast-back dtype,
 device/layout keywords, and process-group names.
@@ -19,7 +19,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch.fx.experimental.proxy_tensor import make_fx
 
 aten = torch.ops.aten
 
@@ -83,8 +82,7 @@ def _op_label(target: Any) -> str:
     if target is operator.getitem:
         return "getitem"
     if isinstance(target, torch._ops.OpOverload):
-        ns, name = target._schema.name.split("::")
-        return f"{ns}.{name}" if ns != "aten" else f"aten.{name}"
+        return str(target)  # e.g. aten.add.Tensor: overloads matter (add.Tensor is not add.Scalar)
     return getattr(target, "__name__", str(target))
 
 
@@ -117,8 +115,23 @@ def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_nam
             full[pos] = t
         return fn(*full)
 
-    gm = make_fx(tensors_only, tracing_mode="fake")(*[example_args[i] for i in tensor_positions])
-    return _to_pattern(gm.graph, tensor_names)
+    return _to_pattern(_aot_graph(tensors_only, [example_args[i] for i in tensor_positions]), tensor_names)
+
+
+def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor]) -> torch.fx.Graph:
+    """The functional ATen graph AOT autograd makes of ``fn``: the same machinery that makes the graphs we match
+    (make_fx alone keeps in-place ops from some decompositions, e.g. F.rms_norm's ``add_``)."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    captured: list[torch.fx.GraphModule] = []
+
+    def capture(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        captured.append(gm)
+        return make_boxed_func(gm.forward)
+
+    with torch.no_grad():
+        aot_function(fn, fw_compiler=capture)(*tensors)
+    return captured[0].graph
 
 
 def _to_pattern(graph: torch.fx.Graph, tensor_names: Sequence[str]) -> PatternGraph:

@@ -223,7 +223,6 @@ class PatternSet:
         return erased
 
     def _explain(self, graph: torch.fx.Graph, attempts: dict[torch.fx.Node, list[_Attempt]]) -> list[NearMiss]:
-        alive = set(graph.nodes)
         out: list[NearMiss] = []
         hinted = [(p, h) for p in self.active + self.inactive if (h := p.hint) is not None]
         for node in graph.nodes:
@@ -232,9 +231,7 @@ class PatternSet:
                 continue
             inactive = [p for p in families if p in self.inactive]
             best: _Attempt | None = None
-            for anchor, tries in attempts.items():
-                if anchor not in alive:
-                    continue
+            for tries in attempts.values():  # the anchor may be gone (a smaller pattern took it); the node is not
                 for a in tries:
                     if node.name in a.nodes and (best is None or a.reached > best.reached):
                         best = a
