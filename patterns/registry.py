@@ -78,10 +78,13 @@ def get(name: str) -> Pattern:
         raise KeyError(f"no pattern named {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
-@functools.lru_cache(maxsize=None)
-def traced_variants(name: str) -> tuple[PatternGraph, ...]:
+def traced_variants(pattern: "Pattern | str") -> tuple[PatternGraph, ...]:
     """The distinct graphs of a pattern's spellings over its trace dtypes (cached: they depend on nothing else)."""
-    pattern = _REGISTRY[name]
+    return _trace(get(pattern) if isinstance(pattern, str) else pattern)
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(pattern: Pattern) -> tuple[PatternGraph, ...]:
     seen: dict[str, PatternGraph] = {}
     for spelling in pattern.spellings():
         for dtype in pattern.trace_dtypes:
@@ -99,8 +102,8 @@ class Builder:
         self.meta = {k: meta[k] for k in ("stack_trace", "nn_module_stack") if k in meta}
         self.created: list[torch.fx.Node] = []
 
-    def call(self, op: Any, *args: Any) -> torch.fx.Node:
-        node = self.graph.call_function(op, tuple(args))
+    def call(self, op: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        node = self.graph.call_function(op, tuple(args), kwargs)
         node.meta.update(self.meta)
         vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
         from torch._guards import detect_fake_mode
@@ -108,7 +111,7 @@ class Builder:
         mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         if mode is not None:
             with mode:
-                node.meta["val"] = op(*vals)
+                node.meta["val"] = op(*vals, **kwargs)
         self.created.append(node)
         return node
 
@@ -158,7 +161,7 @@ class PatternSet:
         chosen = sorted(patterns, key=lambda p: (-p.benefit, p.name))
         self.active = [p for p in chosen if p.applies(mapping, config)]
         self.inactive = [p for p in chosen if p not in self.active]
-        self.variants = {p.name: traced_variants(p.name) for p in self.active}
+        self.variants = {p.name: traced_variants(p) for p in self.active}
         self.by_anchor: dict[Any, list[tuple[Pattern, PatternGraph]]] = defaultdict(list)
         for p in self.active:
             for v in self.variants[p.name]:
