@@ -71,7 +71,22 @@ def _loads(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), weights_only=False)
 
 
-def _worker(rank: int, world_size: int, init_method: str, backend: str, tasks: Any, results: Any) -> None:
+_PROGRESS: Any = None  # in a RankPool worker: the queue progress() writes to
+_RANK: int | None = None
+
+
+def progress(message: str) -> None:
+    """From inside a rank: tell the parent what is happening (shown by RankPool.run's on_progress); else log it."""
+    if _PROGRESS is not None:
+        _PROGRESS.put((_RANK, message))
+    else:
+        log.info("%s", message)
+
+
+def _worker(rank: int, world_size: int, init_method: str, backend: str, tasks: Any, results: Any,
+            progress_queue: Any) -> None:
+    global _PROGRESS, _RANK
+    _PROGRESS, _RANK = progress_queue, rank
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
@@ -107,12 +122,13 @@ class RankPool:
         self.timeout = timeout
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
+        self._progress = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, init_method, backend, self._tasks[rank], self._results),
+                args=(rank, world_size, init_method, backend, self._tasks[rank], self._results, self._progress),
                 daemon=True,
                 name=f"fxpasses-rank{rank}",
             )
@@ -122,8 +138,12 @@ class RankPool:
             p.start()
         self._closed = False
 
-    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None) -> list[Any]:
-        """Run ``fn(rank, world_size, *args)`` on every rank; return the results in rank order."""
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = None,
+            on_progress: Callable[[int, str], None] | None = None) -> list[Any]:
+        """Run ``fn(rank, world_size, *args)`` on every rank; return the results in rank order.
+
+        ``on_progress(rank, message)`` receives what ranks report with :func:`progress` while they work.
+        """
         if self._closed:
             raise RuntimeError("RankPool is closed (a rank failed or close() was called); start a new one.")
         for q in self._tasks:
@@ -131,6 +151,7 @@ class RankPool:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         out: dict[int, Any] = {}
         while len(out) < self.world_size:
+            self._drain_progress(on_progress)
             try:
                 rank, ok, payload = self._results.get(timeout=0.5)
             except queue_module.Empty:
@@ -140,7 +161,17 @@ class RankPool:
                 self.kill()
                 raise RankError(f"rank {rank} of {self.world_size} raised:\n{payload}")
             out[rank] = _loads(payload)
+        self._drain_progress(on_progress)
         return [out[r] for r in range(self.world_size)]
+
+    def _drain_progress(self, on_progress: Callable[[int, str], None] | None) -> None:
+        while True:
+            try:
+                rank, message = self._progress.get_nowait()
+            except queue_module.Empty:
+                return
+            if on_progress is not None:
+                on_progress(rank, message)
 
     def _check_alive(self, done: dict[int, Any], deadline: float) -> None:
         dead = [r for r, p in enumerate(self._procs) if r not in done and p.exitcode is not None]

@@ -5,7 +5,7 @@ Each op has a schema, a fake (meta) implementation for tracing, and an eager imp
 that runs on CPU and CUDA. This package depends on nothing else of ours: ``patterns`` and ``fxpasses`` build
 on it, never the other way round.
 """
-from ops import norms, p2p, quant  # noqa: F401  (registration happens on import)
+from ops import attention, norms, p2p, quant  # noqa: F401  (registration happens on import)
 from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES
 from ops.quant import FP8_DTYPE, FP8_MAX
 

@@ -1,0 +1,149 @@
+"""A Llama-style decoder: grouped-query attention with RoPE, SwiGLU MLP, RMSNorm, residual stream; tensor
+parallel (column-parallel QKV and gate-up, row-parallel output and down projections, each followed by an
+all_reduce on the TP group) and pipeline parallel (see ``PipelineStage``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxpasses.mapping import Mapping
+from fxpasses.models.common import (
+    DecoderLayer,
+    KVCache,
+    Linear,
+    Parallel,
+    PipelineStage,
+    Rotary,
+    check_divisible,
+    column_parallel,
+    make_weight,
+    norm,
+    row_parallel,
+)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int = 128
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_slots: int = 4
+    max_len: int = 64
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self, mapping: Mapping) -> None:
+        check_divisible("num_heads", self.num_heads, mapping.tp_size)
+        check_divisible("num_kv_heads", self.num_kv_heads, mapping.tp_size)
+        check_divisible("intermediate_size", self.intermediate_size, mapping.tp_size)
+        mapping.pp_layers(self.num_layers)  # raises when there are more stages than layers
+
+    def predicted_matches(self, mapping: Mapping) -> dict[str, int]:
+        return predicted_matches(mapping, mapping.pp_layers(self.num_layers), extra_norms_per_layer=0)
+
+    # named real shapes, for benchmarks (random weights)
+    @classmethod
+    def llama_3_2_1b(cls, **kw) -> "LlamaConfig":
+        return replace(cls(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
+                           num_heads=32, num_kv_heads=8, rope_theta=500000.0, max_len=4096), **kw)
+
+    @classmethod
+    def llama_3_8b(cls, **kw) -> "LlamaConfig":
+        return replace(cls(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                           num_heads=32, num_kv_heads=8, rope_theta=500000.0, max_len=4096), **kw)
+
+
+def predicted_matches(mapping: Mapping, layers: range, extra_norms_per_layer: int) -> dict[str, int]:
+    """What the pattern registry should fuse on this rank's stage.
+
+    The first layer of the first stage norms the embedding (``rms_norm``); the first layer of a later stage adds the
+    received pair (``add_rms_norm``: no all_reduce precedes it); every other norm follows an all_reduce plus residual
+    add (``allreduce_add_rms_norm`` when tp > 1, ``add_rms_norm`` otherwise), including the final norm of the last
+    stage. The last layer's all_reduce on a non-last stage is sent, not fused.
+    """
+    fused = "allreduce_add_rms_norm" if mapping.tp_size > 1 else "add_rms_norm"
+    counts: dict[str, int] = {}
+
+    def add(name: str, n: int) -> None:
+        if n:
+            counts[name] = counts.get(name, 0) + n
+
+    n = len(layers)
+    add("rms_norm" if mapping.is_first_pp_rank else "add_rms_norm", 1)
+    add(fused, (n - 1) + n + (1 if mapping.is_last_pp_rank else 0))
+    add("rms_norm", extra_norms_per_layer * n)
+    return counts
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: LlamaConfig, i: int, p: Parallel) -> None:
+        super().__init__()
+        d, hd = c.hidden_size, c.head_dim
+        self.heads, self.kv_heads, self.head_dim = c.num_heads // p.tp, c.num_kv_heads // p.tp, hd
+        self.qkv = column_parallel(c.seed, [(f"layers.{i}.q", c.num_heads * hd), (f"layers.{i}.k", c.num_kv_heads * hd),
+                                            (f"layers.{i}.v", c.num_kv_heads * hd)], d, p, c.dtype)
+        self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * hd, p, c.dtype)
+        self.rotary = Rotary(hd, c.rope_theta)
+        self.cache = KVCache(c.max_slots, c.max_len, self.kv_heads, hd, hd, c.dtype)
+
+    def forward(self, x, position_ids, slot_ids):
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = self.rotary(q.view(t, self.heads, self.head_dim), position_ids)
+        k = self.rotary(k.view(t, self.kv_heads, self.head_dim), position_ids)
+        v = v.view(t, self.kv_heads, self.head_dim)
+        out = self.cache.attend(q, k, v, slot_ids, position_ids, self.head_dim ** -0.5)
+        return self.o(out.reshape(t, self.heads * self.head_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)), gate/up column-parallel and down row-parallel (all-reduced unless reduce=False)."""
+
+    def __init__(self, seed: int, prefix: str, hidden: int, inter: int, p: Parallel, dtype: torch.dtype,
+                 reduce: bool = True) -> None:
+        super().__init__()
+        self.inter = inter // p.tp
+        self.gate_up = column_parallel(seed, [(f"{prefix}.gate", inter), (f"{prefix}.up", inter)], hidden, p, dtype)
+        self.down = row_parallel(seed, f"{prefix}.down", hidden, inter, p, dtype)
+        if not reduce:
+            self.down.parallel = None
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).split([self.inter, self.inter], dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class LlamaLayer(DecoderLayer):
+    def __init__(self, c: LlamaConfig, i: int, p: Parallel) -> None:
+        super().__init__()
+        self.input_norm = norm(c.seed, f"layers.{i}.input_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
+        self.attn = LlamaAttention(c, i, p)
+        self.post_norm = norm(c.seed, f"layers.{i}.post_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
+        self.mlp = SwiGLU(c.seed, f"layers.{i}.mlp", c.hidden_size, c.intermediate_size, p, c.dtype)
+
+
+def build_llama(c: LlamaConfig, p: Parallel) -> PipelineStage:
+    c.validate(p.mapping)
+    m = p.mapping
+    embed = lm_head = final = None
+    if m.is_first_pp_rank:
+        embed = nn.Embedding(c.vocab_size, c.hidden_size, _weight=make_weight(c.seed, "embed", (c.vocab_size, c.hidden_size), c.dtype, std=1.0))
+        embed.weight.requires_grad_(False)
+    if m.is_last_pp_rank:
+        final = norm(c.seed, "final_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
+        lm_head = Linear(make_weight(c.seed, "lm_head", (c.vocab_size, c.hidden_size), c.dtype))
+    layers = nn.ModuleList(LlamaLayer(c, i, p) for i in m.pp_layers(c.num_layers))
+    return PipelineStage(c.hidden_size, c.dtype, p, embed, layers, final, lm_head).eval()
