@@ -22,6 +22,7 @@ from fxpasses.models.common import (
     make_weight,
     norm,
     row_parallel,
+    shard,
 )
 
 
@@ -46,7 +47,14 @@ class LlamaConfig:
 
     def validate(self, mapping: Mapping) -> None:
         check_divisible("num_heads", self.num_heads, mapping.tp_size)
-        check_divisible("num_kv_heads", self.num_kv_heads, mapping.tp_size)
+        check_divisible("num_heads", self.num_heads, self.num_kv_heads)
+        if self.num_kv_heads >= mapping.tp_size:
+            check_divisible("num_kv_heads", self.num_kv_heads, mapping.tp_size)
+        elif mapping.tp_size % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) is below tp_size ({mapping.tp_size}) and does not divide it; "
+                "key/value heads are replicated only when tp_size is a multiple of num_kv_heads."
+            )
         check_divisible("intermediate_size", self.intermediate_size, mapping.tp_size)
         mapping.pp_layers(self.num_layers)  # raises when there are more stages than layers
 
@@ -87,13 +95,23 @@ def predicted_matches(mapping: Mapping, layers: range, extra_norms_per_layer: in
     return counts
 
 
+def kv_shard(weight: torch.Tensor, kv_heads: int, p: Parallel) -> torch.Tensor:
+    """This rank's key/value head rows: a 1/tp slice, or, when tp exceeds the head count, the one head that this
+    rank's query heads use (replicated over tp / kv_heads ranks), as serving engines do."""
+    if kv_heads >= p.tp:
+        return shard(weight, 0, p.tp_rank, p.tp)
+    return shard(weight, 0, p.tp_rank // (p.tp // kv_heads), kv_heads)
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, c: LlamaConfig, i: int, p: Parallel) -> None:
         super().__init__()
         d, hd = c.hidden_size, c.head_dim
-        self.heads, self.kv_heads, self.head_dim = c.num_heads // p.tp, c.num_kv_heads // p.tp, hd
-        self.qkv = column_parallel(c.seed, [(f"layers.{i}.q", c.num_heads * hd), (f"layers.{i}.k", c.num_kv_heads * hd),
-                                            (f"layers.{i}.v", c.num_kv_heads * hd)], d, p, c.dtype)
+        self.heads, self.kv_heads, self.head_dim = c.num_heads // p.tp, max(1, c.num_kv_heads // p.tp), hd
+        q = shard(make_weight(c.seed, f"layers.{i}.q", (c.num_heads * hd, d), c.dtype), 0, p.tp_rank, p.tp)
+        k, v = (kv_shard(make_weight(c.seed, f"layers.{i}.{n}", (c.num_kv_heads * hd, d), c.dtype), c.num_kv_heads, p)
+                for n in ("k", "v"))
+        self.qkv = Linear(torch.cat([q, k, v], 0))
         self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * hd, p, c.dtype)
         self.rotary = Rotary(hd, c.rope_theta)
         self.cache = KVCache(c.max_slots, c.max_len, self.kv_heads, hd, hd, c.dtype)
