@@ -315,6 +315,7 @@ def _apply(graph: torch.fx.Graph, node: torch.fx.Node, op: Any, rw: _Rewrite, po
                 value = [v.build(graph, rw.bases[v.base_index], node, position) if isinstance(v, ViewSpec) else v
                          for v in value]
             kwargs[name] = value
+        kwargs = {a.name: kwargs[a.name] for a in op._schema.arguments if a.name in kwargs}  # schema order
         call = graph.call_function(op, (), kwargs)
         for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
             if key in node.meta:
