@@ -9,4 +9,19 @@ from ops import attention, norms, p2p, quant  # noqa: F401  (registration happen
 from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES
 from ops.quant import FP8_DTYPE, FP8_MAX
 
-__all__ = ["NAMESPACE", "SIDE_EFFECT_OPS", "SUPPORTED_FLOAT_DTYPES", "FP8_DTYPE", "FP8_MAX"]
+
+def _register_gpu_kernels() -> bool:
+    """Triton kernels replace the reference implementations for CUDA tensors, where Triton is installed."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    from ops import triton_kernels
+
+    triton_kernels.register()
+    return True
+
+
+GPU_KERNELS = _register_gpu_kernels()
+
+__all__ = ["GPU_KERNELS", "NAMESPACE", "SIDE_EFFECT_OPS", "SUPPORTED_FLOAT_DTYPES", "FP8_DTYPE", "FP8_MAX"]

@@ -61,7 +61,8 @@ add_rms_norm = define_op(
 
 
 def _allreduce_add_rms_norm(x, residual, weight, eps, group_name):
-    return _add_rms_norm(all_reduce_sum(x, group_name), residual, weight, eps)
+    # through the dispatcher, so CUDA tensors get the CUDA kernel
+    return torch.ops.fxp.add_rms_norm.default(all_reduce_sum(x, group_name), residual, weight, eps)
 
 
 def _allreduce_add_rms_norm_fake(x, residual, weight, eps, group_name):

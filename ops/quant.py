@@ -86,7 +86,7 @@ add_rms_norm_quant_fp8 = define_op(
 
 
 def _allreduce_add_rms_norm_quant_fp8(x, residual, weight, eps, scale, group_name):
-    return _add_rms_norm_quant_fp8(all_reduce_sum(x, group_name), residual, weight, eps, scale)
+    return torch.ops.fxp.add_rms_norm_quant_fp8.default(all_reduce_sum(x, group_name), residual, weight, eps, scale)
 
 
 def _allreduce_add_rms_norm_quant_fp8_fake(x, residual, weight, eps, scale, group_name):

@@ -1,0 +1,98 @@
+"""GPU: add_rms_norm and add_rms_norm_quant_fp8 (bf16) — ours (Triton) vs eager torch vs Inductor's kernel, in GB/s
+against the copy bandwidth measured in the same run.
+
+    python benchmarks/kernels.py [--out DIR]
+
+Prints a markdown table and saves kernels.png (when matplotlib is there). Bytes counted: read x, residual and the
+weight, write out and residual_out (out is 1 byte per element for fp8).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import triton.testing
+
+import ops  # noqa: F401
+from ops.norms import rms_norm_reference
+from ops.quant import quant_fp8_reference
+
+TOKENS = [1, 16, 128, 1024, 8192]
+HIDDEN = [4096, 8192]
+
+
+def eager_add_norm(x, r, w, eps):
+    s = x + r
+    return rms_norm_reference(s, w, eps), s
+
+
+def eager_add_norm_fp8(x, r, w, eps, scale):
+    s = x + r
+    return quant_fp8_reference(rms_norm_reference(s, w, eps), scale), s
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    return 2 * src.numel() / ms / 1e6  # GB/s, read + write
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    copy = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {copy:.0f} GB/s\n")
+    print("| op | tokens | hidden | ours GB/s | eager GB/s | inductor GB/s | ours / copy | ours / inductor |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    fused = torch.compile(eager_add_norm)
+    fused_fp8 = torch.compile(eager_add_norm_fp8)
+    scale = torch.tensor([0.05], device="cuda")
+    for fp8 in (False, True):
+        for h in HIDDEN:
+            for t in TOKENS:
+                x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+                r, w = torch.randn_like(x), torch.randn(h, device="cuda", dtype=torch.bfloat16)
+                nbytes = 2 * (3 * t * h + h) + (1 if fp8 else 2) * t * h
+                if fp8:
+                    cases = [lambda: torch.ops.fxp.add_rms_norm_quant_fp8(x, r, w, 1e-6, scale),
+                             lambda: eager_add_norm_fp8(x, r, w, 1e-6, scale),
+                             lambda: fused_fp8(x, r, w, 1e-6, scale)]
+                else:
+                    cases = [lambda: torch.ops.fxp.add_rms_norm(x, r, w, 1e-6),
+                             lambda: eager_add_norm(x, r, w, 1e-6),
+                             lambda: fused(x, r, w, 1e-6)]
+                gbs = [nbytes / triton.testing.do_bench(c, warmup=25, rep=100) / 1e6 for c in cases]
+                name = "add_rms_norm_quant_fp8" if fp8 else "add_rms_norm"
+                rows.append((name, t, h, *gbs))
+                print(f"| {name} | {t} | {h} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | {gbs[0] / copy:.0%} | "
+                      f"{gbs[0] / gbs[2]:.2f}x |", flush=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+        for ax, name in zip(axes, ("add_rms_norm", "add_rms_norm_quant_fp8")):
+            for h, style in zip(HIDDEN, ("-", "--")):
+                sel = [r for r in rows if r[0] == name and r[2] == h]
+                for i, label in enumerate(("ours", "eager", "inductor")):
+                    ax.plot([r[1] for r in sel], [r[3 + i] for r in sel], style, marker="o", label=f"{label} h={h}")
+            ax.axhline(copy, color="gray", lw=0.8, label="copy bandwidth")
+            ax.set_xscale("log")
+            ax.set_title(f"{name} (bf16)")
+            ax.set_xlabel("tokens")
+        axes[0].set_ylabel("GB/s")
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "kernels.png"), dpi=120)
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

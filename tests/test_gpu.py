@@ -1,0 +1,74 @@
+"""GPU: the Triton kernels against a float64 reference and the CPU implementation, and a compiled model on CUDA.
+Skipped without CUDA (run with `make test-gpu` on the GPU machine)."""
+import dataclasses
+
+import pytest
+import torch
+
+import fxpasses
+import ops
+
+pytestmark = pytest.mark.gpu
+fxp = torch.ops.fxp
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+HIDDEN = [1, 7, 1000, 4097, 8192]
+
+
+def rand(*shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(*shape, generator=g)
+    t = torch.where(t.abs() < 1e-3, torch.full_like(t, 0.5), t)  # random, never zero
+    return t.to(dtype).cuda()
+
+
+def ref64(x, w, eps, residual=None):
+    x = x.double() + (residual.double() if residual is not None else 0)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+
+def test_kernels_are_registered():
+    assert ops.GPU_KERNELS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", HIDDEN)
+def test_rms_norm_and_add_rms_norm(dtype, hidden):
+    x, r, w = rand(3, 5, hidden, dtype=dtype), rand(3, 5, hidden, dtype=dtype, seed=1), rand(hidden, dtype=dtype, seed=2)
+    out = fxp.rms_norm(x, w, 1e-6)
+    torch.testing.assert_close(out.double(), ref64(x, w, 1e-6), **TOL[dtype])
+    torch.testing.assert_close(out.cpu(), fxp.rms_norm(x.cpu(), w.cpu(), 1e-6), **TOL[dtype])
+    out, res = fxp.add_rms_norm(x, r, w, 1e-5)
+    assert torch.equal(res, x + r)  # the sum is rounded to the input dtype exactly as eager rounds it
+    torch.testing.assert_close(out.double(), ref64(res, w, 1e-5), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("hidden", [7, 4097])
+def test_fp8_variants(dtype, hidden):
+    x, r, w = rand(6, hidden, dtype=dtype), rand(6, hidden, dtype=dtype, seed=1), rand(hidden, dtype=dtype, seed=2)
+    scale = torch.tensor([0.02], device="cuda")
+    q = fxp.rms_norm_quant_fp8(x, w, 1e-6, scale)
+    expected = (ref64(x, w, 1e-6) / 0.02).clamp(-448, 448)
+    torch.testing.assert_close(q.double(), expected, rtol=1 / 8, atol=2 ** -8)
+    q2, res = fxp.add_rms_norm_quant_fp8(x, r, w, 1e-6, scale)
+    torch.testing.assert_close(q2.double(), (ref64(res, w, 1e-6) / 0.02).clamp(-448, 448), rtol=1 / 8, atol=2 ** -8)
+    # the CPU reference quantizes the same values: at most one fp8 step apart
+    cpu = fxp.add_rms_norm_quant_fp8(x.cpu(), r.cpu(), w.cpu(), 1e-6, scale.cpu())[0]
+    torch.testing.assert_close(q2.cpu().double(), cpu.double(), rtol=1 / 8, atol=2 ** -8)
+
+
+def test_compiled_llama_on_cuda_equals_eager():
+    from fxpasses.models import LlamaConfig, build_model, make_steps, run_steps
+
+    config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16)
+    steps = [dataclasses.replace(b, **{k: getattr(b, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
+             for b in make_steps(config.vocab_size)]
+    expected = run_steps(build_model("llama", config).cuda(), steps)
+    model = build_model("llama", config).cuda()
+    backend = fxpasses.Backend()
+    torch._dynamo.reset()
+    got = run_steps(model, steps, torch.compile(model, backend=backend))
+    assert backend.report.matches == config.predicted_matches(fxpasses.Mapping())
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
