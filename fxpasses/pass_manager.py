@@ -6,11 +6,13 @@ correct results. In strict mode the error is raised, chained to the original.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch.fx
 
@@ -36,13 +38,41 @@ class Stage:
     records_matches: bool = False
 
 
-def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:
-    new = torch.fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    value_map: dict[torch.fx.Node, torch.fx.Node] = {}
-    out = new.graph_copy(graph, value_map)
-    new.output(out, type_expr=getattr(next(iter(reversed(graph.nodes))), "type", None))
-    new._codegen = graph._codegen
-    return new
+class GraphSnapshot:
+    """Each node's fields as they are now, to rebuild the graph if a pass fails.
+
+    Taking it costs one tuple per node (a pass that edits a node replaces its args tuple, so the old one stays
+    as it was); rebuilding, which only a failure needs, creates the nodes again.
+    """
+
+    def __init__(self, graph: torch.fx.Graph) -> None:
+        self.codegen = graph._codegen
+        self.tracer_cls = graph._tracer_cls
+        self.nodes = [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes]
+
+    def restore(self, gm: torch.fx.GraphModule) -> None:
+        graph = torch.fx.Graph(owning_module=gm, tracer_cls=self.tracer_cls)
+        env: dict[torch.fx.Node, torch.fx.Node] = {}
+        for old, op, target, args, kwargs, name, type_, meta in self.nodes:
+            new = graph.create_node(op, target, torch.fx.node.map_arg(args, env.__getitem__),
+                                    torch.fx.node.map_arg(kwargs, env.__getitem__), name, type_)
+            new.meta = meta
+            env[old] = new
+        graph._codegen = self.codegen
+        gm.graph = graph
+
+
+@contextlib.contextmanager
+def _cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic GC rescans the whole heap (graphs, fake tensors) ever more often as it grows, which made
+    the pipeline's time per layer grow with depth; the passes create little cyclic garbage, so pause it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class PassManager:
@@ -52,13 +82,17 @@ class PassManager:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext, graph_index: int = 0) -> Report:
         report = ctx.report if ctx.report is not None else Report()
         ctx.report = report
+        with _cyclic_gc_paused():
+            return self._run(gm, ctx, report, graph_index)
+
+    def _run(self, gm: torch.fx.GraphModule, ctx: PassContext, report: Report, graph_index: int) -> Report:
         verify_on = ctx.config.verify
         snap = snapshot(gm.graph) if verify_on else None
         t_start = time.perf_counter()
         for stage in self.stages:
             for p in stage.passes:
                 name = pass_name(p)
-                backup = _copy_graph(gm.graph)
+                backup = GraphSnapshot(gm.graph)
                 t0 = time.perf_counter()
                 try:
                     result = p(gm, ctx)
@@ -66,11 +100,9 @@ class PassManager:
                         raise TypeError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
                     if verify_on:
                         snap = verify(gm.graph, snap, name)
-                    gm.recompile()
                 except Exception as err:
                     seconds = time.perf_counter() - t0
-                    gm.graph = backup
-                    gm.recompile()
+                    backup.restore(gm)
                     report.passes.append(PassRecord(f"{stage.name}/{name}", seconds, False,
                                                     error=traceback.format_exc(), graph=graph_index))
                     if ctx.config.strict:
@@ -86,5 +118,6 @@ class PassManager:
                     report.add_matches(result.counts)
                 for note in result.notes:
                     log.info("fxpasses: %s: %s", name, note)
+        gm.recompile()
         report.pipeline_seconds += time.perf_counter() - t_start
         return report

@@ -179,11 +179,27 @@ def _wildcards(target: Any, name: str, value: Any, mapping: dict[torch.fx.Node, 
 
 # ---- matching ------------------------------------------------------------------------------------------------
 class MatchFailure(Exception):
-    """Why a match failed, how far it got, and which graph nodes it had bound (for near-miss reports)."""
+    """Why a match failed, how far it got, and which graph nodes it had bound (for near-miss reports).
 
-    def __init__(self, reason: str, reached: int, nodes: frozenset = frozenset()) -> None:
-        super().__init__(reason)
-        self.reason, self.reached, self.nodes = reason, reached, nodes
+    Most attempts fail at their first node and nobody reads why, so the reason is a callable, formatted on demand.
+    """
+
+    def __init__(self, reason: "str | Callable[[], str]", reached: int, bound: Sequence[torch.fx.Node] = ()) -> None:
+        super().__init__()
+        self._reason, self.reached, self._bound = reason, reached, bound
+
+    @property
+    def reason(self) -> str:
+        if callable(self._reason):
+            self._reason = self._reason()
+        return self._reason
+
+    @property
+    def nodes(self) -> frozenset:
+        return frozenset(g.name for g in self._bound)
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass
@@ -221,7 +237,7 @@ def match(pattern: PatternGraph, anchor: torch.fx.Node) -> Match:
     state = _match_node(pattern.anchor, anchor, state)
     for out in pattern.outputs[1:]:  # further outputs must have been reached from the anchor
         if id(out) not in state.nodes:
-            raise _fail(f"output {out.describe()} is not part of the computation", state)
+            raise _fail(lambda: f"output {out.describe()} is not part of the computation", state)
     outputs = {id(o) for o in pattern.outputs}
     matched = set(state.owners)
     for p in pattern.nodes:
@@ -230,36 +246,35 @@ def match(pattern: PatternGraph, anchor: torch.fx.Node) -> Match:
         g = state.nodes[id(p)]
         for user in g.users:
             if user not in matched:
-                raise _fail(
-                    f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside the pattern",
+                raise _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside the pattern",
                     state)
     return Match(pattern, anchor, state.bindings, state.nodes)
 
 
-def _fail(reason: str, state: _State) -> MatchFailure:
-    return MatchFailure(reason, len(state.nodes), frozenset(g.name for g in state.owners))
+def _fail(reason: "str | Callable[[], str]", state: _State) -> MatchFailure:
+    return MatchFailure(reason, len(state.nodes), tuple(state.owners))
 
 
 def _match_node(p: PNode, g: Any, state: _State) -> _State:
     if p.wildcard is not None:
         if not isinstance(g, torch.fx.Node):
-            raise _fail(f"expected a tensor for {p.name}, found the constant {g!r}", state)
+            raise _fail(lambda: f"expected a tensor for {p.name}, found the constant {g!r}", state)
         bound = state.bindings.get(p.name)
         if bound is not None and bound is not g:
-            raise _fail(f"{p.name} must be the same tensor in both places ({bound.name} vs {g.name})", state)
+            raise _fail(lambda: f"{p.name} must be the same tensor in both places ({bound.name} vs {g.name})", state)
         state.bindings[p.name] = g
         return state
     if not isinstance(g, torch.fx.Node) or g.op != "call_function":
         found = g.name if isinstance(g, torch.fx.Node) else repr(g)
-        raise _fail(f"expected {p.describe()} where the graph has {found}", state)
+        raise _fail(lambda: f"expected {p.describe()} where the graph has {found}", state)
     if g.target != p.target:
-        raise _fail(f"expected {p.describe()} where the graph has {_op_label(g.target)} ({g.name})", state)
+        raise _fail(lambda: f"expected {p.describe()} where the graph has {_op_label(g.target)} ({g.name})", state)
     if id(p) in state.nodes:
         if state.nodes[id(p)] is not g:
-            raise _fail(f"{p.describe()} would have to be two different nodes", state)
+            raise _fail(lambda: f"{p.describe()} would have to be two different nodes", state)
         return state
     if g in state.owners:
-        raise _fail(f"{g.name} would have to play two parts in the pattern", state)
+        raise _fail(lambda: f"{g.name} would have to play two parts in the pattern", state)
     state.nodes[id(p)] = g
     state.owners[g] = id(p)
     gargs = args_by_name(g.target, g.args, g.kwargs)
@@ -292,14 +307,14 @@ def _match_value(pv: Any, gv: Any, state: _State, owner: PNode, arg: str) -> _St
         return _match_wildcard(pv, gv, state, owner)
     if isinstance(pv, (list, tuple)):
         if not isinstance(gv, (list, tuple)) or len(gv) != len(pv):
-            raise _fail(f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
+            raise _fail(lambda: f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
         for a, b in zip(pv, gv):
             state = _match_value(a, b, state, owner, arg)
         return state
     if isinstance(gv, torch.fx.Node):
-        raise _fail(f"{owner.describe()} argument {arg}: expected the constant {pv!r}, found {gv.name}", state)
+        raise _fail(lambda: f"{owner.describe()} argument {arg}: expected the constant {pv!r}, found {gv.name}", state)
     if pv != gv or (isinstance(pv, bool) != isinstance(gv, bool)):
-        raise _fail(f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
+        raise _fail(lambda: f"{owner.describe()} argument {arg}: expected {pv!r}, found {gv!r}", state)
     return state
 
 
@@ -310,14 +325,14 @@ def _match_wildcard(w: Wildcard, gv: Any, state: _State, owner: PNode) -> _State
         if isinstance(gv, torch.fx.Node):
             raise _fail(LIFTED_EPS if w.name == "eps" else f"{w.name} is a graph value, not a constant", state)
         if not isinstance(gv, (int, float)) or isinstance(gv, bool):
-            raise _fail(f"{w.name} must be a number, found {gv!r}", state)
+            raise _fail(lambda: f"{w.name} must be a number, found {gv!r}", state)
     elif w.kind == "dtype" and not isinstance(gv, torch.dtype):
-        raise _fail(f"{owner.describe()}: expected a dtype, found {gv!r}", state)
+        raise _fail(lambda: f"{owner.describe()}: expected a dtype, found {gv!r}", state)
     elif w.kind == "str" and not isinstance(gv, str):
-        raise _fail(f"{owner.describe()}: {w.name} must be a constant string, found {gv!r}", state)
+        raise _fail(lambda: f"{owner.describe()}: {w.name} must be a constant string, found {gv!r}", state)
     elif w.kind == "dims" and not (isinstance(gv, (list, tuple)) and all(isinstance(d, int) for d in gv)):
-        raise _fail(f"{owner.describe()}: reduction dims must be constant, found {gv!r}", state)
+        raise _fail(lambda: f"{owner.describe()}: reduction dims must be constant, found {gv!r}", state)
     if w.name in state.bindings and state.bindings[w.name] != gv:
-        raise _fail(f"{w.name} differs between its uses ({state.bindings[w.name]!r} vs {gv!r})", state)
+        raise _fail(lambda: f"{w.name} differs between its uses ({state.bindings[w.name]!r} vs {gv!r})", state)
     state.bindings[w.name] = gv
     return state

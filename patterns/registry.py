@@ -184,7 +184,10 @@ class PatternSet:
             result.rounds += 1
             changed = False
             erased: set[torch.fx.Node] = set()
-            for node in reversed(list(graph.nodes)):
+            nodes = list(graph.nodes)
+            position = {n: i for i, n in enumerate(nodes)}  # nodes made this round sort first (-1): the
+            for node in reversed(nodes):  # bottom-up walk never matches above a replacement it made
+
                 if node in erased or node.op != "call_function":
                     continue
                 for pattern, variant in self.by_anchor.get(node.target, ()):
@@ -193,12 +196,12 @@ class PatternSet:
                         for check in pattern.checks:
                             reason = check(m, ctx)
                             if reason:
-                                raise MatchFailure(reason, len(m.nodes) + 1, frozenset(g.name for g in m.graph_nodes))
+                                raise MatchFailure(reason, len(m.nodes) + 1, m.graph_nodes)
                     except MatchFailure as failure:
                         if failure.reached >= 3:
                             attempts[node].append(_Attempt(pattern.name, failure.reason, failure.reached, failure.nodes))
                         continue
-                    erased.update(self._rewrite(graph, pattern, m))
+                    erased.update(self._rewrite(graph, pattern, m, lambda n: position.get(n, -1)))
                     result.counts[pattern.name] = result.counts.get(pattern.name, 0) + 1
                     changed = True
                     break
@@ -207,11 +210,12 @@ class PatternSet:
         result.near_misses = self._explain(graph, attempts)
         return result
 
-    def _rewrite(self, graph: torch.fx.Graph, pattern: Pattern, m: Match) -> set[torch.fx.Node]:
+    def _rewrite(self, graph: torch.fx.Graph, pattern: Pattern, m: Match,
+                 position: Callable[[torch.fx.Node], int]) -> set[torch.fx.Node]:
         outputs = [m.node(o) for o in m.pattern.outputs]
-        first = min(outputs, key=_position(graph))
+        first = min(outputs, key=position)
         inputs = [v for v in m.bindings.values() if isinstance(v, torch.fx.Node)]
-        where = first if all(_position(graph)(i) < _position(graph)(first) for i in inputs) else m.anchor
+        where = first if all(position(i) < position(first) for i in inputs) else m.anchor
         with graph.inserting_before(where):
             builder = Builder(graph, m.anchor.meta)
             new = pattern.replace(builder, **m.bindings)
@@ -219,7 +223,7 @@ class PatternSet:
         for old, repl in zip(outputs, new):
             old.replace_all_uses_with(repl)
         erased = set()
-        for g in sorted(m.graph_nodes, key=_position(graph), reverse=True):
+        for g in sorted(m.graph_nodes, key=position, reverse=True):
             if not g.users:
                 graph.erase_node(g)
                 erased.add(g)
@@ -252,8 +256,3 @@ class PatternSet:
 
 def _describe(node: torch.fx.Node) -> str:
     return f"{node.target} ({node.name})"
-
-
-def _position(graph: torch.fx.Graph) -> Callable[[torch.fx.Node], int]:
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: index.get(n, -1)
