@@ -15,11 +15,9 @@ from ops.library import LIB, check_float, check_norm_shapes
 from ops.quant import FP8_DTYPE, FP8_MAX
 
 
-@triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)],
-                 key=["BLOCK", "HAS_RESIDUAL", "QUANT", "ROWS_BUCKET"])
 @triton.jit
 def _norm_kernel(X, R, W, OUT, ROUT, SCALE, stride_x, stride_r, stride_o, stride_ro, n_cols, eps, fp8_max,
-                 HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr, ROWS_BUCKET: tl.constexpr):
+                 HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -52,14 +50,12 @@ def _launch(x, residual, weight, eps, scale=None):
     rout = torch.empty_like(x) if residual is not None else out
     rout2 = rout.view(-1, hidden)
     block = triton.next_power_of_2(hidden)
+    warps = min(max(block // 256, 1), 16)
     if rows:
-        # warps per row are tuned per row size and per order of magnitude of rows: few rows want wide programs,
-        # many rows want more programs in flight
         _norm_kernel[(rows,)](
             x2, r2, weight, out2, rout2, scale if scale is not None else weight,
             x2.stride(0), r2.stride(0), out2.stride(0), rout2.stride(0), hidden, eps, FP8_MAX,
-            HAS_RESIDUAL=residual is not None, QUANT=scale is not None, BLOCK=block,
-            ROWS_BUCKET=min(len(str(rows)), 5),
+            HAS_RESIDUAL=residual is not None, QUANT=scale is not None, BLOCK=block, num_warps=warps,
         )
     return (out, rout) if residual is not None else out
 
