@@ -37,7 +37,7 @@ def main() -> None:
         fxpasses.Backend(fxpasses.Mapping(8, 3, 4, 2))
         warm.append(time.perf_counter() - t0)
     variants = sum(len(patterns.traced_variants(p.name)) for p in patterns.all())
-    print(f"| patterns | traced variants | first Backend in a process (s) | each later Backend (ms) |")
+    print("| patterns | traced variants | first Backend in a process (s) | each later Backend (ms) |")
     print("|---|---|---|---|")
     print(f"| {len(patterns.all())} | {variants} | {statistics.median(colds):.2f} | {statistics.median(warm) * 1e3:.2f} |")
 

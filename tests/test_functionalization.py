@@ -1,5 +1,4 @@
 """defunctionalize / functionalize through real torch.compile, real AOT, make_fx and hand-edited graphs."""
-import operator
 
 import pytest
 import torch

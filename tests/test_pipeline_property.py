@@ -1,6 +1,5 @@
 """Property: on random programs mixing pure ops with sends, receives and in-place writes (on inputs and views),
 the compiled pipeline keeps the outputs, the input mutations, and the side effects with their order."""
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

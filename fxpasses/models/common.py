@@ -201,3 +201,20 @@ class PipelineStage(nn.Module):
             return hidden, residual
         residual = hidden + residual
         return self.lm_head(self.final_norm(residual))
+
+
+def build_stage(c, p: Parallel, make_layer) -> PipelineStage:
+    """This rank's stage: embedding (first stage), ``make_layer(c, i, p)`` for its layers, final norm and LM head
+    (last stage). ``c`` has vocab_size, hidden_size, num_layers, rms_norm_eps, dtype and seed."""
+    c.validate(p.mapping)
+    m = p.mapping
+    embed = lm_head = final = None
+    if m.is_first_pp_rank:
+        embed = nn.Embedding(c.vocab_size, c.hidden_size,
+                             _weight=make_weight(c.seed, "embed", (c.vocab_size, c.hidden_size), c.dtype, std=1.0))
+        embed.weight.requires_grad_(False)
+    if m.is_last_pp_rank:
+        final = norm(c.seed, "final_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
+        lm_head = Linear(make_weight(c.seed, "lm_head", (c.vocab_size, c.hidden_size), c.dtype))
+    layers = nn.ModuleList(make_layer(c, i, p) for i in m.pp_layers(c.num_layers))
+    return PipelineStage(c.hidden_size, c.dtype, p, embed, layers, final, lm_head).eval()

@@ -16,6 +16,7 @@ from fxpasses.models.common import (
     Linear,
     Parallel,
     PipelineStage,
+    build_stage,
     Rotary,
     check_divisible,
     column_parallel,
@@ -154,14 +155,4 @@ class LlamaLayer(DecoderLayer):
 
 
 def build_llama(c: LlamaConfig, p: Parallel) -> PipelineStage:
-    c.validate(p.mapping)
-    m = p.mapping
-    embed = lm_head = final = None
-    if m.is_first_pp_rank:
-        embed = nn.Embedding(c.vocab_size, c.hidden_size, _weight=make_weight(c.seed, "embed", (c.vocab_size, c.hidden_size), c.dtype, std=1.0))
-        embed.weight.requires_grad_(False)
-    if m.is_last_pp_rank:
-        final = norm(c.seed, "final_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
-        lm_head = Linear(make_weight(c.seed, "lm_head", (c.vocab_size, c.hidden_size), c.dtype))
-    layers = nn.ModuleList(LlamaLayer(c, i, p) for i in m.pp_layers(c.num_layers))
-    return PipelineStage(c.hidden_size, c.dtype, p, embed, layers, final, lm_head).eval()
+    return build_stage(c, p, LlamaLayer)
