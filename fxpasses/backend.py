@@ -69,6 +69,9 @@ class Backend:
         dump_dir: write each graph before and after the pipeline there, as readable Python.
         verify: run the verifier after every pass (default: the ``FXPASSES_VERIFY`` environment variable, off).
         token_inputs: input names that carry the token count, in order of preference.
+        cuda_graph_sizes: token counts to capture piecewise CUDA graphs for (non-Inductor path, CUDA only); a
+            batch is padded to the next size, larger ones run eagerly.
+        splitting_ops: ops the graph is split at for CUDA graphs (they run eagerly), as ``namespace.name``.
     """
 
     def __init__(
@@ -82,9 +85,23 @@ class Backend:
         dump_dir: str | os.PathLike | None = None,
         verify: bool | None = None,
         token_inputs: Sequence[str] = DEFAULT_TOKEN_INPUTS,
+        cuda_graph_sizes: Sequence[int] | None = None,
+        splitting_ops: Sequence[str] = ("fxp.attention",),
     ) -> None:
         if mapping is not None and not isinstance(mapping, Mapping):
             raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__}.")
+        if cuda_graph_sizes:
+            if inductor:
+                raise ValueError("Backend: cuda_graph_sizes is for the non-Inductor path; with inductor=True use "
+                                 "torch.compile(mode='reduce-overhead') instead.")
+            if not torch.cuda.is_available():
+                raise ValueError("Backend: cuda_graph_sizes needs a CUDA device, and none is available here; "
+                                 "leave cuda_graph_sizes unset on CPU.")
+            if any(int(s) < 1 for s in cuda_graph_sizes):
+                raise ValueError(f"Backend: cuda_graph_sizes must be positive token counts, got {list(cuda_graph_sizes)}.")
+        self.cuda_graph_sizes = sorted(set(int(s) for s in cuda_graph_sizes)) if cuda_graph_sizes else None
+        self.splitting_ops = tuple(splitting_ops)
+        self.runners: list[Any] = []  # the piecewise CUDA-graph runners this backend made, one per graph
         self.mapping = mapping or Mapping()
         self.inductor = inductor
         self.extra_passes = list(extra_passes)
@@ -168,6 +185,17 @@ class Backend:
 
     def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
         self.run_pipeline(gm, index, compat.detect_fake_mode(example_inputs), defunctionalize=True)
+        token = self.token_dims[index]
+        if self.cuda_graph_sizes and token is not None and token.is_dynamic:
+            from fxpasses.cudagraphs import PiecewiseCudaGraphs
+
+            runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops)
+            runner._boxed_call = True  # AOT passes a list of inputs
+            self.runners.append(runner)
+            return runner
+        if self.cuda_graph_sizes:
+            self.report.note(f"graph {index}: no dynamic token dimension found, so no CUDA graphs "
+                             "(mark the token input dynamic, or name it with token_inputs=...)")
         return compat.make_boxed(gm.forward)
 
     def _compile_inductor(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:

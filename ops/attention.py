@@ -30,6 +30,10 @@ def _check(q, k, v, k_cache, v_cache, slot_ids, position_ids):
         )
     if slot_ids.dtype != torch.int64 or position_ids.dtype != torch.int64:
         raise ValueError("fxp.attention: slot_ids and position_ids must be int64.")
+    # one slot and one position per token; as a torch._check this also tells the tracer the lengths are equal
+    torch._check(slot_ids.shape[0] == q.shape[0], lambda: "fxp.attention: slot_ids must have one entry per token")
+    torch._check(position_ids.shape[0] == q.shape[0],
+                 lambda: "fxp.attention: position_ids must have one entry per token")
 
 
 def _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):

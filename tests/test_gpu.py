@@ -72,3 +72,35 @@ def test_compiled_llama_on_cuda_equals_eager():
     assert backend.report.matches == config.predicted_matches(fxpasses.Mapping())
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+def _cuda(batch):
+    return dataclasses.replace(batch, **{k: getattr(batch, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
+
+
+def test_piecewise_cuda_graphs_inside_between_and_above_sizes():
+    from fxpasses.models import Batch, LlamaConfig, build_model, make_steps, run_steps
+
+    config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16, max_slots=6)
+    g = torch.Generator().manual_seed(1)
+    steps = make_steps(config.vocab_size, prompt_lens=(5, 3), decode_steps=4)  # 8 tokens (between), then 2 x4
+    # a second prefill of 21 tokens in slots 2 and 3 (above the largest size: eager), then decode of 4 sequences
+    steps.append(Batch(torch.randint(0, 128, (21,), generator=g), torch.cat([torch.arange(12), torch.arange(9)]),
+                       torch.cat([torch.full((12,), 2), torch.full((9,), 3)])))
+    for k in range(3):
+        steps.append(Batch(torch.randint(0, 128, (4,), generator=g), torch.tensor([9 + k, 7 + k, 12 + k, 9 + k]),
+                           torch.tensor([0, 1, 2, 3])))
+    steps = [_cuda(b) for b in steps]
+    expected = run_steps(build_model("llama", config).cuda(), steps)
+    model = build_model("llama", config).cuda()
+    backend = fxpasses.Backend(cuda_graph_sizes=[2, 4, 16])
+    torch._dynamo.reset()
+    got = run_steps(model, steps, torch.compile(model, backend=backend))
+    assert backend.report.graphs == 1
+    runner = backend.runners[0]
+    captured = [p for p in runner.pieces.values() if type(p).__name__ == "CapturedPiece"]
+    assert captured and all("graph" in p.entries[2] and "graph" in p.entries[4] for p in captured)
+    assert all(16 in p.entries and "graph" not in p.entries[16] for p in captured)  # seen once: warm-up only
+    for step, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape, step
+        torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=f"step {step}")

@@ -1,0 +1,95 @@
+"""GPU: decode step latency of Llama-shaped models (random bf16 weights, one rank), by number of sequences.
+
+    python benchmarks/decode.py [--model 1b|8b] [--tokens 1 8 32 128 512 2048] [--modes ...] [--out DIR]
+
+Each step decodes one token for each of ``tokens`` sequences that already hold ``--context`` cached tokens.
+Modes: eager; torch.compile (Inductor, default); torch.compile(mode="reduce-overhead"); fxpasses without Inductor
+plus piecewise CUDA graphs; fxpasses with Inductor. Compile time is the first call at the first size, minus a warm
+call. Roofline: weight bytes plus the KV bytes a step reads, over the copy bandwidth measured in the same run.
+The attention op is fxpasses' reference implementation (gathers each sequence's cache), the same in every mode.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+import triton.testing
+
+import fxpasses
+from fxpasses.models import Batch, LlamaConfig, build_model
+
+SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / triton.testing.do_bench(lambda: dst.copy_(src), warmup=20, rep=100) / 1e6
+
+
+def decode_batch(n: int, context: int, vocab: int) -> Batch:
+    g = torch.Generator().manual_seed(n)
+    return Batch(torch.randint(0, vocab, (n,), generator=g).cuda(), torch.full((n,), context).cuda(),
+                 torch.arange(n).cuda())
+
+
+def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]):
+    torch._dynamo.reset()
+    if mode == "eager":
+        return model
+    if mode == "inductor":
+        return torch.compile(model)
+    if mode == "reduce-overhead":
+        return torch.compile(model, mode="reduce-overhead")
+    if mode == "fxpasses+cudagraphs":
+        return torch.compile(model, backend=fxpasses.Backend(cuda_graph_sizes=sizes))
+    if mode == "fxpasses+inductor":
+        return torch.compile(model, backend=fxpasses.Backend(inductor=True))
+    raise ValueError(mode)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 512, 2048])
+    parser.add_argument("--context", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", default=["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs",
+                                                      "fxpasses+inductor"])
+    args = parser.parse_args()
+    slots = max(args.tokens)
+    config = SHAPES[args.model](dtype=torch.bfloat16, max_slots=slots, max_len=args.context + 8)
+    model = build_model("llama", config).cuda()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    copy = copy_bandwidth()
+    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k and v, bf16
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model} "
+          f"({weight_bytes / 1e9:.2f} GB of weights), copy bandwidth {copy:.0f} GB/s, context {args.context}\n")
+    print("| mode | compile (s) | " + " | ".join(f"{n} tok (ms)" for n in args.tokens) + " | 1 tok / roofline |")
+    print("|---|---|" + "---|" * len(args.tokens) + "---|")
+    for mode in args.modes:
+        fn = make_fn(mode, model, args.tokens)
+        times, compile_s = [], 0.0
+        with torch.inference_mode():
+            for i, n in enumerate(args.tokens):
+                b = decode_batch(n, args.context, config.vocab_size)
+                for t in (b.input_ids, b.position_ids, b.slot_ids):
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                call = lambda: fn(b.input_ids, b.position_ids, b.slot_ids)  # noqa: E731
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                call()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                ms = triton.testing.do_bench(call, warmup=5, rep=30)
+                if i == 0:
+                    compile_s = first - ms / 1e3
+                times.append(ms)
+        roof_ms = (weight_bytes + kv_per_token * args.context) / copy / 1e6
+        print(f"| {mode} | {compile_s:.1f} | " + " | ".join(f"{t:.2f}" for t in times)
+              + f" | {times[0] / roof_ms:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

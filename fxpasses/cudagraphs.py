@@ -1,0 +1,196 @@
+"""Piecewise CUDA graphs for the non-Inductor path.
+
+The defunctionalized graph is split at the splitting ops (the attention op by default) with the original order
+kept. Every other piece is captured into a CUDA graph once per token count in ``cuda_graph_sizes``, after one eager
+warm-up at that size, all into one shared memory pool. A call pads the token dimension to the next captured size
+and replays; token counts above the largest size run the unsplit graph eagerly.
+
+The splitting ops run eagerly on the *unpadded* tokens (their token-dimension arguments are sliced back and their
+output padded again), so padded tokens never reach the attention op and never write into the KV cache.
+
+Which inputs and outputs carry the token count is read from the graph's symbolic shapes: the token SymInt found
+on the Dynamo graph (``fxpasses.tokens``), placeholders equal to it, and tensors whose first dimension is it.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.fx
+from torch.fx.passes.split_module import split_module
+
+log = logging.getLogger("fxpasses")
+
+DEFAULT_SPLITTING_OPS = ("fxp.attention",)
+
+
+def _op_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name.replace("::", ".")
+    return str(target)
+
+
+def _is_token(val: Any, token: sympy.Expr) -> bool:
+    if isinstance(val, torch.SymInt):
+        return val.node.expr == token
+    if isinstance(val, torch.Tensor) and val.dim() > 0 and isinstance(val.shape[0], torch.SymInt):
+        return val.shape[0].node.expr == token
+    return False
+
+
+class _Context:
+    size = 0  # the captured (padded) token count of the call in flight
+    tokens = 0  # its real token count
+
+
+class CapturedPiece(torch.nn.Module):
+    """One piece: eager at a size's first call (warm-up), captured at its second, replayed after that."""
+
+    def __init__(self, piece: torch.fx.GraphModule, ctx: _Context, pool: Any) -> None:
+        super().__init__()
+        self.piece, self.ctx, self.pool = piece, ctx, pool
+        self.entries: dict[int, dict[str, Any]] = {}
+
+    def forward(self, *args: Any) -> Any:
+        size = self.ctx.size
+        entry = self.entries.get(size)
+        if entry is None:  # warm-up: run eagerly, remember where the inputs live
+            self.entries[size] = {"ptrs": [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]}
+            return self.piece(*args)
+        if "graph" not in entry:
+            return self._capture(entry, args)
+        for i in entry["stable"]:
+            if args[i].data_ptr() != entry["static"][i].data_ptr():
+                log.warning("fxpasses: a captured input moved (argument %d); running this call eagerly", i)
+                return self.piece(*args)
+        for i in entry["copied"]:
+            entry["static"][i].copy_(args[i])
+        entry["graph"].replay()
+        return entry["out"]
+
+    def _capture(self, entry: dict[str, Any], args: Sequence[Any]) -> Any:
+        static, stable, copied = [], [], []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.data_ptr() == entry["ptrs"][i]:
+                static.append(a)  # same storage both calls (weights, caches, earlier pieces' outputs): use it
+                stable.append(i)
+            elif isinstance(a, torch.Tensor):
+                static.append(a.clone())  # fresh every call (inputs, eager attention output): copy in
+                copied.append(i)
+            else:
+                static.append(a)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.piece(*static)
+        entry.update(graph=graph, static=static, stable=stable, copied=copied, out=out)
+        graph.replay()
+        return out
+
+
+class EagerSplit(torch.nn.Module):
+    """A splitting op's piece, run eagerly on the real tokens only."""
+
+    def __init__(self, piece: torch.fx.GraphModule, token_args: set[int], ctx: _Context) -> None:
+        super().__init__()
+        self.piece, self.token_args, self.ctx = piece, token_args, ctx
+
+    def forward(self, *args: Any) -> Any:
+        n, size = self.ctx.tokens, self.ctx.size
+        args = [a[:n] if i in self.token_args else a for i, a in enumerate(args)]
+        out = self.piece(*args)
+        if n == size:
+            return out
+        return _pad_outputs(out, n, size)
+
+
+def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
+    if t.shape[0] == size:
+        return t
+    return torch.cat([t, t.new_zeros((size - t.shape[0], *t.shape[1:]))])
+
+
+def _pad_outputs(out: Any, n: int, size: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        return _pad(out, size) if out.dim() > 0 and out.shape[0] == n else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_pad_outputs(o, n, size) for o in out)
+    return out
+
+
+class PiecewiseCudaGraphs:
+    """A boxed callable running ``gm`` as captured pieces split at the splitting ops."""
+
+    def __init__(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int],
+                 splitting_ops: Sequence[str] = DEFAULT_SPLITTING_OPS) -> None:
+        self.gm, self.sizes = gm, sorted(set(int(s) for s in sizes))
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.symint_inputs = [i for i, n in enumerate(placeholders)
+                              if isinstance(n.meta.get("val"), torch.SymInt) and _is_token(n.meta["val"], token)]
+        self.tensor_inputs = [i for i, n in enumerate(placeholders)
+                              if isinstance(n.meta.get("val"), torch.Tensor) and _is_token(n.meta["val"], token)]
+        out_node = next(n for n in gm.graph.nodes if n.op == "output")
+        outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+        self.token_outputs = {i for i, o in enumerate(outs)
+                              if isinstance(o, torch.fx.Node) and _is_token(o.meta.get("val"), token)}
+        if not self.symint_inputs and not self.tensor_inputs:
+            raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of the "
+                             "token input with Backend(token_inputs=...).")
+        self.ctx = _Context()
+        self.pool = torch.cuda.graph_pool_handle()
+        self.split, self.pieces = self._split(gm, token, set(splitting_ops))
+
+    def _split(self, gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str]):
+        part, assign = 0, {}
+        split_nodes = []
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and _op_name(node.target) in splitting:
+                part += 1
+                assign[node] = part
+                split_nodes.append(node)
+                part += 1
+            elif node.op not in ("placeholder", "output"):
+                assign[node] = part
+        split = split_module(gm, None, lambda n: assign[n], keep_original_order=True)
+        split_parts = {assign[n] for n in split_nodes}
+        pieces = {}
+        for name, module in list(split.named_children()):
+            index = int(name.rsplit("_", 1)[1])
+            if index in split_parts:
+                wrapped = EagerSplit(module, self._token_args(module, token), self.ctx)
+            else:
+                wrapped = CapturedPiece(module, self.ctx, self.pool)
+            setattr(split, name, wrapped)
+            pieces[name] = wrapped
+        return split, pieces
+
+    @staticmethod
+    def _token_args(module: torch.fx.GraphModule, token: sympy.Expr) -> set[int]:
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder"]
+        return {i for i, n in enumerate(placeholders) if _is_token(n.meta.get("val"), token)}
+
+    def __call__(self, args: list[Any]) -> Any:
+        """Boxed calling convention (AOT's): a list of flat inputs."""
+        if self.symint_inputs:
+            n = int(args[self.symint_inputs[0]])
+        else:
+            n = args[self.tensor_inputs[0]].shape[0]
+        i = bisect.bisect_left(self.sizes, n)
+        if i == len(self.sizes):
+            return self.gm(*args)  # above the largest captured size: eager
+        size = self.sizes[i]
+        padded = list(args)
+        for j in self.symint_inputs:
+            padded[j] = size
+        for j in self.tensor_inputs:
+            padded[j] = _pad(args[j], size)
+        args.clear()
+        self.ctx.size, self.ctx.tokens = size, n
+        out = self.split(*padded)
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        # outputs live in the graphs' static buffers: hand the caller its own copy, sliced to the real tokens
+        result = [o[:n].clone() if k in self.token_outputs else (o.clone() if isinstance(o, torch.Tensor) else o)
+                  for k, o in enumerate(outs)]
+        return type(out)(result) if isinstance(out, (tuple, list)) else result[0]
