@@ -6,7 +6,9 @@ warm-up at that size, all into one shared memory pool. A call pads the token dim
 and replays; token counts above the largest size run the unsplit graph eagerly.
 
 The splitting ops run eagerly on the *unpadded* tokens (their token-dimension arguments are sliced back and their
-output padded again), so padded tokens never reach the attention op and never write into the KV cache.
+output padded again), so padded tokens never reach the attention op and never write into the KV cache. Padded
+inputs and the splitting ops' outputs go into static buffers (one per tensor, sized for the largest capture), so
+every input of a captured piece has the same address on every call and a replay copies nothing.
 
 Which inputs and outputs carry the token count is read from the graph's symbolic shapes: the token SymInt found
 on the Dynamo graph (``fxpasses.tokens``), placeholders equal to it, and tensors whose first dimension is it.
@@ -42,8 +44,26 @@ def _is_token(val: Any, token: sympy.Expr) -> bool:
 
 
 class _Context:
-    size = 0  # the captured (padded) token count of the call in flight
-    tokens = 0  # its real token count
+    """The call in flight, and the static buffers that give padded tensors the same address on every call."""
+
+    def __init__(self, max_size: int) -> None:
+        self.size = 0  # the captured (padded) token count of the call in flight
+        self.tokens = 0  # its real token count
+        self.max_size = max_size
+        self.buffers: dict[Any, torch.Tensor] = {}
+        self.static_ptrs: set[int] = set()  # outputs of captured pieces: same storage at every replay
+
+    def padded(self, key: Any, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (``tokens`` rows) copied into this key's buffer, zero-filled up to ``size`` rows: a view whose
+        address never changes, so captured graphs read it in place (no copies, no moved inputs)."""
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype or buf.device != t.device:
+            buf = self.buffers[key] = t.new_zeros((self.max_size, *t.shape[1:]))
+        n, size = t.shape[0], self.size
+        buf[:n].copy_(t)
+        if n < size:
+            buf[n:size].zero_()
+        return buf[:size]
 
 
 class CapturedPiece(torch.nn.Module):
@@ -74,8 +94,8 @@ class CapturedPiece(torch.nn.Module):
     def _capture(self, entry: dict[str, Any], args: Sequence[Any]) -> Any:
         static, stable, copied = [], [], []
         for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor) and a.data_ptr() == entry["ptrs"][i]:
-                static.append(a)  # same storage both calls (weights, caches, earlier pieces' outputs): use it
+            if isinstance(a, torch.Tensor) and (a.data_ptr() == entry["ptrs"][i] or a.data_ptr() in self.ctx.static_ptrs):
+                static.append(a)  # weights, caches, static buffers, captured pieces' outputs: read in place
                 stable.append(i)
             elif isinstance(a, torch.Tensor):
                 static.append(a.clone())  # fresh every call (inputs, eager attention output): copy in
@@ -86,6 +106,9 @@ class CapturedPiece(torch.nn.Module):
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.piece(*static)
         entry.update(graph=graph, static=static, stable=stable, copied=copied, out=out)
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.ctx.static_ptrs.add(t.data_ptr())
         graph.replay()
         return out
 
@@ -98,26 +121,13 @@ class EagerSplit(torch.nn.Module):
         self.piece, self.token_args, self.ctx = piece, token_args, ctx
 
     def forward(self, *args: Any) -> Any:
-        n, size = self.ctx.tokens, self.ctx.size
+        n = self.ctx.tokens
         args = [a[:n] if i in self.token_args else a for i, a in enumerate(args)]
         out = self.piece(*args)
-        if n == size:
-            return out
-        return _pad_outputs(out, n, size)
-
-
-def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
-    if t.shape[0] == size:
-        return t
-    return torch.cat([t, t.new_zeros((size - t.shape[0], *t.shape[1:]))])
-
-
-def _pad_outputs(out: Any, n: int, size: int) -> Any:
-    if isinstance(out, torch.Tensor):
-        return _pad(out, size) if out.dim() > 0 and out.shape[0] == n else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_pad_outputs(o, n, size) for o in out)
-    return out
+        if isinstance(out, torch.Tensor):
+            return self.ctx.padded((id(self), 0), out) if out.dim() and out.shape[0] == n else out
+        return type(out)(self.ctx.padded((id(self), k), o) if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n
+                         else o for k, o in enumerate(out))
 
 
 class PiecewiseCudaGraphs:
@@ -138,7 +148,7 @@ class PiecewiseCudaGraphs:
         if not self.symint_inputs and not self.tensor_inputs:
             raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of the "
                              "token input with Backend(token_inputs=...).")
-        self.ctx = _Context()
+        self.ctx = _Context(self.sizes[-1])
         self.pool = torch.cuda.graph_pool_handle()
         self.split, self.pieces = self._split(gm, token, set(splitting_ops))
 
@@ -181,13 +191,13 @@ class PiecewiseCudaGraphs:
         if i == len(self.sizes):
             return self.gm(*args)  # above the largest captured size: eager
         size = self.sizes[i]
+        self.ctx.size, self.ctx.tokens = size, n
         padded = list(args)
         for j in self.symint_inputs:
             padded[j] = size
         for j in self.tensor_inputs:
-            padded[j] = _pad(args[j], size)
+            padded[j] = self.ctx.padded(("input", j), args[j])
         args.clear()
-        self.ctx.size, self.ctx.tokens = size, n
         out = self.split(*padded)
         outs = out if isinstance(out, (tuple, list)) else [out]
         # outputs live in the graphs' static buffers: hand the caller its own copy, sliced to the real tokens
