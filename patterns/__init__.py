@@ -15,6 +15,7 @@ from patterns.registry import (
     PatternSet,
     all_patterns,
     get,
+    pattern,
     register,
     traced_variants,
 )
@@ -23,5 +24,5 @@ all = all_patterns  # noqa: A001  (patterns.all(), as users call it)
 
 __all__ = [
     "ApplyResult", "Builder", "Match", "MatchContext", "MatchFailure", "NearMiss", "Pattern", "PatternGraph",
-    "PatternSet", "all", "all_patterns", "get", "register", "rms_norm_spelling", "rms_norm_spellings", "traced_variants",
+    "PatternSet", "all", "all_patterns", "get", "pattern", "register", "rms_norm_spelling", "rms_norm_spellings", "traced_variants",
 ]

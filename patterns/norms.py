@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import ops
 from patterns.matcher import EPS_SENTINEL, GROUP_SENTINEL, Match
-from patterns.registry import MatchContext, Pattern, register
+from patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -116,10 +116,6 @@ def check_tp_group(m: Match, ctx: MatchContext) -> str | None:
     return None
 
 
-def check_sum(m: Match, ctx: MatchContext) -> str | None:
-    return None
-
-
 def is_rsqrt(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is aten.rsqrt.default
 
@@ -137,17 +133,20 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
 
 
 # ---- the patterns ----------------------------------------------------------------------------------------------
-register(Pattern(
+
+
+@pattern(
     name="rms_norm",
     benefit=10,
     spellings=lambda: [s for s in rms_norm_spellings()],
     input_names=("x", "weight", "eps"),
     example_inputs=lambda dtype: _norm_inputs(dtype),
-    replace=lambda b, x, weight, eps, **_: b.call(fxp.rms_norm.default, x, weight, eps),
     checks=(check_norm,),
     hint=is_rsqrt,
-    doc="any registered RMSNorm spelling -> fxp.rms_norm",
-))
+)
+def rms_norm(b, x, weight, eps, **_):
+    """any registered RMSNorm spelling -> fxp.rms_norm"""
+    return b.call(fxp.rms_norm.default, x, weight, eps)
 
 
 def _add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,18 +157,18 @@ def _add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
     return search
 
 
-register(Pattern(
+@pattern(
     name="add_rms_norm",
     benefit=20,
     spellings=lambda: [_add_norm(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps"),
     example_inputs=lambda dtype: _norm_inputs(dtype, "residual"),
-    replace=lambda b, x, residual, weight, eps, **_: b.outputs(
-        b.call(fxp.add_rms_norm.default, x, residual, weight, eps), 2),
     checks=(check_norm, check_residual),
     hint=is_rsqrt,
-    doc="residual add whose sum feeds an RMSNorm and is also the next residual -> fxp.add_rms_norm",
-))
+)
+def add_rms_norm(b, x, residual, weight, eps, **_):
+    """residual add whose sum feeds an RMSNorm and is also the next residual -> fxp.add_rms_norm"""
+    return b.outputs(b.call(fxp.add_rms_norm.default, x, residual, weight, eps), 2)
 
 
 def _allreduce_add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
@@ -180,17 +179,17 @@ def _allreduce_add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
     return search
 
 
-register(Pattern(
+@pattern(
     name="allreduce_add_rms_norm",
     benefit=30,
     spellings=lambda: [_allreduce_add_norm(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "group"),
     example_inputs=lambda dtype: _norm_inputs(dtype, "residual", "group"),
-    replace=lambda b, x, residual, weight, eps, group, **_: b.outputs(
-        b.call(fxp.allreduce_add_rms_norm.default, x, residual, weight, eps, group), 2),
     checks=(check_norm, check_residual, check_tp_group),
     applies=tp_enabled,
     applies_doc="mapping.tp_size > 1",
     hint=is_all_reduce,
-    doc="functional all_reduce on the TP group -> residual add -> RMSNorm -> fxp.allreduce_add_rms_norm",
-))
+)
+def allreduce_add_rms_norm(b, x, residual, weight, eps, group, **_):
+    """functional all_reduce on the TP group -> residual add -> RMSNorm -> fxp.allreduce_add_rms_norm"""
+    return b.outputs(b.call(fxp.allreduce_add_rms_norm.default, x, residual, weight, eps, group), 2)

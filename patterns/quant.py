@@ -21,7 +21,7 @@ from patterns.norms import (
     rms_norm_spellings,
     tp_enabled,
 )
-from patterns.registry import MatchContext, Pattern, register
+from patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -50,18 +50,19 @@ def is_fp8_cast(node: torch.fx.Node) -> bool:
             and node.kwargs.get("dtype") == ops.FP8_DTYPE)
 
 
-register(Pattern(
+@pattern(
     name="quant_fp8",
     benefit=5,
     spellings=lambda: [quantize],
     input_names=("x", "scale"),
     example_inputs=lambda dtype: (torch.empty(3, 8, dtype=dtype, device="meta"),
                                   torch.empty((), dtype=torch.float32, device="meta")),
-    replace=lambda b, x, scale, **_: b.call(fxp.quant_fp8.default, x, scale),
     checks=(check_quant_input, check_scale),
     hint=is_fp8_cast,
-    doc="static per-tensor fp8 quantization -> fxp.quant_fp8",
-))
+)
+def quant_fp8(b, x, scale, **_):
+    """static per-tensor fp8 quantization -> fxp.quant_fp8"""
+    return b.call(fxp.quant_fp8.default, x, scale)
 
 
 def _quantized(spelling: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,41 +88,44 @@ def _allreduce_add_quantized(spelling: Callable[..., Any]) -> Callable[..., Any]
     return search
 
 
-register(Pattern(
+@pattern(
     name="rms_norm_quant_fp8",
     benefit=15,
     spellings=lambda: [_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "weight", "eps", "scale"),
     example_inputs=lambda dtype: _norm_inputs(dtype, "scale"),
-    replace=lambda b, x, weight, eps, scale, **_: b.call(fxp.rms_norm_quant_fp8.default, x, weight, eps, scale),
     checks=(check_norm, check_scale),
     hint=is_fp8_cast,
-    doc="RMSNorm then fp8 quantization -> fxp.rms_norm_quant_fp8",
-))
+)
+def rms_norm_quant_fp8(b, x, weight, eps, scale, **_):
+    """RMSNorm then fp8 quantization -> fxp.rms_norm_quant_fp8"""
+    return b.call(fxp.rms_norm_quant_fp8.default, x, weight, eps, scale)
 
-register(Pattern(
+
+@pattern(
     name="add_rms_norm_quant_fp8",
     benefit=25,
     spellings=lambda: [_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale"),
     example_inputs=lambda dtype: _norm_inputs(dtype, "residual", "scale"),
-    replace=lambda b, x, residual, weight, eps, scale, **_: b.outputs(
-        b.call(fxp.add_rms_norm_quant_fp8.default, x, residual, weight, eps, scale), 2),
     checks=(check_norm, check_residual, check_scale),
     hint=is_fp8_cast,
-    doc="residual add, RMSNorm, fp8 quantization -> fxp.add_rms_norm_quant_fp8",
-))
+)
+def add_rms_norm_quant_fp8(b, x, residual, weight, eps, scale, **_):
+    """residual add, RMSNorm, fp8 quantization -> fxp.add_rms_norm_quant_fp8"""
+    return b.outputs(b.call(fxp.add_rms_norm_quant_fp8.default, x, residual, weight, eps, scale), 2)
 
-register(Pattern(
+
+@pattern(
     name="allreduce_add_rms_norm_quant_fp8",
     benefit=35,
     spellings=lambda: [_allreduce_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale", "group"),
     example_inputs=lambda dtype: _norm_inputs(dtype, "residual", "scale", "group"),
-    replace=lambda b, x, residual, weight, eps, scale, group, **_: b.outputs(
-        b.call(fxp.allreduce_add_rms_norm_quant_fp8.default, x, residual, weight, eps, scale, group), 2),
     checks=(check_norm, check_residual, check_scale, check_tp_group),
     applies=tp_enabled,
     applies_doc="mapping.tp_size > 1",
-    doc="TP all_reduce, residual add, RMSNorm, fp8 quantization -> fxp.allreduce_add_rms_norm_quant_fp8",
-))
+)
+def allreduce_add_rms_norm_quant_fp8(b, x, residual, weight, eps, scale, group, **_):
+    """TP all_reduce, residual add, RMSNorm, fp8 quantization -> fxp.allreduce_add_rms_norm_quant_fp8"""
+    return b.outputs(b.call(fxp.allreduce_add_rms_norm_quant_fp8.default, x, residual, weight, eps, scale, group), 2)

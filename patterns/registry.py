@@ -66,6 +66,21 @@ def register(pattern: Pattern) -> Pattern:
     return pattern
 
 
+def pattern(**fields: Any) -> Callable[[Callable[..., Any]], Pattern]:
+    """Decorator form of ``register``: decorate the replacement; the other fields are Pattern's.
+
+        @pattern(name="rms_norm", benefit=10, spellings=..., input_names=("x", "weight", "eps"), example_inputs=...)
+        def rms_norm(b, x, weight, eps, **_):
+            return b.call(torch.ops.fxp.rms_norm.default, x, weight, eps)
+    """
+
+    def decorate(replace: Callable[..., Any]) -> Pattern:
+        return register(Pattern(replace=replace, doc=fields.pop("doc", None) or (replace.__doc__ or "").strip(),
+                                **fields))
+
+    return decorate
+
+
 def all_patterns() -> list[Pattern]:
     """Every registered pattern, largest benefit first."""
     return sorted(_REGISTRY.values(), key=lambda p: (-p.benefit, p.name))

@@ -78,3 +78,18 @@ def test_list_send_recv_in_order(pool4, tp):
 def test_failing_rank_surfaces_with_its_number():
     with pytest.raises(RankError, match="rank 1 of 2 raised:(.|\n)*ValueError: rank one refuses"):
         spawn(fail_on_rank_one, 2)
+
+
+def sleep_forever(rank, world_size):
+    import time
+
+    time.sleep(600)
+
+
+def test_timeout_kills_every_rank():
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish in time; all ranks killed"):
+        spawn(sleep_forever, 2, timeout=10)
+    assert time.monotonic() - t0 < 60
