@@ -56,8 +56,10 @@ def p2p(x):
     return y
 
 
-def test_inductor_keeps_sends_and_receives_v1():
+def test_inductor_keeps_sends_and_receives_v1(tmp_path, monkeypatch):
     from fxpasses.testing import count_ops, fake_process_group
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cached graph would skip the passes
 
     backend = fxpasses.Backend(inductor=True)
     seen = {}
