@@ -109,7 +109,7 @@ class Backend:
         if verify is not None:
             self.config.verify = verify
         t0 = time.perf_counter()
-        self.patterns = split_patterns(patterns, self.mapping, self.config)
+        self.patterns = split_patterns(patterns, self.mapping, self.config, inductor=inductor)
         self.pattern_setup_seconds = time.perf_counter() - t0
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.token_inputs = tuple(token_inputs)

@@ -92,3 +92,11 @@ def fx_graph_cache_counters() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def inductor_decompositions() -> dict:
+    """The decomposition table Inductor traces with: graphs on the Inductor path are decomposed with it, so
+    patterns for that path are traced with it too."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    return select_decomp_table()

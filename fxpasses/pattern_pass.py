@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch.fx
 
 import patterns as pattern_registry
+from fxpasses import compat
 from fxpasses.dependency import stable_topological_sort
 from fxpasses.passes import PassContext, PassResult
 
@@ -35,9 +36,10 @@ class PatternRewritePass:
         return hashlib.sha256("\n".join(self.pattern_set.identity()).encode()).hexdigest()[:16]
 
 
-def split_patterns(items: Iterable[Any] | None, mapping: Any, config: Any) -> list[Any]:
+def split_patterns(items: Iterable[Any] | None, mapping: Any, config: Any, inductor: bool = False) -> list[Any]:
     """Backend(patterns=...) accepts registered Pattern objects or their names (applied together by one pass,
-    largest benefit first) and plain pass callables (run after). None means every registered pattern."""
+    largest benefit first) and plain pass callables (run after). None means every registered pattern.
+    ``inductor``: the graphs come decomposed with Inductor's table, so the patterns are traced with it too."""
     items = pattern_registry.all() if items is None else list(items)
     registered, passes = [], []
     for item in items:
@@ -51,5 +53,7 @@ def split_patterns(items: Iterable[Any] | None, mapping: Any, config: Any) -> li
             raise TypeError(f"patterns: {item!r} is neither a Pattern, a pattern name nor a pass callable.")
     out: list[Any] = []
     if registered:
-        out.append(PatternRewritePass(pattern_registry.PatternSet(registered, mapping, config)))
+        decompositions = (pattern_registry.Decompositions("inductor", compat.inductor_decompositions())
+                          if inductor else None)
+        out.append(PatternRewritePass(pattern_registry.PatternSet(registered, mapping, config, decompositions)))
     return out + passes

@@ -9,6 +9,7 @@ from patterns.norms import rms_norm_spelling, rms_norm_spellings
 from patterns.registry import (
     ApplyResult,
     Builder,
+    Decompositions,
     MatchContext,
     NearMiss,
     Pattern,
@@ -23,6 +24,6 @@ from patterns.registry import (
 all = all_patterns  # noqa: A001  (patterns.all(), as users call it)
 
 __all__ = [
-    "ApplyResult", "Builder", "Match", "MatchContext", "MatchFailure", "NearMiss", "Pattern", "PatternGraph",
+    "ApplyResult", "Builder", "Decompositions", "Match", "MatchContext", "MatchFailure", "NearMiss", "Pattern", "PatternGraph",
     "PatternSet", "all", "all_patterns", "get", "pattern", "register", "rms_norm_spelling", "rms_norm_spellings", "traced_variants",
 ]

@@ -103,8 +103,11 @@ def args_by_name(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> di
 
 
 # ---- tracing -------------------------------------------------------------------------------------------------
-def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_names: Sequence[str]) -> PatternGraph:
-    """Trace ``fn`` with fake tensors and turn it into a PatternGraph with wildcards."""
+def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_names: Sequence[str],
+                  decompositions: dict | None = None) -> PatternGraph:
+    """Trace ``fn`` with fake tensors and turn it into a PatternGraph with wildcards.
+
+    ``decompositions``: the table the graphs to match were traced with (Inductor's, on the Inductor path)."""
     tensor_positions = [i for i, a in enumerate(example_args) if isinstance(a, torch.Tensor)]
     tensor_names = [input_names[i] for i in tensor_positions]
     constants = {i: a for i, a in enumerate(example_args) if not isinstance(a, torch.Tensor)}
@@ -115,10 +118,11 @@ def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_nam
             full[pos] = t
         return fn(*full)
 
-    return _to_pattern(_aot_graph(tensors_only, [example_args[i] for i in tensor_positions]), tensor_names)
+    return _to_pattern(_aot_graph(tensors_only, [example_args[i] for i in tensor_positions], decompositions),
+                       tensor_names)
 
 
-def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor]) -> torch.fx.Graph:
+def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompositions: dict | None = None) -> torch.fx.Graph:
     """The functional ATen graph AOT autograd makes of ``fn``: the same machinery that makes the graphs we match
     (make_fx alone keeps in-place ops from some decompositions, e.g. F.rms_norm's ``add_``)."""
     from functorch.compile import aot_function, make_boxed_func
@@ -130,7 +134,7 @@ def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor]) -> torch
         return make_boxed_func(gm.forward)
 
     with torch.no_grad():
-        aot_function(fn, fw_compiler=capture)(*tensors)
+        aot_function(fn, fw_compiler=capture, decompositions=decompositions)(*tensors)
     return captured[0].graph
 
 

@@ -93,17 +93,27 @@ def get(name: str) -> Pattern:
         raise KeyError(f"no pattern named {name!r}; registered: {sorted(_REGISTRY)}") from None
 
 
-def traced_variants(pattern: "Pattern | str") -> tuple[PatternGraph, ...]:
-    """The distinct graphs of a pattern's spellings over its trace dtypes (cached: they depend on nothing else)."""
-    return _trace(get(pattern) if isinstance(pattern, str) else pattern)
+@dataclass(frozen=True)
+class Decompositions:
+    """A named decomposition table the patterns are traced with (the name keys the trace cache)."""
+
+    name: str
+    table: Any = field(compare=False, hash=False, default=None)
+
+
+def traced_variants(pattern: "Pattern | str", decompositions: Decompositions | None = None) -> tuple[PatternGraph, ...]:
+    """The distinct graphs of a pattern's spellings over its trace dtypes, traced with ``decompositions`` (cached:
+    they depend on nothing else)."""
+    return _trace(get(pattern) if isinstance(pattern, str) else pattern, decompositions)
 
 
 @functools.lru_cache(maxsize=None)
-def _trace(pattern: Pattern) -> tuple[PatternGraph, ...]:
+def _trace(pattern: Pattern, decompositions: Decompositions | None) -> tuple[PatternGraph, ...]:
+    table = decompositions.table if decompositions is not None else None
     seen: dict[str, PatternGraph] = {}
     for spelling in pattern.spellings():
         for dtype in pattern.trace_dtypes:
-            graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names)
+            graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names, table)
             seen.setdefault(graph.signature(), graph)
     return tuple(seen.values())
 
@@ -171,12 +181,14 @@ class _Attempt:
 class PatternSet:
     """The patterns one pipeline applies: those whose predicate holds for this Mapping and config."""
 
-    def __init__(self, patterns: Iterable[Pattern], mapping: Any = None, config: Any = None) -> None:
+    def __init__(self, patterns: Iterable[Pattern], mapping: Any = None, config: Any = None,
+                 decompositions: Decompositions | None = None) -> None:
         t0 = time.perf_counter()
         chosen = sorted(patterns, key=lambda p: (-p.benefit, p.name))
         self.active = [p for p in chosen if p.applies(mapping, config)]
         self.inactive = [p for p in chosen if p not in self.active]
-        self.variants = {p.name: traced_variants(p) for p in self.active}
+        self.decompositions = decompositions
+        self.variants = {p.name: traced_variants(p, decompositions) for p in self.active}
         self.by_anchor: dict[Any, list[tuple[Pattern, PatternGraph]]] = defaultdict(list)
         for p in self.active:
             for v in self.variants[p.name]:
@@ -188,7 +200,8 @@ class PatternSet:
 
     def identity(self) -> list[str]:
         """Names and traced structure of every variant: changes whenever what the set matches changes."""
-        return [f"{p.name}:{p.benefit}:" + "|".join(v.signature() for v in self.variants[p.name]) for p in self.active]
+        return [f"{p.name}:{p.benefit}:" + "|".join(v.signature() for v in self.variants[p.name]) for p in self.active] + [
+            f"decompositions:{self.decompositions.name if self.decompositions else None}"]
 
     def apply(self, gm: torch.fx.GraphModule, ctx: MatchContext, max_rounds: int = 8) -> ApplyResult:
         """Apply every pattern, bottom-up, largest benefit first at each anchor, until nothing matches."""

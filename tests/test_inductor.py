@@ -77,3 +77,24 @@ def test_inductor_keeps_sends_and_receives_v1(tmp_path, monkeypatch):
         out = torch.compile(p2p, backend=backend)(x)
     assert seen["auto_functionalized(fxp.pp_send)"] == 1 and seen["auto_functionalized(fxp.pp_recv)"] == 1
     assert out.shape == (4,) and not backend.report.errors
+
+
+def test_patterns_fuse_on_the_inductor_path(tmp_path, monkeypatch):
+    """Inductor decomposes the graph (e.g. ``.float()`` becomes ``prims.convert_element_type``) before our pass
+    sees it; an Inductor Backend's patterns are traced with the same decomposition table."""
+    import dataclasses
+
+    from fxpasses.models import LlamaConfig, build_model, make_steps, run_steps
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    config = dataclasses.replace(LlamaConfig(), num_layers=2, dtype=torch.bfloat16)
+    steps = make_steps(config.vocab_size, decode_steps=1)
+    expected = run_steps(build_model("llama", config), steps)
+    model = build_model("llama", config)
+    backend = fxpasses.Backend(inductor=True)
+    torch._dynamo.reset()
+    got = run_steps(model, steps, torch.compile(model, backend=backend))
+    assert backend.report.matches == config.predicted_matches(fxpasses.Mapping())
+    assert backend.report.near_misses == []
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
