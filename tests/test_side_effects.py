@@ -6,7 +6,7 @@ import torch.fx
 import fxpasses
 from fxpasses import compat
 from fxpasses.passes import PassResult
-from fxpasses.testing import RankPool, count_ops, fake_process_group
+from fxpasses.testing import RankPool, fake_process_group
 
 
 # ---- real ranks: a compiled sender and a compiled receiver ------------------------------------------------------
@@ -164,18 +164,9 @@ def test_dce_keeps_in_place_writes_after_defunctionalization():
         torch.ops.fxp.pp_recv(buf, 1, "0")  # result unused: still a receive the peer is waiting for
         return x * 2
 
+    from pattern_helpers import compile_and_capture
+
     with fake_process_group(2, 0):
-        backend = fxpasses.Backend()
-        captured = {}
-        original = backend.run_pipeline
-
-        def spy(gm, *a, **k):
-            out = original(gm, *a, **k)
-            captured["ops"] = count_ops(gm)
-            return out
-
-        backend.run_pipeline = spy
-        torch._dynamo.reset()
-        with torch.no_grad():
-            torch.compile(f, backend=backend, fullgraph=True)(torch.ones(3))
-    assert captured["ops"]["fxp.pp_recv"] == 1
+        out, _, before, after = compile_and_capture(f, (torch.ones(3),))
+    assert before["auto_functionalized_v2(fxp.pp_recv)"] == 1 and after["fxp.pp_recv"] == 1
+    assert torch.equal(out, torch.full((3,), 2.0))
