@@ -22,7 +22,7 @@ from torch._functorch.aot_autograd import aot_module_simplified
 
 from fxpasses import compat
 from fxpasses.mapping import Mapping, cached_process_groups
-from fxpasses.passes import PassContext, PassResult, PipelineConfig, pass_name
+from fxpasses.passes import Pass, PassContext, PipelineConfig, pass_name
 from fxpasses.pattern_pass import split_patterns
 from fxpasses.pipeline import build_pipeline
 from fxpasses.report import Report
@@ -30,7 +30,6 @@ from fxpasses.tokens import DEFAULT_TOKEN_INPUTS, TokenDim, find_token_dim
 
 log = logging.getLogger("fxpasses")
 
-Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
 
 
 @functools.lru_cache(maxsize=1)

@@ -55,15 +55,13 @@ class Ticker:
         self._stop.set()
 
 
-def demo(args: argparse.Namespace) -> int:
-    from fxpasses.demo import compare, make_config, reference_logits, run_rank
+def demo(args: argparse.Namespace, config: object) -> int:
+    """Run the demo for a model ``config`` that ``main`` has already validated against the layout."""
+    from fxpasses.demo import compare, reference_logits, run_rank
     from fxpasses.testing import RankPool
 
     world = args.tp * args.pp
     dtype = DTYPES[args.dtype]
-    config = make_config(args.model, args.layers, dtype)
-    mapping = Mapping(world_size=world, tp_size=args.tp, pp_size=args.pp)
-    config.validate(mapping)  # bad layouts fail here, before any rank starts
     print(f"fxpasses demo: {args.model}, {args.layers} layers, {args.dtype}, TP{args.tp} x PP{args.pp} "
           f"on {world} gloo ranks (CPU); prefill + {args.steps} decode steps\n", flush=True)
     t0 = time.perf_counter()
@@ -112,15 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before every rank is killed")
     p.add_argument("-v", "--verbose", action="store_true", help="print each rank's full pipeline report")
     args = parser.parse_args(argv)
-    try:
-        Mapping(world_size=args.tp * args.pp, tp_size=args.tp, pp_size=args.pp)
-        from fxpasses.demo import make_config
+    from fxpasses.demo import make_config
 
-        make_config(args.model, args.layers, DTYPES[args.dtype]).validate(
-            Mapping(world_size=args.tp * args.pp, tp_size=args.tp, pp_size=args.pp))
+    try:  # bad layouts fail here, with the reason, before any rank starts
+        config = make_config(args.model, args.layers, DTYPES[args.dtype])
+        config.validate(Mapping(world_size=args.tp * args.pp, tp_size=args.tp, pp_size=args.pp))
     except ValueError as err:
         parser.error(str(err))
-    return demo(args)
+    return demo(args, config)
 
 
 if __name__ == "__main__":

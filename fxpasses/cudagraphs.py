@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import sympy
 import torch

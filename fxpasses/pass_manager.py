@@ -12,17 +12,16 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch.fx
 
-from fxpasses.passes import PassContext, PassResult, pass_name
+from fxpasses.passes import Pass, PassContext, PassResult, pass_name
 from fxpasses.report import PassRecord, Report
 from fxpasses.verifier import snapshot, verify
 
 log = logging.getLogger("fxpasses")
 
-Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
 
 
 class PassError(RuntimeError):

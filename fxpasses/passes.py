@@ -70,5 +70,9 @@ class GraphPass(Protocol):
     def __call__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult: ...
 
 
+# What a pass is, for type hints; GraphPass is the same as a runtime-checkable Protocol.
+Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
+
+
 def pass_name(p: Callable[..., Any]) -> str:
     return getattr(p, "name", None) or getattr(p, "__name__", None) or type(p).__name__

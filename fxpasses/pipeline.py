@@ -9,17 +9,13 @@ the same canonical functional form.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
-import torch.fx
+from typing import Sequence
 
 from fxpasses.cleanup import remove_noop_ops, strip_asserts
 from fxpasses.dependency import eliminate_dead_code, stable_topological_sort
 from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.pass_manager import PassManager, Stage
-from fxpasses.passes import PassContext, PassResult
-
-Pass = Callable[[torch.fx.GraphModule, PassContext], PassResult]
+from fxpasses.passes import Pass
 
 
 def build_pipeline(

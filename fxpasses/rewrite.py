@@ -21,7 +21,8 @@ import torch.fx
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import PassContext, PipelineConfig
 from fxpasses.pattern_pass import split_patterns
-from fxpasses.pipeline import Pass, build_pipeline
+from fxpasses.passes import Pass
+from fxpasses.pipeline import build_pipeline
 from fxpasses.report import Report
 
 
