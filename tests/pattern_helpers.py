@@ -1,11 +1,11 @@
-"""Shared helpers for pattern tests: compile with a Backend and keep the graph's ops before and after."""
+"""Shared test helper: compile with a Backend and keep the graph's ops before and after the pipeline."""
 import torch
 
 import fxpasses
 from fxpasses.testing import count_ops
 
 
-def compile_and_capture(fn, args, *, dynamic=None, **backend_kwargs):
+def compile_and_capture(fn, args, *, dynamic=None, fullgraph=False, **backend_kwargs):
     """Run ``fn`` compiled with a fresh Backend; return (output, backend, ops before, ops after the pipeline)."""
     backend = fxpasses.Backend(**backend_kwargs)
     seen = {}
@@ -20,7 +20,7 @@ def compile_and_capture(fn, args, *, dynamic=None, **backend_kwargs):
     backend.run_pipeline = spy
     torch._dynamo.reset()
     with torch.no_grad():
-        out = torch.compile(fn, backend=backend, dynamic=dynamic)(*args)
+        out = torch.compile(fn, backend=backend, dynamic=dynamic, fullgraph=fullgraph)(*args)
     return out, backend, seen["before"], seen["after"]
 
 

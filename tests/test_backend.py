@@ -9,7 +9,7 @@ import torch.fx
 
 import fxpasses
 from fxpasses.passes import PassResult
-from fxpasses.testing import count_ops
+from pattern_helpers import compile_and_capture
 
 
 def double_to_add(gm, ctx):
@@ -59,23 +59,12 @@ def test_backend_by_name_and_entry_point():
 
 def test_pattern_rewrites_and_numbers():
     model = Tiny().eval()
-    backend = fxpasses.Backend(patterns=[double_to_add])
-    captured = {}
-    original = backend.run_pipeline
-
-    def spy(gm, *a, **k):
-        captured["before"] = count_ops(gm)
-        out = original(gm, *a, **k)
-        captured["after"] = count_ops(gm)
-        return out
-
-    backend.run_pipeline = spy
+    out, backend, before, after = compile_and_capture(model, make_inputs(6), patterns=[double_to_add])
     with torch.no_grad():
-        out = torch.compile(model, backend=backend)(*make_inputs(6))
-    torch.testing.assert_close(out, model(*make_inputs(6)))
+        torch.testing.assert_close(out, model(*make_inputs(6)))
     assert backend.report.matches == {"double_to_add": 2}
-    assert captured["after"]["aten.mul.Tensor"] == captured["before"]["aten.mul.Tensor"] - 2
-    assert captured["after"]["aten.add.Tensor"] == captured["before"]["aten.add.Tensor"] + 2
+    assert after["aten.mul.Tensor"] == before["aten.mul.Tensor"] - 2
+    assert after["aten.add.Tensor"] == before["aten.add.Tensor"] + 2
     text = str(backend.report)
     assert "patterns/double_to_add" in text and "matches: double_to_add=2" in text
 

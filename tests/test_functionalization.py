@@ -9,28 +9,9 @@ import fxpasses
 import fxptest_ops
 from fxpasses import compat
 from fxpasses.testing import count_ops, op_names
+from pattern_helpers import compile_and_capture
 
 fxt = torch.ops.fxptest
-
-
-class Capture:
-    """A torch.compile backend that keeps the AOT graph before and after fxpasses' pipeline."""
-
-    def __init__(self, **kwargs):
-        self.backend = fxpasses.Backend(**kwargs)
-        self.before = self.after = None
-        original = self.backend.run_pipeline
-
-        def run(gm, index, fake_mode=None, defunctionalize=True):
-            self.before = count_ops(gm)
-            out = original(gm, index, fake_mode, defunctionalize)
-            self.after = count_ops(gm)
-            return out
-
-        self.backend.run_pipeline = run
-
-    def __call__(self, gm, example_inputs):
-        return self.backend(gm, example_inputs)
 
 
 def program(x, y, cache):
@@ -57,22 +38,20 @@ def test_compile_defunctionalizes_every_form(v2):
     expected = program(*eager_in)
     expected_log = [t.clone() for t in fxptest_ops.LOG]
     fxptest_ops.reset()
-    cap = Capture()
     compiled_in = fresh_inputs()
-    with compat.set_auto_functionalized_v2(v2), torch.no_grad():
-        torch._dynamo.reset()
-        got = torch.compile(program, backend=cap, fullgraph=True)(*compiled_in)
+    with compat.set_auto_functionalized_v2(v2):
+        got, backend, before, after = compile_and_capture(program, compiled_in, fullgraph=True)
     hop = "auto_functionalized_v2" if v2 else "auto_functionalized"
-    assert cap.before[f"{hop}(fxptest.emit)"] == 1 and cap.before[f"{hop}(fxptest.scale_)"] == 1
-    assert not any(k.startswith("auto_functionalized") for k in cap.after), cap.after
+    assert before[f"{hop}(fxptest.emit)"] == 1 and before[f"{hop}(fxptest.scale_)"] == 1
+    assert not any(k.startswith("auto_functionalized") for k in after), after
     for op in ("fxptest.fill_next", "fxptest.emit", "fxptest.scale_", "fxptest.accumulate"):
-        assert cap.after[op] == 1, (op, cap.after)
-    assert cap.after.get("aten.copy_", 0) == 0  # every write-back became a direct in-place write
+        assert after[op] == 1, (op, after)
+    assert after.get("aten.copy_", 0) == 0  # every write-back became a direct in-place write
     torch.testing.assert_close(got, expected)
     for a, b in zip(compiled_in, eager_in):  # inputs mutated exactly as eager mutates them
         torch.testing.assert_close(a, b)
     assert len(fxptest_ops.LOG) == 1 and torch.equal(fxptest_ops.LOG[0], expected_log[0])
-    report = cap.backend.report
+    report = backend.report
     assert not report.errors
     defunc = [r for r in report.passes if r.name == "defunctionalize/defunctionalize"][0]
     assert defunc.counts["defunctionalized"] == 4 and not defunc.notes
@@ -167,9 +146,7 @@ def test_mutated_input_and_pp_ops_compile(v2):
         torch.ops.fxp.pp_send_tensors([y, x], 1, "0")
         return y.sum()
 
-    with fake_process_group(2, 0), compat.set_auto_functionalized_v2(v2), torch.no_grad():
-        torch._dynamo.reset()
-        cap = Capture()
-        torch.compile(f, backend=cap, fullgraph=True)(torch.ones(4))
-    assert cap.after["fxp.pp_recv"] == 1 and cap.after["fxp.pp_send_tensors"] == 1
-    assert not any(k.startswith("auto_functionalized") for k in cap.after)
+    with fake_process_group(2, 0), compat.set_auto_functionalized_v2(v2):
+        _, _, _, after = compile_and_capture(f, (torch.ones(4),), fullgraph=True)
+    assert after["fxp.pp_recv"] == 1 and after["fxp.pp_send_tensors"] == 1
+    assert not any(k.startswith("auto_functionalized") for k in after)

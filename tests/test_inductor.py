@@ -57,24 +57,12 @@ def p2p(x):
 
 
 def test_inductor_keeps_sends_and_receives_v1(tmp_path, monkeypatch):
-    from fxpasses.testing import count_ops, fake_process_group
+    from fxpasses.testing import fake_process_group
+    from pattern_helpers import compile_and_capture
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cached graph would skip the passes
-
-    backend = fxpasses.Backend(inductor=True)
-    seen = {}
-    original = backend.run_pipeline
-
-    def spy(gm, *a, **k):
-        out = original(gm, *a, **k)
-        seen.update(count_ops(gm))
-        return out
-
-    backend.run_pipeline = spy
-    torch._dynamo.reset()
-    with fake_process_group(2, 0), compat.set_auto_functionalized_v2(False), torch.no_grad():
-        x = torch.ones(4)
-        out = torch.compile(p2p, backend=backend)(x)
+    with fake_process_group(2, 0), compat.set_auto_functionalized_v2(False):
+        out, backend, _, seen = compile_and_capture(p2p, (torch.ones(4),), inductor=True)
     assert seen["auto_functionalized(fxp.pp_send)"] == 1 and seen["auto_functionalized(fxp.pp_recv)"] == 1
     assert out.shape == (4,) and not backend.report.errors
 
