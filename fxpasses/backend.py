@@ -69,8 +69,11 @@ class Backend:
         verify: run the verifier after every pass (default: the ``FXPASSES_VERIFY`` environment variable, off).
         token_inputs: input names that carry the token count, in order of preference.
         cuda_graph_sizes: token counts to capture piecewise CUDA graphs for (non-Inductor path, CUDA only); a
-            batch is padded to the next size, larger ones run eagerly.
-        splitting_ops: ops the graph is split at for CUDA graphs (they run eagerly), as ``namespace.name``.
+            batch is padded to the next size, larger ones run eagerly. A graph Dynamo specialized to one token
+            count (1 token, its 0/1 rule) is captured at that count.
+        splitting_ops: ops the graph is split at for CUDA graphs (they run eagerly on the real tokens), as
+            ``namespace.name``. ``()`` captures each graph whole, attention included (fastest decode; needs every
+            op that writes the KV cache to skip padded tokens, see ``ops.TOKEN_PADDING``).
     """
 
     def __init__(
@@ -99,6 +102,9 @@ class Backend:
             if any(int(s) < 1 for s in cuda_graph_sizes):
                 raise ValueError(f"Backend: cuda_graph_sizes must be positive token counts, got {list(cuda_graph_sizes)}.")
         self.cuda_graph_sizes = sorted(set(int(s) for s in cuda_graph_sizes)) if cuda_graph_sizes else None
+        if isinstance(splitting_ops, str) or any(not isinstance(o, str) or "." not in o for o in splitting_ops):
+            raise ValueError(f"Backend: splitting_ops must be a list of op names as 'namespace.name' (e.g. "
+                             f"'fxp.attention'), got {splitting_ops!r}.")
         self.splitting_ops = tuple(splitting_ops)
         self.runners: list[Any] = []  # the piecewise CUDA-graph runners this backend made, one per graph
         self.mapping = mapping or Mapping()
@@ -184,18 +190,27 @@ class Backend:
 
     def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
         self.run_pipeline(gm, index, compat.detect_fake_mode(example_inputs), defunctionalize=True)
-        token = self.token_dims[index]
-        if self.cuda_graph_sizes and token is not None and token.is_dynamic:
-            from fxpasses.cudagraphs import PiecewiseCudaGraphs
+        runner = self._cuda_graphs(gm, index)
+        return runner if runner is not None else compat.make_boxed(gm.forward)
 
-            runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops)
-            runner._boxed_call = True  # AOT passes a list of inputs
-            self.runners.append(runner)
-            return runner
-        if self.cuda_graph_sizes:
-            self.report.note(f"graph {index}: no dynamic token dimension found, so no CUDA graphs "
-                             "(mark the token input dynamic, or name it with token_inputs=...)")
-        return compat.make_boxed(gm.forward)
+    def _cuda_graphs(self, gm: torch.fx.GraphModule, index: int) -> Any:
+        """The CUDA-graph runner for this graph, or None (with a note in the report saying why)."""
+        if not self.cuda_graph_sizes:
+            return None
+        token = self.token_dims[index]
+        if token is None:
+            self.report.note(f"graph {index}: no token input found, so no CUDA graphs (name it with token_inputs=...)")
+            return None
+        if not token.is_dynamic and int(token.expr) > self.cuda_graph_sizes[-1]:
+            self.report.note(f"graph {index}: static token count {int(token.expr)} is above the largest CUDA-graph "
+                             f"size {self.cuda_graph_sizes[-1]}; it runs without CUDA graphs")
+            return None
+        from fxpasses.cudagraphs import PiecewiseCudaGraphs
+
+        runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops)
+        runner._boxed_call = True  # AOT passes a list of inputs
+        self.runners.append(runner)
+        return runner
 
     def _compile_inductor(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
         from torch._inductor import config as inductor_config

@@ -10,19 +10,34 @@ output padded again), so padded tokens never reach the attention op and never wr
 inputs and the splitting ops' outputs go into static buffers (one per tensor, sized for the largest capture), so
 every input of a captured piece has the same address on every call and a replay copies nothing.
 
+*Full graphs*: with no splitting ops (``splitting_ops=()``) the whole graph is one captured piece, attention
+included: the fastest decode, one replay per step. Padded tokens then run through every op, so an op that writes
+state outside the token dimension (the KV cache) must say how a padded token is marked (``ops.TOKEN_PADDING``:
+``fxp.attention`` skips tokens whose slot is -1 when its Triton kernel is installed), and the runner fills that
+argument's padded rows with the marker. Any other such op is refused with a message naming it.
+
+*Static graphs*: Dynamo specializes a token count of 1 (its 0/1 rule), so a 1-token decode arrives as a second
+graph without a token symbol. It is captured at its one size when that size is at most the largest captured one.
+
 Which inputs and outputs carry the token count is read from the graph's symbolic shapes: the token SymInt found
 on the Dynamo graph (``fxpasses.tokens``), placeholders equal to it, and tensors whose first dimension is it.
+A captured input is read in place when it is the same tensor object at warm-up and capture (weights, caches) or
+one of the runner's static buffers; anything else is copied into the graph's own input before each replay.
 """
 from __future__ import annotations
 
 import bisect
 import logging
+import weakref
 from typing import Any, Sequence
 
 import sympy
 import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
+
+import ops
+from fxpasses.effects import base_of, node_args_by_name, written_tensors
 
 log = logging.getLogger("fxpasses")
 
@@ -51,18 +66,19 @@ class _Context:
         self.tokens = 0  # its real token count
         self.max_size = max_size
         self.buffers: dict[Any, torch.Tensor] = {}
-        self.static_ptrs: set[int] = set()  # outputs of captured pieces: same storage at every replay
+        self.static_ptrs: set[int] = set()  # static buffers and captured pieces' outputs: same storage every call
 
-    def padded(self, key: Any, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (``tokens`` rows) copied into this key's buffer, zero-filled up to ``size`` rows: a view whose
-        address never changes, so captured graphs read it in place (no copies, no moved inputs)."""
+    def padded(self, key: Any, t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        """``t`` (``tokens`` rows) copied into this key's buffer, filled with ``fill`` up to ``size`` rows: a view
+        whose address never changes, so captured graphs read it in place (no copies, no moved inputs)."""
         buf = self.buffers.get(key)
         if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype or buf.device != t.device:
             buf = self.buffers[key] = t.new_zeros((self.max_size, *t.shape[1:]))
+            self.static_ptrs.add(buf.data_ptr())
         n, size = t.shape[0], self.size
         buf[:n].copy_(t)
         if n < size:
-            buf[n:size].zero_()
+            buf[n:size].fill_(fill)
         return buf[:size]
 
 
@@ -77,8 +93,8 @@ class CapturedPiece(torch.nn.Module):
     def forward(self, *args: Any) -> Any:
         size = self.ctx.size
         entry = self.entries.get(size)
-        if entry is None:  # warm-up: run eagerly, remember where the inputs live
-            self.entries[size] = {"ptrs": [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]}
+        if entry is None:  # warm-up: run eagerly, remember which tensors were passed
+            self.entries[size] = {"seen": [weakref.ref(a) if isinstance(a, torch.Tensor) else None for a in args]}
             return self.piece(*args)
         if "graph" not in entry:
             return self._capture(entry, args)
@@ -94,8 +110,10 @@ class CapturedPiece(torch.nn.Module):
     def _capture(self, entry: dict[str, Any], args: Sequence[Any]) -> Any:
         static, stable, copied = [], [], []
         for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor) and (a.data_ptr() == entry["ptrs"][i] or a.data_ptr() in self.ctx.static_ptrs):
-                static.append(a)  # weights, caches, static buffers, captured pieces' outputs: read in place
+            # the same object as at warm-up (weights, caches), a static buffer or a captured piece's output: read in
+            # place. A fresh tensor that happens to reuse a freed one's address is not mistaken for a stable one.
+            if isinstance(a, torch.Tensor) and (entry["seen"][i]() is a or a.data_ptr() in self.ctx.static_ptrs):
+                static.append(a)
                 stable.append(i)
             elif isinstance(a, torch.Tensor):
                 static.append(a.clone())  # fresh every call (inputs, eager attention output): copy in
@@ -131,26 +149,76 @@ class EagerSplit(torch.nn.Module):
 
 
 class PiecewiseCudaGraphs:
-    """A boxed callable running ``gm`` as captured pieces split at the splitting ops."""
+    """A boxed callable running ``gm`` as captured pieces split at the splitting ops.
+
+    ``token`` is the token count's sympy expression: a symbol (one graph serves every size, padded to the next
+    captured one) or an integer (a static graph, captured at that size only; ``sizes`` is then ignored)."""
 
     def __init__(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int],
                  splitting_ops: Sequence[str] = DEFAULT_SPLITTING_OPS) -> None:
-        self.gm, self.sizes = gm, sorted(set(int(s) for s in sizes))
+        self.gm = gm
+        self.static_tokens = int(token) if token.is_number else None
+        self.sizes = [self.static_tokens] if self.static_tokens is not None else sorted(set(int(s) for s in sizes))
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.symint_inputs = [i for i, n in enumerate(placeholders)
-                              if isinstance(n.meta.get("val"), torch.SymInt) and _is_token(n.meta["val"], token)]
-        self.tensor_inputs = [i for i, n in enumerate(placeholders)
-                              if isinstance(n.meta.get("val"), torch.Tensor) and _is_token(n.meta["val"], token)]
-        out_node = next(n for n in gm.graph.nodes if n.op == "output")
-        outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
-        self.token_outputs = {i for i, o in enumerate(outs)
-                              if isinstance(o, torch.fx.Node) and _is_token(o.meta.get("val"), token)}
-        if not self.symint_inputs and not self.tensor_inputs:
-            raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of the "
-                             "token input with Backend(token_inputs=...).")
+        self.symint_inputs: list[int] = []
+        self.tensor_inputs: list[int] = []
+        self.token_outputs: set[int] = set()
+        self.pad_values: dict[int, int] = {}  # placeholder index -> the value its padded rows are filled with
+        if self.static_tokens is None:
+            self.symint_inputs = [i for i, n in enumerate(placeholders)
+                                  if isinstance(n.meta.get("val"), torch.SymInt) and _is_token(n.meta["val"], token)]
+            self.tensor_inputs = [i for i, n in enumerate(placeholders)
+                                  if isinstance(n.meta.get("val"), torch.Tensor) and _is_token(n.meta["val"], token)]
+            out_node = next(n for n in gm.graph.nodes if n.op == "output")
+            outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+            self.token_outputs = {i for i, o in enumerate(outs)
+                                  if isinstance(o, torch.fx.Node) and _is_token(o.meta.get("val"), token)}
+            if not self.symint_inputs and not self.tensor_inputs:
+                raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of "
+                                 "the token input with Backend(token_inputs=...).")
+            self.pad_values = self._pad_values(gm, token, set(splitting_ops), placeholders)
         self.ctx = _Context(self.sizes[-1])
         self.pool = torch.cuda.graph_pool_handle()
         self.split, self.pieces = self._split(gm, token, set(splitting_ops))
+
+    @staticmethod
+    def _pad_values(gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str],
+                    placeholders: list[torch.fx.Node]) -> dict[int, int]:
+        """Check that padded tokens can run through every captured op, and find how to mark them.
+
+        An op that writes a tensor outside the token dimension (a KV cache) would let padded rows write it. It must
+        be a splitting op (run on the real tokens only), or be listed in ``ops.TOKEN_PADDING`` with an argument
+        that comes straight from a graph input, whose padded rows are then filled with the marker."""
+        index = {n: i for i, n in enumerate(placeholders)}
+        pad_values: dict[int, int] = {}
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or _op_name(node.target) in splitting:
+                continue
+            state = [w for w in written_tensors(node) if not _is_token(w.meta.get("val"), token)]
+            if not state:
+                continue
+            marks = ops.TOKEN_PADDING.get(node.target)
+            what = f"{_op_name(node.target)} (node {node.name}) writes {', '.join(w.name for w in state)} outside the token dimension"
+            if marks is None:
+                raise ValueError(
+                    f"CUDA graphs: {what}, so padded tokens would write it too. Keep it in splitting_ops (it then "
+                    "runs eagerly on the real tokens only), or register how it skips padded tokens in "
+                    "ops.TOKEN_PADDING (fxp.attention is registered there when its Triton kernel is installed).")
+            args = node_args_by_name(node)
+            for name, value in marks.items():
+                arg = args.get(name)
+                source = base_of(arg)
+                if (not isinstance(source, torch.fx.Node) or source.op != "placeholder"
+                        or not _is_token(arg.meta.get("val"), token) or not _is_token(source.meta.get("val"), token)):
+                    raise ValueError(
+                        f"CUDA graphs: {what}; its padded tokens are marked through argument {name!r}, but that is "
+                        f"computed in the graph ({getattr(arg, 'name', arg)}), not a graph input. Keep "
+                        f"{_op_name(node.target)} in splitting_ops.")
+                if pad_values.setdefault(index[source], value) != value:
+                    raise ValueError(f"CUDA graphs: input {source.name} needs two padding values "
+                                     f"({pad_values[index[source]]} and {value}); keep {_op_name(node.target)} in "
+                                     "splitting_ops.")
+        return pad_values
 
     def _split(self, gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str]):
         part, assign = 0, {}
@@ -169,7 +237,8 @@ class PiecewiseCudaGraphs:
         for name, module in list(split.named_children()):
             index = int(name.rsplit("_", 1)[1])
             if index in split_parts:
-                wrapped = EagerSplit(module, self._token_args(module, token), self.ctx)
+                token_args = set() if self.static_tokens is not None else self._token_args(module, token)
+                wrapped = EagerSplit(module, token_args, self.ctx)
             else:
                 wrapped = CapturedPiece(module, self.ctx, self.pool)
             setattr(split, name, wrapped)
@@ -183,6 +252,12 @@ class PiecewiseCudaGraphs:
 
     def __call__(self, args: list[Any]) -> Any:
         """Boxed calling convention (AOT's): a list of flat inputs."""
+        if self.static_tokens is not None:  # one size: nothing to pad; fresh inputs are copied into the graph's own
+            self.ctx.size = self.ctx.tokens = self.static_tokens
+            out = self.split(*args)
+            args.clear()
+            return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out) \
+                if isinstance(out, (tuple, list)) else (out.clone() if isinstance(out, torch.Tensor) else out)
         if self.symint_inputs:
             n = int(args[self.symint_inputs[0]])
         else:
@@ -196,7 +271,7 @@ class PiecewiseCudaGraphs:
         for j in self.symint_inputs:
             padded[j] = size
         for j in self.tensor_inputs:
-            padded[j] = self.ctx.padded(("input", j), args[j])
+            padded[j] = self.ctx.padded(("input", j), args[j], self.pad_values.get(j, 0))
         args.clear()
         out = self.split(*padded)
         outs = out if isinstance(out, (tuple, list)) else [out]

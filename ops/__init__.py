@@ -6,7 +6,7 @@ that runs on CPU and CUDA. This package depends on nothing else of ours: ``patte
 on it, never the other way round.
 """
 from ops import attention, norms, p2p, quant  # noqa: F401  (registration happens on import)
-from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES
+from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES, TOKEN_PADDING
 from ops.quant import FP8_DTYPE, FP8_MAX
 
 
@@ -16,12 +16,13 @@ def _register_gpu_kernels() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    from ops import triton_kernels
+    from ops import triton_attention, triton_kernels
 
     triton_kernels.register()
+    triton_attention.register()
     return True
 
 
 GPU_KERNELS = _register_gpu_kernels()
 
-__all__ = ["GPU_KERNELS", "NAMESPACE", "SIDE_EFFECT_OPS", "SUPPORTED_FLOAT_DTYPES", "FP8_DTYPE", "FP8_MAX"]
+__all__ = ["GPU_KERNELS", "NAMESPACE", "SIDE_EFFECT_OPS", "SUPPORTED_FLOAT_DTYPES", "TOKEN_PADDING", "FP8_DTYPE", "FP8_MAX"]

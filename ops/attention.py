@@ -7,6 +7,12 @@ a sequence) and decode (one token per sequence) are the same call. The caches ar
 (``Tensor(a!)``), which keeps the write alive through compilation; this is also the op piecewise CUDA graphs split
 at.
 
+A token whose slot id is negative (``PAD_SLOT``) is padding: it writes nothing and its output row is zero. That is
+what lets a CUDA graph captured for N tokens run a batch of fewer: the runner marks the padded rows' slots. The
+reference implementation below finds them with a boolean mask (a host sync, so it cannot be captured); the Triton
+kernel (``ops.triton_attention``) skips them on the device, can be captured, and so is the one registered in
+``ops.library.TOKEN_PADDING``.
+
 Shapes: ``q [T, H, Dk]``, ``k [T, Hkv, Dk]``, ``v [T, Hkv, Dv]``, caches ``[slots, max_len, Hkv, D]``; returns
 ``[T, H, Dv]``. ``H`` must be a multiple of ``Hkv`` (grouped-query attention).
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 import torch
 
 from ops.library import check_float, define_op
+
+PAD_SLOT = -1
 
 
 def _check(q, k, v, k_cache, v_cache, slot_ids, position_ids):
@@ -38,10 +46,12 @@ def _check(q, k, v, k_cache, v_cache, slot_ids, position_ids):
 
 def _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
     _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
-    k_cache[slot_ids, position_ids] = k.to(k_cache.dtype)
-    v_cache[slot_ids, position_ids] = v.to(v_cache.dtype)
-    keys = k_cache[slot_ids]  # [T, L, Hkv, Dk]
-    values = v_cache[slot_ids]
+    real = slot_ids >= 0
+    k_cache[slot_ids[real], position_ids[real]] = k[real].to(k_cache.dtype)
+    v_cache[slot_ids[real], position_ids[real]] = v[real].to(v_cache.dtype)
+    slots = slot_ids.clamp_min(0)  # padded rows read slot 0 and are zeroed below
+    keys = k_cache[slots]  # [T, L, Hkv, Dk]
+    values = v_cache[slots]
     groups = q.shape[1] // k.shape[1]
     keys = keys.repeat_interleave(groups, dim=2).float()
     values = values.repeat_interleave(groups, dim=2).float()
@@ -49,7 +59,7 @@ def _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
     visible = torch.arange(k_cache.shape[1], device=q.device)[None, :] <= position_ids[:, None]  # [T, L]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     out = torch.einsum("thl,tlhd->thd", torch.softmax(scores, dim=-1), values)
-    return out.to(q.dtype)
+    return (out * real[:, None, None]).to(q.dtype)
 
 
 def _attention_fake(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):

@@ -18,6 +18,12 @@ LIB = torch.library.Library(NAMESPACE, "DEF")
 # delete e.g. a send whose buffer is never read again; fxpasses' own passes consult this set too.
 SIDE_EFFECT_OPS: set[torch._ops.OpOverload] = set()
 
+# Ops that can run inside a captured CUDA graph on padded tokens, and how a padded token is marked:
+# op -> {argument name: value for padded rows}. A graph captured for N tokens runs a smaller batch padded to N; the
+# runner fills the named argument's padded rows with the value. Any other op that writes per-token state must stay
+# outside the captured graphs (a splitting op). Filled by the CUDA kernels' registration (ops.triton_attention).
+TOKEN_PADDING: dict[torch._ops.OpOverload, dict[str, int]] = {}
+
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

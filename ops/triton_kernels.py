@@ -38,7 +38,12 @@ def _norm_kernel(X, R, W, OUT, ROUT, SCALE, stride_x, stride_r, stride_o, stride
         tl.store(OUT + row * stride_o + cols, y, mask=mask)
 
 
-def _launch(x, residual, weight, eps, scale=None):
+def default_warps(hidden: int, rows: int) -> int:
+    """Warps per row-program: a block of 256 elements per warp, at most 16."""
+    return min(max(triton.next_power_of_2(hidden) // 256, 1), 16)
+
+
+def _launch(x, residual, weight, eps, scale=None, num_warps=None):
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     if x2.stride(-1) != 1:
@@ -50,7 +55,7 @@ def _launch(x, residual, weight, eps, scale=None):
     rout = torch.empty_like(x) if residual is not None else out
     rout2 = rout.view(-1, hidden)
     block = triton.next_power_of_2(hidden)
-    warps = min(max(block // 256, 1), 16)
+    warps = num_warps or default_warps(hidden, rows)
     if rows:
         _norm_kernel[(rows,)](
             x2, r2, weight, out2, rout2, scale if scale is not None else weight,

@@ -7,6 +7,7 @@ import torch
 
 import fxpasses
 import fxpasses.cudagraphs as cg
+import ops
 from fxpasses.models import build_model, make_steps, run_steps
 
 
@@ -49,3 +50,65 @@ def test_split_at_attention_and_pad_on_warm_up_calls():
     for g, e in zip(got, expected):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)  # padding changes BLAS blocking, not results
+
+
+def _cpu_backend(sizes, splitting_ops=cg.DEFAULT_SPLITTING_OPS):
+    """A Backend with CUDA graphs on a CPU machine: only usable while each size is seen once (warm-up calls run
+    the pieces eagerly; a second call would capture)."""
+    backend = fxpasses.Backend()
+    backend.cuda_graph_sizes, backend.splitting_ops = sorted(sizes), tuple(splitting_ops)
+    return backend
+
+
+def _run_on_cpu(backend, steps, model_name="llama"):
+    expected = run_steps(build_model(model_name), steps)
+    model = build_model(model_name)
+    torch._dynamo.reset()
+    with mock.patch("torch.cuda.graph_pool_handle", lambda: None):
+        got = run_steps(model, steps, torch.compile(model, backend=backend))
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_name", ["llama", "deepseek"])
+def test_full_graph_pads_slots_with_the_ops_marker(model_name):
+    """splitting_ops=(): one piece, attention inside it; the padded rows of slot_ids are filled with -1, so the
+    padded tokens write nothing into the caches: had the 8 padded rows of the prefill written slot 0 (a zero fill),
+    the decode step, which reads slot 0, would differ from eager."""
+    steps = make_steps(128, prompt_lens=(5, 3), decode_steps=1)  # 8 tokens -> size 16, then 2 -> 4; once each (CPU)
+    backend = _cpu_backend([4, 16], splitting_ops=())
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}):
+        _run_on_cpu(backend, steps, model_name)
+    (runner,) = backend.runners
+    assert [type(p).__name__ for p in runner.pieces.values()] == ["CapturedPiece"]
+    assert list(runner.pad_values.values()) == [-1]  # exactly one input, slot_ids, is padded with the marker
+    assert set(runner.pieces["submod_0"].entries) == {4, 16}
+
+
+def test_full_graph_refuses_an_op_that_cannot_mark_padding():
+    backend = _cpu_backend([4, 16], splitting_ops=())
+    with mock.patch.dict(ops.TOKEN_PADDING, clear=True), \
+            pytest.raises(Exception, match=r"fxp.attention \(node .*\) writes .* outside the token dimension.*"
+                                           r"Keep it in splitting_ops"):
+        _run_on_cpu(backend, make_steps(128, decode_steps=0))
+
+
+def test_one_token_static_graph_is_captured_at_its_size():
+    """Dynamo specializes 1 token (its 0/1 rule): the decode step is a second, static graph, which gets its own
+    runner at size 1 (and a note when a static size is above the largest captured size)."""
+    steps = make_steps(128, prompt_lens=(5,), decode_steps=1)  # 5 tokens (dynamic graph), then 1 (static graph)
+    backend = _cpu_backend([2, 8])
+    _run_on_cpu(backend, steps)
+    assert backend.report.graphs == 2
+    dynamic, static = backend.runners
+    assert dynamic.static_tokens is None and static.static_tokens == 1 and static.sizes == [1]
+    assert all(not p.token_args for p in static.pieces.values() if isinstance(p, cg.EagerSplit))
+    backend = _cpu_backend([2])
+    batch = make_steps(128, prompt_lens=(5,), decode_steps=0)[0]
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        torch.compile(build_model("llama"), backend=backend, dynamic=False)(batch.input_ids, batch.position_ids,
+                                                                            batch.slot_ids)
+    assert not backend.runners
+    assert any("static token count 5 is above the largest CUDA-graph size 2" in n for n in backend.report.notes)

@@ -78,7 +78,11 @@ def _cuda(batch):
     return dataclasses.replace(batch, **{k: getattr(batch, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
 
 
-def test_piecewise_cuda_graphs_inside_between_and_above_sizes():
+@pytest.mark.parametrize("splitting_ops", [("fxp.attention",), ()], ids=["piecewise", "full"])
+def test_cuda_graphs_inside_between_and_above_sizes_and_one_token(splitting_ops):
+    """Prefill and decode at token counts inside, between and above the captured sizes, then 1-token decode (a
+    second, static graph: Dynamo's 0/1 rule), each replayed several times; piecewise (attention eager, on the real
+    tokens) and full (attention captured, padded slots marked -1). Every step equals eager."""
     from fxpasses.models import Batch, LlamaConfig, build_model, make_steps, run_steps
 
     config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16, max_slots=6)
@@ -90,17 +94,67 @@ def test_piecewise_cuda_graphs_inside_between_and_above_sizes():
     for k in range(3):
         steps.append(Batch(torch.randint(0, 128, (4,), generator=g), torch.tensor([9 + k, 7 + k, 12 + k, 9 + k]),
                            torch.tensor([0, 1, 2, 3])))
+    for k in range(3):  # one sequence left: 1 token per step
+        steps.append(Batch(torch.randint(0, 128, (1,), generator=g), torch.tensor([15 + k]), torch.tensor([2])))
     steps = [_cuda(b) for b in steps]
     expected = run_steps(build_model("llama", config).cuda(), steps)
     model = build_model("llama", config).cuda()
-    backend = fxpasses.Backend(cuda_graph_sizes=[2, 4, 16])
+    backend = fxpasses.Backend(cuda_graph_sizes=[2, 4, 16], splitting_ops=splitting_ops)
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    assert backend.report.graphs == 1
-    runner = backend.runners[0]
-    captured = [p for p in runner.pieces.values() if type(p).__name__ == "CapturedPiece"]
-    assert captured and all("graph" in p.entries[2] and "graph" in p.entries[4] for p in captured)
+    assert backend.report.graphs == 2
+    dynamic, static = backend.runners
+    kinds = [type(p).__name__ for p in dynamic.pieces.values()]
+    if splitting_ops:
+        assert kinds.count("EagerSplit") == config.num_layers
+    else:
+        assert kinds == ["CapturedPiece"]
+    captured = [p for p in dynamic.pieces.values() if type(p).__name__ == "CapturedPiece"]
+    assert all("graph" in p.entries[2] and "graph" in p.entries[4] for p in captured)
     assert all(16 in p.entries and "graph" not in p.entries[16] for p in captured)  # seen once: warm-up only
+    assert static.static_tokens == 1
+    assert all("graph" in p.entries[1] for p in static.pieces.values() if type(p).__name__ == "CapturedPiece")
+    for p in captured:  # read in place: weights, caches, static buffers; copied per replay: nothing
+        assert not p.entries[2]["copied"], p.entries[2]["copied"]
     for step, (a, b) in enumerate(zip(got, expected)):
         assert a.shape == b.shape, step
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,dk,dv", [(8, 8, 64, 64), (32, 8, 64, 64), (16, 2, 128, 128), (6, 2, 12, 10),
+                                                  (4, 4, 192, 128)])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_attention_kernel_matches_float64(dtype, heads, kv_heads, dk, dv, pad):
+    from attention_ref import attention_inputs, attention_ref64
+
+    assert torch.ops.fxp.attention.default in ops.TOKEN_PADDING  # the Triton kernel is the one registered
+    q, k, v, kc, vc, slot, pos = attention_inputs(12, heads, kv_heads, dk, dv, slots=9, max_len=70, dtype=dtype,
+                                                  device="cuda", pad=pad)
+    out_ref, kc_ref, vc_ref = attention_ref64(q, k, v, kc, vc, slot, pos, dk ** -0.5)
+    out = fxp.attention(q, k, v, kc, vc, slot, pos, dk ** -0.5)
+    torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[dtype])
+    assert torch.equal(kc.cpu(), kc_ref.to(dtype)) and torch.equal(vc.cpu(), vc_ref.to(dtype))
+    if pad:
+        assert not out[-pad:].any()
+
+
+def test_attention_kernel_replays_in_a_cuda_graph_with_padding():
+    """Captured once for 8 tokens; replayed with new tokens of which the last 3 are padding: the cache gets exactly
+    the real tokens and the outputs equal the float64 reference."""
+    from attention_ref import attention_inputs, attention_ref64
+
+    q, k, v, kc, vc, slot, pos = attention_inputs(8, 8, 2, 64, 64, slots=9, max_len=40, dtype=torch.bfloat16,
+                                                  device="cuda")
+    fxp.attention(q, k, v, kc.clone(), vc.clone(), slot, pos, 0.125)  # warm-up: compile the kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fxp.attention(q, k, v, kc, vc, slot, pos, 0.125)
+    q2, k2, v2, kc2, vc2, slot2, pos2 = attention_inputs(8, 8, 2, 64, 64, slots=9, max_len=40, dtype=torch.bfloat16,
+                                                         device="cuda", pad=3, seed=1)
+    for static, new in zip((q, k, v, kc, vc, slot, pos), (q2, k2, v2, kc2, vc2, slot2, pos2)):
+        static.copy_(new)
+    graph.replay()
+    out_ref, kc_ref, vc_ref = attention_ref64(q2, k2, v2, kc2, vc2, slot2, pos2, 0.125)
+    torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[torch.bfloat16])
+    assert torch.equal(kc.cpu(), kc_ref.to(torch.bfloat16)) and not out[-3:].any()

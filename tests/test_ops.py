@@ -151,3 +151,20 @@ def test_sends_are_registered_side_effecting():
         assert op.default in ops.SIDE_EFFECT_OPS
         assert op.default in torch.fx.node._side_effectful_functions
         assert any(a.alias_info is not None and a.alias_info.is_write for a in op.default._schema.arguments)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_attention_writes_cache_and_matches_float64(dtype, pad):
+    """Prefill and decode tokens in one call, grouped-query heads, key and value head dims that differ; padded
+    tokens (slot -1) write nothing and get zeros."""
+    from attention_ref import attention_inputs, attention_ref64
+
+    q, k, v, kc, vc, slot, pos = attention_inputs(8, 6, 2, 12, 10, slots=5, max_len=16, dtype=dtype, pad=pad)
+    out_ref, kc_ref, vc_ref = attention_ref64(q, k, v, kc, vc, slot, pos, 0.3)
+    out = torch.ops.fxp.attention(q, k, v, kc, vc, slot, pos, 0.3)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), out_ref, **tol)
+    assert torch.equal(kc, kc_ref.to(dtype)) and torch.equal(vc, vc_ref.to(dtype))  # only real tokens were written
+    if pad:
+        assert not out[-pad:].any()
