@@ -5,6 +5,10 @@
   the copy an in-place ``dist.all_reduce`` leaves: the functional ``aten.copy(dst, src)`` in AOT graphs, or
   ``aten.copy_(dst, src)`` into an intermediate in export graphs. A node is only replaced by its input when
   neither takes part in an in-place mutation, so removing a copy can never make two buffers alias.
+- ``eliminate_common_subexpressions``: one node for each repeated pure computation (``x.float()`` written twice is
+  one cast), so a pattern spelled with one cast matches code that wrote two. Only side-effect-free,
+  non-random ops are merged, and never a tensor that is written in place or handed to a mutating op (two
+  ``empty`` receive buffers are two buffers), nor one that reads such a tensor.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpasses.effects import base_of, is_hop, is_view, written_tensors
+from fxpasses.effects import base_of, is_hop, is_impure, is_view, written_tensors
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -130,3 +134,46 @@ def remove_noop_ops(gm: torch.fx.GraphModule, ctx: PassContext | None = None) ->
 
 
 remove_noop_ops.name = "remove_noop_ops"  # type: ignore[attr-defined]
+
+
+def _cse_key(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_cse_key(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _cse_key(v)) for k, v in value.items())))
+    if isinstance(value, float):
+        return ("float", repr(value))  # 0.0 and -0.0 are different constants
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(value.node.expr))
+    return value
+
+
+def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+    result = PassResult()
+    graph = gm.graph
+    written = {base_of(w) for n in graph.nodes for w in written_tensors(n)}
+    for n in graph.nodes:  # functional HOP wrappers name what the wrapped op writes: their inputs stay unmerged
+        if is_hop(n):
+            written.update(base_of(a) for a in n.all_input_nodes)
+    seen: dict[object, torch.fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or is_hop(node) or is_impure(node):
+            continue
+        tags = getattr(node.target, "tags", ())
+        if (torch.Tag.nondeterministic_seeded in tags or node in written
+                or any(base_of(a) in written for a in node.all_input_nodes)):
+            continue
+        try:
+            key = (node.target, _cse_key(node.args), _cse_key(node.kwargs))
+            hash(key)
+        except TypeError:
+            continue
+        first = seen.setdefault(key, node)
+        if first is not node:
+            node.replace_all_uses_with(first)
+            graph.erase_node(node)
+            result.count("merged")
+    return result
+
+
+eliminate_common_subexpressions.name = "eliminate_common_subexpressions"  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ goes; nothing else imports ``torch._*`` internals that are known to move between
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 
@@ -100,3 +101,16 @@ def inductor_decompositions() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
     return select_decomp_table()
+
+
+@contextlib.contextmanager
+def outside_tracing() -> Iterator[None]:
+    """Leave the compile in progress (its TracingContext and fake mode) for a while.
+
+    A Backend made inside ``torch.compile`` (``backend="fxpasses"``) traces its patterns there; without this, the
+    patterns' symbolic sizes land in the user's ShapeEnv and Dynamo fails making guards for them."""
+    from torch._guards import tracing
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with tracing(None), unset_fake_temporarily():
+        yield

@@ -55,5 +55,7 @@ def split_patterns(items: Iterable[Any] | None, mapping: Any, config: Any, induc
     if registered:
         decompositions = (pattern_registry.Decompositions("inductor", compat.inductor_decompositions())
                           if inductor else None)
-        out.append(PatternRewritePass(pattern_registry.PatternSet(registered, mapping, config, decompositions)))
+        with compat.outside_tracing():
+            pattern_set = pattern_registry.PatternSet(registered, mapping, config, decompositions)
+        out.append(PatternRewritePass(pattern_set))
     return out + passes

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from fxpasses.cleanup import remove_noop_ops, strip_asserts
+from fxpasses.cleanup import eliminate_common_subexpressions, remove_noop_ops, strip_asserts
 from fxpasses.dependency import eliminate_dead_code, stable_topological_sort
 from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.pass_manager import PassManager, Stage
@@ -29,7 +29,7 @@ def build_pipeline(
     if canonicalize:
         stages.append(Stage("canonicalize", [functionalize]))
     stages += [
-        Stage("cleanup", [strip_asserts, remove_noop_ops]),
+        Stage("cleanup", [strip_asserts, remove_noop_ops, eliminate_common_subexpressions]),
         Stage("patterns", list(patterns), records_matches=True),
         Stage("user", list(extra_passes)),
         Stage("finalize", [stable_topological_sort, eliminate_dead_code]),

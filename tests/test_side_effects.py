@@ -170,3 +170,25 @@ def test_dce_keeps_in_place_writes_after_defunctionalization():
         out, _, before, after = compile_and_capture(f, (torch.ones(3),))
     assert before["auto_functionalized_v2(fxp.pp_recv)"] == 1 and after["fxp.pp_recv"] == 1
     assert torch.equal(out, torch.full((3,), 2.0))
+
+
+# ---- common-subexpression elimination never merges buffers ------------------------------------------------------
+def two_receives_and_two_casts(template, group: str):
+    a, b = torch.empty_like(template), torch.empty_like(template)
+    torch.ops.fxp.pp_recv(a, 0, group)
+    torch.ops.fxp.pp_recv(b, 0, group)
+    return a.float() + b.float(), template.float() * template.float()
+
+
+def test_cse_merges_repeated_casts_but_never_two_receive_buffers():
+    from pattern_helpers import compile_and_capture
+
+    with fake_process_group(2, 1) as world:
+        _, backend, before, after = compile_and_capture(
+            two_receives_and_two_casts, (torch.ones(4, dtype=torch.bfloat16), world.group_name), fullgraph=True)
+    assert after["fxp.pp_recv"] == 2
+    allocs = lambda ops: sum(v for k, v in ops.items() if k.startswith("aten.empty"))  # noqa: E731
+    assert allocs(after) == allocs(before) == 2  # two buffers stay two buffers
+    assert before["aten._to_copy"] == 4 and after["aten._to_copy"] == 3  # template.float() twice became once
+    cse = next(p for p in backend.report.passes if p.name.endswith("eliminate_common_subexpressions"))
+    assert cse.counts == {"merged": 1}
