@@ -3,7 +3,7 @@
 ``patterns.all()`` lists the registered patterns (largest benefit first). A Backend builds its own
 ``PatternSet`` from them for its Mapping. Depends on ``ops`` only.
 """
-from patterns import norms, quant  # noqa: F401  (registration happens on import)
+from patterns import elementwise, norms, quant  # noqa: F401  (registration happens on import)
 from patterns.matcher import Match, MatchFailure, PatternGraph
 from patterns.norms import rms_norm_spelling, rms_norm_spellings
 from patterns.registry import (

@@ -4,7 +4,8 @@ A pattern is a plain torch function (a *spelling*), traced once by the running t
 functional ATen graph (exactly how the graphs we match are made), then turned into our own ``PNode`` tree: the pattern follows whatever ATen the running torch
 produces, while matching, commutativity and explanations are ours. Constants that vary between call sites become
 wildcards bound at match time: epsilon (traced with a sentinel value), the reduction dims, the cast-back dtype,
-device/layout keywords, and process-group names.
+device/layout keywords, process-group names, a size (traced as ``SIZE_SENTINEL``: e.g. half a head dimension) and
+the dimension that ops such as split, slice and cat work along.
 
 Matching is anchored at a graph node and walks producers, binding pattern nodes to graph nodes one to one; ``add``
 and ``mul`` (and ops declared commutative) are tried in both operand orders. Internal pattern nodes may have no
@@ -24,11 +25,15 @@ aten = torch.ops.aten
 
 EPS_SENTINEL = 1.2345678e-5  # traced in place of epsilon; any float this close becomes the "eps" wildcard
 GROUP_SENTINEL = "__fxpasses_group__"
+SIZE_SENTINEL = 37  # traced in place of a size that varies between call sites; any int equal to it becomes "size"
 TRACE_LOW_DTYPE = torch.bfloat16  # the dtype low-precision spellings are traced with; its literals become "dtype"
 
 # Operand pairs whose order does not change the result.
 COMMUTATIVE: dict[Any, tuple[int, int]] = {aten.add.Tensor: (0, 1), aten.mul.Tensor: (0, 1)}
 _REDUCE_DIM_OPS = {aten.mean.dim, aten.sum.dim_IntList}
+# Ops whose ``dim`` argument becomes the "dim" wildcard (a pattern's check says which dims it accepts).
+_SHAPE_DIM_OPS = {aten.split.Tensor, aten.split_with_sizes.default, aten.slice.Tensor, aten.cat.default,
+                  aten.chunk.default}
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,10 @@ def _wildcards(target: Any, name: str, value: Any, mapping: dict[torch.fx.Node, 
         return Wildcard("dtype", "dtype")
     if isinstance(value, str) and value == GROUP_SENTINEL:
         return Wildcard("group", "str")
+    if target in _SHAPE_DIM_OPS and name == "dim" and isinstance(value, int):
+        return Wildcard("dim", "dim")
+    if isinstance(value, int) and not isinstance(value, bool) and value == SIZE_SENTINEL:
+        return Wildcard("size", "int")
     return value
 
 
@@ -229,6 +238,14 @@ class _State:
 
     def copy(self) -> "_State":
         return _State(dict(self.bindings), dict(self.nodes), dict(self.owners))
+
+    def nodes_meta_val(self, p: "PNode") -> Any:
+        """The fake value of the graph node bound to ``p`` (the first one, for ops returning several)."""
+        g = self.nodes.get(id(p))
+        val = g.meta.get("val") if g is not None else None
+        if isinstance(val, (list, tuple)):
+            val = val[0] if val else None
+        return val if isinstance(val, torch.Tensor) else None
 
 
 LIFTED_EPS = ("epsilon was lifted to a graph input (set torch._dynamo.config.specialize_float=True, "
@@ -332,6 +349,16 @@ def _match_wildcard(w: Wildcard, gv: Any, state: _State, owner: PNode) -> _State
             raise _fail(lambda: f"{w.name} must be a number, found {gv!r}", state)
     elif w.kind == "dtype" and not isinstance(gv, torch.dtype):
         raise _fail(lambda: f"{owner.describe()}: expected a dtype, found {gv!r}", state)
+    elif w.kind == "dim":  # one dimension, bound non-negative: -1 and 3 are the same dim of a 4-d tensor
+        if not isinstance(gv, int) or isinstance(gv, bool):
+            raise _fail(lambda: f"{owner.describe()}: {w.name} must be a constant int, found {gv!r}", state)
+        if gv < 0:
+            val = state.nodes_meta_val(owner)
+            if val is None:
+                raise _fail(lambda: f"{owner.describe()}: dim {gv} cannot be normalized without shape metadata", state)
+            gv += val.dim()
+    elif w.kind == "int" and (not isinstance(gv, int) or isinstance(gv, bool)):
+        raise _fail(lambda: f"{owner.describe()}: {w.name} must be a constant int, found {gv!r}", state)
     elif w.kind == "str" and not isinstance(gv, str):
         raise _fail(lambda: f"{owner.describe()}: {w.name} must be a constant string, found {gv!r}", state)
     elif w.kind == "dims" and not (isinstance(gv, (list, tuple)) and all(isinstance(d, int) for d in gv)):

@@ -54,6 +54,9 @@ class Pattern:
     hint: Callable[[torch.fx.Node], bool] | None = None
     trace_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
     doc: str = ""
+    # Report its hinted nodes as near misses when ``applies`` is false. Off for patterns that are off on purpose in
+    # some configurations (the elementwise ones under Inductor), where there is nothing for a user to fix.
+    explain_when_off: bool = True
 
 
 _REGISTRY: dict[str, Pattern] = {}
@@ -259,7 +262,8 @@ class PatternSet:
 
     def _explain(self, graph: torch.fx.Graph, attempts: dict[torch.fx.Node, list[_Attempt]]) -> list[NearMiss]:
         out: list[NearMiss] = []
-        hinted = [(p, h) for p in self.active + self.inactive if (h := p.hint) is not None]
+        hinted = [(p, h) for p in self.active + [q for q in self.inactive if q.explain_when_off]
+                  if (h := p.hint) is not None]
         for node in graph.nodes:
             families = [p for p, h in hinted if h(node)]
             if not families:

@@ -158,3 +158,30 @@ def test_attention_kernel_replays_in_a_cuda_graph_with_padding():
     out_ref, kc_ref, vc_ref = attention_ref64(q2, k2, v2, kc2, vc2, slot2, pos2, 0.125)
     torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[torch.bfloat16])
     assert torch.equal(kc.cpu(), kc_ref.to(torch.bfloat16)) and not out[-3:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("heads,dim", [(32, 64), (8, 128), (3, 10), (1, 64)])
+def test_rotary_kernel_equals_the_composition(dtype, upcast, heads, dim):
+    """The Triton kernel rounds where eager does: equal to the CPU composition (float32 up to an fma's last bit)."""
+    x = rand(9, heads, dim, dtype=dtype)
+    angles = rand(9, 1, dim, dtype=torch.float32, seed=1) * 3
+    table = torch.float32 if upcast else dtype
+    cos, sin = angles.cos().to(table), angles.sin().to(table)
+    out = fxp.rotary_embedding(x, cos, sin, upcast)
+    expected = fxp.rotary_embedding(x.cpu(), cos.cpu(), sin.cpu(), upcast)
+    assert out.dtype == expected.dtype
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-6 if dtype == torch.float32 else 0,
+                               atol=1e-6 if dtype == torch.float32 else 2 ** -7 * 4)
+    if dtype != torch.float32:  # all but a few values bit-identical (CPU and CUDA cos/sin*x agree)
+        assert (out.cpu() != expected).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [1, 100, 8192, 14336 + 7])
+def test_silu_and_mul_kernel_equals_eager(dtype, cols):
+    gate_up = rand(5, 2 * cols, dtype=dtype)
+    gate, up = gate_up.split([cols, cols], dim=-1)  # strided halves of one projection, as in a model
+    out = fxp.silu_and_mul(gate, up)
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, **TOL[dtype])

@@ -82,7 +82,27 @@ def test_patterns_fuse_on_the_inductor_path(tmp_path, monkeypatch):
     backend = fxpasses.Backend(inductor=True)
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    assert backend.report.matches == config.predicted_matches(fxpasses.Mapping())
+    assert backend.report.matches == config.predicted_matches(fxpasses.Mapping(), inductor=True)
     assert backend.report.near_misses == []
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_inductor_config_is_applied_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    seen = {}
+
+    def spy(gm, ctx):
+        from torch._inductor import config
+
+        seen["fallback_random"] = config.fallback_random
+        from fxpasses.passes import PassResult
+
+        return PassResult()
+
+    compile_and_check(fxpasses.Backend(inductor=True, inductor_config={"fallback_random": True}, extra_passes=[spy]))
+    assert seen == {"fallback_random": True}  # the option is in force while our passes (inside Inductor) run
+    with pytest.raises(ValueError, match=r"unknown Inductor option\(s\) \['triton.cudagraph'\]"):
+        fxpasses.Backend(inductor=True, inductor_config={"triton.cudagraph": True})
+    with pytest.raises(ValueError, match="inductor_config is for the Inductor path; pass inductor=True too"):
+        fxpasses.Backend(inductor_config={"triton.cudagraphs": True})

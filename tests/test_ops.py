@@ -95,6 +95,8 @@ CASES = [
     ("rms_norm_quant_fp8", lambda x, r, w, s, g: (x, w, 1e-6, s)),
     ("add_rms_norm_quant_fp8", lambda x, r, w, s, g: (x, r, w, 1e-6, s)),
     ("allreduce_add_rms_norm_quant_fp8", lambda x, r, w, s, g: (x, r, w, 1e-6, s, g)),
+    ("rotary_embedding", lambda x, r, w, s, g: (x, r[:, :1], r[:, :1] * 0.5, True)),
+    ("silu_and_mul", lambda x, r, w, s, g: (x, r)),
 ]
 
 

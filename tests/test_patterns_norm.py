@@ -187,7 +187,8 @@ def test_near_miss_dtype_not_registered():
 def test_registry_lists_patterns_by_benefit_and_refuses_duplicates():
     names = [p.name for p in patterns.all()]
     assert names == ["allreduce_add_rms_norm_quant_fp8", "allreduce_add_rms_norm", "add_rms_norm_quant_fp8",
-                     "add_rms_norm", "rms_norm_quant_fp8", "rms_norm", "quant_fp8"]
+                     "add_rms_norm", "rms_norm_quant_fp8", "rms_norm", "rotary_embedding", "quant_fp8",
+                     "silu_and_mul"]
     with pytest.raises(ValueError, match="a pattern named 'rms_norm' is already registered"):
         patterns.register(patterns.get("rms_norm"))
     with pytest.raises(KeyError, match="no pattern named 'nope'"):
@@ -215,7 +216,9 @@ def test_transformers_llama(dtype):
     model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     ids = torch.randint(0, 128, (2, 7))
     out, backend, before, after = compile_and_capture(model, (ids,))
-    assert backend.report.matches == {"add_rms_norm": 2 * layers, "rms_norm": 1}
+    # plus transformers' RoPE (rotate_half by slicing, in the model dtype) on q and k, and its SwiGLU activation
+    assert backend.report.matches == {"add_rms_norm": 2 * layers, "rms_norm": 1, "rotary_embedding": 2 * layers,
+                                      "silu_and_mul": layers}
     assert before["aten.rsqrt"] == 2 * layers + 1 and "aten.rsqrt" not in after
     assert after["fxp.add_rms_norm"] == 2 * layers and after["fxp.rms_norm"] == 1
     assert backend.report.near_misses == []

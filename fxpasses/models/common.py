@@ -105,19 +105,26 @@ def norm(seed: int, name: str, size: int, eps: float, dtype: torch.dtype) -> RMS
 
 
 class Rotary(nn.Module):
-    """Rotate-half rotary embeddings computed from position ids."""
+    """Rotate-half rotary embeddings. cos and sin are tables over every cache position, looked up by position id
+    once per layer for both q and k, as serving engines keep a cos/sin cache; the rotation is computed in float32
+    and cast back once (the spelling ``fxp.rotary_embedding`` fuses)."""
 
-    def __init__(self, dim: int, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, base: float, max_len: int) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dim, 2).float() / dim), persistent=False)
+        inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+        freqs = torch.arange(max_len).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, dim]
+        self.register_buffer("cos_table", emb.cos(), persistent=False)
+        self.register_buffer("sin_table", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, dim]
-        cos, sin = emb.cos(), emb.sin()
-        x1, x2 = x.float().chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        return (x.float() * cos + rotated * sin).to(x.dtype)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token, shaped [tokens, 1, dim] to broadcast over heads."""
+        return self.cos_table[positions][:, None, :], self.sin_table[positions][:, None, :]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2 = xf.chunk(2, dim=-1)
+        return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):

@@ -61,9 +61,15 @@ class DeepSeekConfig:
             raise ValueError(f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts ({self.num_experts}).")
         mapping.pp_layers(self.num_layers)
 
-    def predicted_matches(self, mapping: Mapping) -> dict[str, int]:
+    def predicted_matches(self, mapping: Mapping, inductor: bool = False) -> dict[str, int]:
+        layers = mapping.pp_layers(self.num_layers)
         # plus the q_a and kv_a norms of every layer
-        return predicted_matches(mapping, mapping.pp_layers(self.num_layers), extra_norms_per_layer=2)
+        counts = predicted_matches(mapping, layers, extra_norms_per_layer=2)
+        if not inductor:  # RoPE on q_pe and k_pe; a SwiGLU per dense layer, per local expert and shared expert
+            local_experts = self.num_experts // mapping.tp_size
+            counts.update(rotary_embedding=2 * len(layers),
+                          silu_and_mul=sum(1 if i < self.first_k_dense else 1 + local_experts for i in layers))
+        return counts
 
 
 class MLAttention(nn.Module):
@@ -81,7 +87,7 @@ class MLAttention(nn.Module):
         self.kv_b = column_parallel(c.seed, [(f"layers.{i}.kv_b", c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))],
                                     c.kv_lora_rank, p, c.dtype)
         self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * c.v_head_dim, p, c.dtype)
-        self.rotary = Rotary(c.qk_rope_head_dim, c.rope_theta)
+        self.rotary = Rotary(c.qk_rope_head_dim, c.rope_theta, c.max_len)
         self.cache = KVCache(c.max_slots, c.max_len, self.heads, qk, c.v_head_dim, c.dtype)
         self.scale = qk ** -0.5
 
@@ -93,8 +99,9 @@ class MLAttention(nn.Module):
         latent, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b(self.kv_a_norm(latent)).view(t, self.heads, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-        q_pe = self.rotary(q_pe, position_ids)
-        k_pe = self.rotary(k_pe.view(t, 1, self.rope), position_ids).expand(t, self.heads, self.rope)
+        cos, sin = self.rotary.tables(position_ids)
+        q_pe = self.rotary(q_pe, cos, sin)
+        k_pe = self.rotary(k_pe.view(t, 1, self.rope), cos, sin).expand(t, self.heads, self.rope)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe), dim=-1)
         out = self.cache.attend(q, k, v.contiguous(), slot_ids, position_ids, self.scale)

@@ -59,8 +59,12 @@ class LlamaConfig:
         check_divisible("intermediate_size", self.intermediate_size, mapping.tp_size)
         mapping.pp_layers(self.num_layers)  # raises when there are more stages than layers
 
-    def predicted_matches(self, mapping: Mapping) -> dict[str, int]:
-        return predicted_matches(mapping, mapping.pp_layers(self.num_layers), extra_norms_per_layer=0)
+    def predicted_matches(self, mapping: Mapping, inductor: bool = False) -> dict[str, int]:
+        layers = mapping.pp_layers(self.num_layers)
+        counts = predicted_matches(mapping, layers, extra_norms_per_layer=0)
+        if not inductor:  # RoPE on q and k, one SwiGLU activation per layer
+            counts.update(rotary_embedding=2 * len(layers), silu_and_mul=len(layers))
+        return counts
 
     # named real shapes, for benchmarks (random weights)
     @classmethod
@@ -75,7 +79,7 @@ class LlamaConfig:
 
 
 def predicted_matches(mapping: Mapping, layers: range, extra_norms_per_layer: int) -> dict[str, int]:
-    """What the pattern registry should fuse on this rank's stage.
+    """The norm patterns the registry should fuse on this rank's stage (the configs add the elementwise ones).
 
     The first layer of the first stage norms the embedding (``rms_norm``); the first layer of a later stage adds the
     received pair (``add_rms_norm``: no all_reduce precedes it); every other norm follows an all_reduce plus residual
@@ -114,15 +118,16 @@ class LlamaAttention(nn.Module):
                 for n in ("k", "v"))
         self.qkv = Linear(torch.cat([q, k, v], 0))
         self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * hd, p, c.dtype)
-        self.rotary = Rotary(hd, c.rope_theta)
+        self.rotary = Rotary(hd, c.rope_theta, c.max_len)
         self.cache = KVCache(c.max_slots, c.max_len, self.kv_heads, hd, hd, c.dtype)
 
     def forward(self, x, position_ids, slot_ids):
         t = x.shape[0]
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
-        q = self.rotary(q.view(t, self.heads, self.head_dim), position_ids)
-        k = self.rotary(k.view(t, self.kv_heads, self.head_dim), position_ids)
+        cos, sin = self.rotary.tables(position_ids)
+        q = self.rotary(q.view(t, self.heads, self.head_dim), cos, sin)
+        k = self.rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
         v = v.view(t, self.kv_heads, self.head_dim)
         out = self.cache.attend(q, k, v, slot_ids, position_ids, self.head_dim ** -0.5)
         return self.o(out.reshape(t, self.heads * self.head_dim))
