@@ -5,7 +5,8 @@
 Each step decodes one token for each of ``tokens`` sequences that already hold ``--context`` cached tokens.
 Modes: eager; torch.compile (Inductor, default); torch.compile(mode="reduce-overhead"); fxpasses without Inductor
 plus piecewise CUDA graphs (attention eager between captured pieces); fxpasses without Inductor plus full CUDA
-graphs (``splitting_ops=()``, attention captured too); fxpasses with Inductor. Compile time is the sum over sizes of
+graphs (``splitting_ops=()``, attention captured too); fxpasses with Inductor, without and with Inductor's own
+CUDA graphs (``inductor_config={"triton.cudagraphs": True}``, what reduce-overhead turns on). Compile time is the sum over sizes of
 each size's first call minus a warm call (Dynamo, AOT, passes, code generation, warm-up and capture: everything a
 server pays before its first fast step). Roofline: weight bytes plus the KV bytes a step reads, over the copy
 bandwidth measured in the same run. Every mode runs the same model code and the same ``fxp.attention`` op (its
@@ -23,7 +24,8 @@ import triton.testing
 import fxpasses
 from fxpasses.models import Batch, LlamaConfig, build_model
 
-MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs", "fxpasses+inductor"]
+MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs", "fxpasses+inductor",
+         "fxpasses+inductor+cudagraphs"]
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
 
 
@@ -53,6 +55,9 @@ def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]):
         return torch.compile(model, backend=fxpasses.Backend(cuda_graph_sizes=sizes, splitting_ops=()))
     if mode == "fxpasses+inductor":
         return torch.compile(model, backend=fxpasses.Backend(inductor=True))
+    if mode == "fxpasses+inductor+cudagraphs":
+        return torch.compile(model, backend=fxpasses.Backend(inductor=True,
+                                                             inductor_config={"triton.cudagraphs": True}))
     raise ValueError(mode)
 
 

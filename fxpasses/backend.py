@@ -61,6 +61,8 @@ class Backend:
     Args:
         mapping: this rank's parallel layout (default: a single rank).
         inductor: hand the rewritten functional graph to Inductor instead of running the FX graph.
+        inductor_config: Inductor options for that compile, e.g. ``{"triton.cudagraphs": True}`` (Inductor's own
+            CUDA graphs, as ``mode="reduce-overhead"`` sets them).
         patterns: registered patterns (``patterns.Pattern`` objects or names) and/or pattern pass callables;
             default: every registered pattern that applies to the Mapping.
         extra_passes: user passes ``(gm, ctx) -> PassResult`` run after the patterns.
@@ -81,6 +83,7 @@ class Backend:
         mapping: Mapping | None = None,
         *,
         inductor: bool = False,
+        inductor_config: dict[str, Any] | None = None,
         patterns: Sequence[Pass] | None = None,
         extra_passes: Sequence[Pass] = (),
         strict: bool = False,
@@ -101,6 +104,16 @@ class Backend:
                                  "leave cuda_graph_sizes unset on CPU.")
             if any(int(s) < 1 for s in cuda_graph_sizes):
                 raise ValueError(f"Backend: cuda_graph_sizes must be positive token counts, got {list(cuda_graph_sizes)}.")
+        if inductor_config and not inductor:
+            raise ValueError("Backend: inductor_config is for the Inductor path; pass inductor=True too.")
+        self.inductor_config = dict(inductor_config or {})
+        if self.inductor_config:
+            from torch._inductor import config as inductor_options
+
+            unknown = [k for k in self.inductor_config if k not in inductor_options.get_config_copy()]
+            if unknown:
+                raise ValueError(f"Backend: unknown Inductor option(s) {unknown}; see torch._inductor.config "
+                                 "(dotted names, e.g. 'triton.cudagraphs').")
         self.cuda_graph_sizes = sorted(set(int(s) for s in cuda_graph_sizes)) if cuda_graph_sizes else None
         if isinstance(splitting_ops, str) or any(not isinstance(o, str) or "." not in o for o in splitting_ops):
             raise ValueError(f"Backend: splitting_ops must be a list of op names as 'namespace.name' (e.g. "
@@ -218,7 +231,7 @@ class Backend:
 
         custom = make_inductor_pass(self, index)
         hits, misses = compat.fx_graph_cache_counters()
-        with inductor_config.patch(post_grad_custom_pre_pass=custom):
+        with inductor_config.patch({"post_grad_custom_pre_pass": custom, **self.inductor_config}):
             compiled = compile_fx(gm, example_inputs)
         new_hits, _ = compat.fx_graph_cache_counters()
         if new_hits > hits:
