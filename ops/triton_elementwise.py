@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ops.elementwise import _check_rotary, _check_silu_and_mul, rotary_embedding_reference, silu_and_mul_reference
 from ops.library import LIB
+from ops.triton_rounding import round_as
 
 
 @triton.jit
@@ -33,12 +34,12 @@ def _rotary_kernel(X, COS, SIN, OUT, sxt, sxh, sct, sst, sot, soh, HEADS, HALF, 
         x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
         o1 = x1f * c1.to(tl.float32) - x2f * s1.to(tl.float32)
         o2 = x2f * c2.to(tl.float32) + x1f * s2.to(tl.float32)
-    else:  # eager in the input dtype: each product and the sum rounded to it
+    else:  # eager in the input dtype: each product rounded to it, then the sum (rounded by the store)
         dt = X.dtype.element_ty
-        o1 = ((x1.to(tl.float32) * c1.to(tl.float32)).to(dt).to(tl.float32)
-              + (-x2.to(tl.float32) * s1.to(tl.float32)).to(dt).to(tl.float32))
-        o2 = ((x2.to(tl.float32) * c2.to(tl.float32)).to(dt).to(tl.float32)
-              + (x1.to(tl.float32) * s2.to(tl.float32)).to(dt).to(tl.float32))
+        o1 = (round_as(x1.to(tl.float32) * c1.to(tl.float32), dt)
+              + round_as(-x2.to(tl.float32) * s1.to(tl.float32), dt))
+        o2 = (round_as(x2.to(tl.float32) * c2.to(tl.float32), dt)
+              + round_as(x1.to(tl.float32) * s2.to(tl.float32), dt))
     tl.store(OUT + t * sot + h * soh + d, o1.to(OUT.dtype.element_ty), mask=mask)
     tl.store(OUT + t * sot + h * soh + HALF + d, o2.to(OUT.dtype.element_ty), mask=mask)
 
@@ -76,8 +77,8 @@ def _silu_and_mul_kernel(G, U, OUT, sg, su, so, COLS, BLOCK: tl.constexpr):
     g = tl.load(G + row * sg + cols, mask=mask, other=0.0)
     u = tl.load(U + row * su + cols, mask=mask, other=0.0)
     gf = g.to(tl.float32)
-    act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu, rounded to the input dtype as eager's F.silu
-    tl.store(OUT + row * so + cols, (act.to(tl.float32) * u.to(tl.float32)).to(OUT.dtype.element_ty), mask=mask)
+    act = round_as(gf / (1.0 + tl.exp(-gf)), g.dtype)  # silu, rounded to the input dtype as eager's F.silu
+    tl.store(OUT + row * so + cols, (act * u.to(tl.float32)).to(OUT.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul_cuda(gate, up):

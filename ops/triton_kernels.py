@@ -13,6 +13,7 @@ import triton.language as tl
 
 from ops.library import LIB, check_float, check_norm_shapes
 from ops.quant import FP8_DTYPE, FP8_MAX
+from ops.triton_rounding import round_as
 
 
 @triton.jit
@@ -24,18 +25,20 @@ def _norm_kernel(X, R, W, OUT, ROUT, SCALE, stride_x, stride_r, stride_o, stride
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded to the input dtype, as eager's add
-        tl.store(ROUT + row * stride_ro + cols, x, mask=mask)
-    xf = x.to(tl.float32)
+        xf = round_as(x.to(tl.float32) + r.to(tl.float32), X.dtype.element_ty)  # rounded to the input dtype, as eager's add
+        tl.store(ROUT + row * stride_ro + cols, xf.to(ROUT.dtype.element_ty), mask=mask)
+    else:
+        xf = x.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
     w = tl.load(W + cols, mask=mask, other=0.0)
-    y = (w.to(tl.float32) * (xf * rstd).to(x.dtype).to(tl.float32)).to(x.dtype)
+    # eager: weight * normalized.to(dtype), each rounded to the input dtype (ops.triton_rounding says why not .to)
+    y = round_as(w.to(tl.float32) * round_as(xf * rstd, X.dtype.element_ty), X.dtype.element_ty)
     if QUANT:
         scale = tl.load(SCALE)
-        q = tl.clamp(y.to(tl.float32) / scale, -fp8_max, fp8_max)
+        q = tl.clamp(y / scale, -fp8_max, fp8_max)
         tl.store(OUT + row * stride_o + cols, q.to(OUT.dtype.element_ty), mask=mask)
     else:
-        tl.store(OUT + row * stride_o + cols, y, mask=mask)
+        tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def default_warps(hidden: int, rows: int) -> int:

@@ -105,9 +105,10 @@ def norm(seed: int, name: str, size: int, eps: float, dtype: torch.dtype) -> RMS
 
 
 class Rotary(nn.Module):
-    """Rotate-half rotary embeddings. cos and sin are tables over every cache position, looked up by position id
-    once per layer for both q and k, as serving engines keep a cos/sin cache; the rotation is computed in float32
-    and cast back once (the spelling ``fxp.rotary_embedding`` fuses)."""
+    """Rotate-half rotary embeddings. cos and sin are tables over every cache position; a stage looks them up once
+    per forward and hands them to every layer (as transformers passes ``position_embeddings`` and serving engines
+    keep a cos/sin cache). The rotation is computed in float32 and cast back once (a spelling
+    ``fxp.rotary_embedding`` fuses)."""
 
     def __init__(self, dim: int, base: float, max_len: int) -> None:
         super().__init__()
@@ -117,14 +118,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos_table", emb.cos(), persistent=False)
         self.register_buffer("sin_table", emb.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for each token, shaped [tokens, 1, dim] to broadcast over heads."""
         return self.cos_table[positions][:, None, :], self.sin_table[positions][:, None, :]
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+def apply_rotary(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    cos, sin = rope
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -170,14 +173,14 @@ def make_steps(vocab_size: int, prompt_lens: Sequence[int] = (5, 3), decode_step
 class DecoderLayer(nn.Module):
     """The residual stream of a pre-norm decoder layer; subclasses set input_norm, attn, post_norm and mlp."""
 
-    def forward(self, hidden, residual, position_ids, slot_ids):
+    def forward(self, hidden, residual, position_ids, slot_ids, rope):
         if residual is None:  # first layer of the model: no residual yet (as the engine does)
             residual = hidden
             hidden = self.input_norm(hidden)
         else:
             residual = hidden + residual
             hidden = self.input_norm(residual)
-        hidden = self.attn(hidden, position_ids, slot_ids)
+        hidden = self.attn(hidden, position_ids, slot_ids, rope)
         residual = hidden + residual
         hidden = self.post_norm(residual)
         return self.mlp(hidden), residual
@@ -187,22 +190,23 @@ class PipelineStage(nn.Module):
     """The stage wiring shared by every model: embedding on the first stage; receive ``[hidden_states, residual]``
     on the others; this stage's layers; send the pair on, or final norm and LM head on the last stage."""
 
-    def __init__(self, hidden: int, dtype: torch.dtype, p: Parallel, embed: nn.Module | None,
+    def __init__(self, hidden: int, dtype: torch.dtype, p: Parallel, embed: nn.Module | None, rotary: Rotary,
                  layers: nn.ModuleList, final_norm: nn.Module | None, lm_head: nn.Module | None) -> None:
         super().__init__()
         self.hidden, self.dtype, self.p = hidden, dtype, p
-        self.embed, self.layers, self.final_norm, self.lm_head = embed, layers, final_norm, lm_head
+        self.embed, self.rotary, self.layers, self.final_norm, self.lm_head = embed, rotary, layers, final_norm, lm_head
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, slot_ids: torch.Tensor):
         m = self.p.mapping
         if m.is_first_pp_rank:
             hidden, residual = self.embed(input_ids), None
         else:
-            hidden = torch.empty(input_ids.shape[0], self.hidden, dtype=self.dtype)
-            residual = torch.empty(input_ids.shape[0], self.hidden, dtype=self.dtype)
+            hidden = torch.empty(input_ids.shape[0], self.hidden, dtype=self.dtype, device=input_ids.device)
+            residual = torch.empty(input_ids.shape[0], self.hidden, dtype=self.dtype, device=input_ids.device)
             torch.ops.fxp.pp_recv_tensors([hidden, residual], m.prev_pp_rank, self.p.pp_group)
+        rope = self.rotary(position_ids)  # once per forward, shared by every layer
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, position_ids, slot_ids)
+            hidden, residual = layer(hidden, residual, position_ids, slot_ids, rope)
         if not m.is_last_pp_rank:
             torch.ops.fxp.pp_send_tensors([hidden, residual], m.next_pp_rank, self.p.pp_group)
             return hidden, residual
@@ -212,7 +216,8 @@ class PipelineStage(nn.Module):
 
 def build_stage(c, p: Parallel, make_layer) -> PipelineStage:
     """This rank's stage: embedding (first stage), ``make_layer(c, i, p)`` for its layers, final norm and LM head
-    (last stage). ``c`` has vocab_size, hidden_size, num_layers, rms_norm_eps, dtype and seed."""
+    (last stage). ``c`` has vocab_size, hidden_size, num_layers, rms_norm_eps, rotary_dim, rope_theta, max_len,
+    dtype and seed."""
     c.validate(p.mapping)
     m = p.mapping
     embed = lm_head = final = None
@@ -224,4 +229,5 @@ def build_stage(c, p: Parallel, make_layer) -> PipelineStage:
         final = norm(c.seed, "final_norm", c.hidden_size, c.rms_norm_eps, c.dtype)
         lm_head = Linear(make_weight(c.seed, "lm_head", (c.vocab_size, c.hidden_size), c.dtype))
     layers = nn.ModuleList(make_layer(c, i, p) for i in m.pp_layers(c.num_layers))
-    return PipelineStage(c.hidden_size, c.dtype, p, embed, layers, final, lm_head).eval()
+    rotary = Rotary(c.rotary_dim, c.rope_theta, c.max_len)
+    return PipelineStage(c.hidden_size, c.dtype, p, embed, rotary, layers, final, lm_head).eval()

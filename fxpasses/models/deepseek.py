@@ -19,7 +19,7 @@ from fxpasses.models.common import (
     Parallel,
     PipelineStage,
     build_stage,
-    Rotary,
+    apply_rotary,
     check_divisible,
     column_parallel,
     make_weight,
@@ -51,6 +51,10 @@ class DeepSeekConfig:
     max_len: int = 64
     dtype: torch.dtype = torch.float32
     seed: int = 0
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.qk_rope_head_dim
 
     def validate(self, mapping: Mapping) -> None:
         check_divisible("num_heads", self.num_heads, mapping.tp_size)
@@ -87,11 +91,10 @@ class MLAttention(nn.Module):
         self.kv_b = column_parallel(c.seed, [(f"layers.{i}.kv_b", c.num_heads * (c.qk_nope_head_dim + c.v_head_dim))],
                                     c.kv_lora_rank, p, c.dtype)
         self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * c.v_head_dim, p, c.dtype)
-        self.rotary = Rotary(c.qk_rope_head_dim, c.rope_theta, c.max_len)
         self.cache = KVCache(c.max_slots, c.max_len, self.heads, qk, c.v_head_dim, c.dtype)
         self.scale = qk ** -0.5
 
-    def forward(self, x, position_ids, slot_ids):
+    def forward(self, x, position_ids, slot_ids, rope):
         t = x.shape[0]
         q = self.q_b(self.q_a_norm(self.q_a(x))).view(t, self.heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
@@ -99,9 +102,8 @@ class MLAttention(nn.Module):
         latent, k_pe = kv_a.split([self.kv_rank, self.rope], dim=-1)
         kv = self.kv_b(self.kv_a_norm(latent)).view(t, self.heads, self.nope + self.vdim)
         k_nope, v = kv.split([self.nope, self.vdim], dim=-1)
-        cos, sin = self.rotary.tables(position_ids)
-        q_pe = self.rotary(q_pe, cos, sin)
-        k_pe = self.rotary(k_pe.view(t, 1, self.rope), cos, sin).expand(t, self.heads, self.rope)
+        q_pe = apply_rotary(q_pe, rope)
+        k_pe = apply_rotary(k_pe.view(t, 1, self.rope), rope).expand(t, self.heads, self.rope)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe), dim=-1)
         out = self.cache.attend(q, k, v.contiguous(), slot_ids, position_ids, self.scale)

@@ -17,7 +17,7 @@ from fxpasses.models.common import (
     Parallel,
     PipelineStage,
     build_stage,
-    Rotary,
+    apply_rotary,
     check_divisible,
     column_parallel,
     make_weight,
@@ -45,6 +45,10 @@ class LlamaConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.head_dim
 
     def validate(self, mapping: Mapping) -> None:
         check_divisible("num_heads", self.num_heads, mapping.tp_size)
@@ -118,16 +122,14 @@ class LlamaAttention(nn.Module):
                 for n in ("k", "v"))
         self.qkv = Linear(torch.cat([q, k, v], 0))
         self.o = row_parallel(c.seed, f"layers.{i}.o", d, c.num_heads * hd, p, c.dtype)
-        self.rotary = Rotary(hd, c.rope_theta, c.max_len)
         self.cache = KVCache(c.max_slots, c.max_len, self.kv_heads, hd, hd, c.dtype)
 
-    def forward(self, x, position_ids, slot_ids):
+    def forward(self, x, position_ids, slot_ids, rope):
         t = x.shape[0]
         q, k, v = self.qkv(x).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
                                      self.kv_heads * self.head_dim], dim=-1)
-        cos, sin = self.rotary.tables(position_ids)
-        q = self.rotary(q.view(t, self.heads, self.head_dim), cos, sin)
-        k = self.rotary(k.view(t, self.kv_heads, self.head_dim), cos, sin)
+        q = apply_rotary(q.view(t, self.heads, self.head_dim), rope)
+        k = apply_rotary(k.view(t, self.kv_heads, self.head_dim), rope)
         v = v.view(t, self.kv_heads, self.head_dim)
         out = self.cache.attend(q, k, v, slot_ids, position_ids, self.head_dim ** -0.5)
         return self.o(out.reshape(t, self.heads * self.head_dim))
