@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import torch
 import triton.testing
@@ -41,24 +42,26 @@ def decode_batch(n: int, context: int, vocab: int) -> Batch:
                  torch.arange(n).cuda())
 
 
-def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]):
+def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]) -> tuple[Any, fxpasses.Backend | None]:
+    """The callable for a mode, and its fxpasses Backend (None for the modes without one)."""
     torch._dynamo.reset()
+    backends = {
+        "fxpasses+cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes),
+        "fxpasses+full-cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes, splitting_ops=()),
+        "fxpasses+inductor": lambda: fxpasses.Backend(inductor=True),
+        "fxpasses+inductor+cudagraphs": lambda: fxpasses.Backend(inductor=True,
+                                                                 inductor_config={"triton.cudagraphs": True}),
+    }
     if mode == "eager":
-        return model
+        return model, None
     if mode == "inductor":
-        return torch.compile(model)
+        return torch.compile(model), None
     if mode == "reduce-overhead":
-        return torch.compile(model, mode="reduce-overhead")
-    if mode == "fxpasses+cudagraphs":
-        return torch.compile(model, backend=fxpasses.Backend(cuda_graph_sizes=sizes))
-    if mode == "fxpasses+full-cudagraphs":
-        return torch.compile(model, backend=fxpasses.Backend(cuda_graph_sizes=sizes, splitting_ops=()))
-    if mode == "fxpasses+inductor":
-        return torch.compile(model, backend=fxpasses.Backend(inductor=True))
-    if mode == "fxpasses+inductor+cudagraphs":
-        return torch.compile(model, backend=fxpasses.Backend(inductor=True,
-                                                             inductor_config={"triton.cudagraphs": True}))
-    raise ValueError(mode)
+        return torch.compile(model, mode="reduce-overhead"), None
+    if mode in backends:
+        backend = backends[mode]()
+        return torch.compile(model, backend=backend), backend
+    raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
 
 
 def main() -> None:
@@ -79,9 +82,9 @@ def main() -> None:
           f"({weight_bytes / 1e9:.2f} GB of weights), copy bandwidth {copy:.0f} GB/s, context {args.context}\n")
     print("| mode | compile (s) | " + " | ".join(f"{n} tok (ms)" for n in args.tokens) + " | 1 tok / roofline |")
     print("|---|---|" + "---|" * len(args.tokens) + "---|")
-    results = {}
+    results, notes = {}, []
     for mode in args.modes:
-        fn = make_fn(mode, model, args.tokens)
+        fn, backend = make_fn(mode, model, args.tokens)
         times, compile_s = [], 0.0
         with torch.inference_mode():
             for i, n in enumerate(args.tokens):
@@ -98,9 +101,15 @@ def main() -> None:
                 compile_s += max(first - ms / 1e3, 0.0)
                 times.append(ms)
         results[mode] = times
+        if backend is not None:
+            r = backend.report
+            notes.append(f"{mode}: {r.graphs} graphs; inside the backend {r.compile_seconds:.1f} s, of which the "
+                         f"fxpasses pipeline {r.pipeline_seconds:.2f} s and pattern set-up "
+                         f"{backend.pattern_setup_seconds:.2f} s; the rest of the compile is Dynamo (and Inductor)")
         roof_ms = (weight_bytes + kv_per_token * args.context) / copy / 1e6
         print(f"| {mode} | {compile_s:.1f} | " + " | ".join(f"{t:.2f}" for t in times)
               + f" | {times[0] / roof_ms:.2f}x |", flush=True)
+    print("\n" + "\n".join(f"- {n}" for n in notes))
     plot(results, args.tokens, (weight_bytes, kv_per_token * args.context, copy),
          os.path.join(args.out, f"decode_{args.model}.png"), args.model)
 

@@ -175,8 +175,11 @@ def test_rotary_kernel_equals_the_composition(dtype, upcast, heads, dim):
     assert out.dtype == expected.dtype
     if dtype == torch.float32:
         torch.testing.assert_close(out.cpu(), expected, rtol=1e-6, atol=1e-6)
-    else:
+    elif not upcast:  # every product and the sum rounded to the dtype: nothing left for an fma to change
         assert torch.equal(out.cpu(), expected)
+    else:  # one rounding of a float32 sum the GPU may form with an fma: rarely one step apart
+        torch.testing.assert_close(out.cpu(), expected, **TOL[dtype])
+        assert (out.cpu() != expected).float().mean() < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
