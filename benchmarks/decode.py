@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=MODES)
     parser.add_argument("--out", default=".")
+    parser.add_argument("--mark", choices=["dynamic", "unbacked"], default="dynamic",
+                        help="how the token dimension is marked for every mode: maybe_mark_dynamic (Dynamo "
+                             "specializes 1 token: a second compile) or mark_unbacked (one graph for every count)")
     args = parser.parse_args()
     slots = max(args.tokens)
     config = SHAPES[args.model](dtype=torch.bfloat16, max_slots=slots, max_len=args.context + 8)
@@ -79,7 +82,8 @@ def main() -> None:
     copy = copy_bandwidth()
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k and v, bf16
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, model {args.model} "
-          f"({weight_bytes / 1e9:.2f} GB of weights), copy bandwidth {copy:.0f} GB/s, context {args.context}\n")
+          f"({weight_bytes / 1e9:.2f} GB of weights), copy bandwidth {copy:.0f} GB/s, context {args.context}, "
+          f"token dimension marked {args.mark}\n")
     print("| mode | compile (s) | " + " | ".join(f"{n} tok (ms)" for n in args.tokens) + " | 1 tok / roofline |")
     print("|---|---|" + "---|" * len(args.tokens) + "---|")
     results, notes = {}, []
@@ -90,7 +94,10 @@ def main() -> None:
             for i, n in enumerate(args.tokens):
                 b = decode_batch(n, args.context, config.vocab_size)
                 for t in (b.input_ids, b.position_ids, b.slot_ids):
-                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                    if args.mark == "unbacked":
+                        torch._dynamo.decorators.mark_unbacked(t, 0)
+                    else:
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
                 call = lambda: fn(b.input_ids, b.position_ids, b.slot_ids)  # noqa: E731
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -37,7 +37,9 @@ def symint_hint(value: Any) -> int | None:
             return int(hint)
         shape_env = getattr(node, "shape_env", None)
         if shape_env is not None:
-            table = getattr(shape_env, "backed_var_to_val", None) or getattr(shape_env, "var_to_val", {})
+            # torch 2.13 renamed var_to_val (and warns on the old name); 2.11 has only var_to_val
+            table = (shape_env.backed_var_to_val if hasattr(shape_env, "backed_var_to_val")
+                     else getattr(shape_env, "var_to_val", {}))
             if node.expr in table:
                 return int(table[node.expr])
     return None

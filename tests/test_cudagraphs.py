@@ -112,3 +112,26 @@ def test_one_token_static_graph_is_captured_at_its_size():
                                                                             batch.slot_ids)
     assert not backend.runners
     assert any("static token count 5 is above the largest CUDA-graph size 2" in n for n in backend.report.notes)
+
+
+def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
+    """A serving loop can mark the token dimension unbacked (torch._dynamo.mark_unbacked): Dynamo then does not
+    specialize 1 token, so one graph (one compile) serves 1 token and more, padded to the captured sizes."""
+    steps = make_steps(128, prompt_lens=(5,), decode_steps=1)  # 5 tokens (-> size 8), then 1 (size 1)
+    expected = run_steps(build_model("llama"), steps)
+    model = build_model("llama")
+    backend = _cpu_backend([1, 8], splitting_ops=())
+    torch._dynamo.reset()
+    got = []
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
+            mock.patch("torch.cuda.graph_pool_handle", lambda: None), torch.inference_mode():
+        fn = torch.compile(model, backend=backend)
+        for b in steps:
+            for t in (b.input_ids, b.position_ids, b.slot_ids):
+                torch._dynamo.decorators.mark_unbacked(t, 0)
+            got.append(fn(b.input_ids, b.position_ids, b.slot_ids))
+    assert backend.report.graphs == 1
+    (runner,) = backend.runners
+    assert runner.static_tokens is None and set(runner.pieces["submod_0"].entries) == {1, 8}
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
