@@ -49,6 +49,16 @@ def kernel_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50)
 
 
+def shapes():
+    """(fp8, hidden, tokens, x, residual, weight, bytes moved) for every measured shape, bf16."""
+    for fp8 in (False, True):
+        for h in HIDDEN:
+            for t in TOKENS:
+                x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+                r, w = torch.randn_like(x), torch.randn(h, device="cuda", dtype=torch.bfloat16)
+                yield fp8, h, t, x, r, w, 2 * (3 * t * h + h) + (1 if fp8 else 2) * t * h
+
+
 def sweep() -> None:
     from ops.triton_kernels import _launch, default_warps
 
@@ -56,17 +66,12 @@ def sweep() -> None:
     warps = [1, 2, 4, 8, 16]
     print("| op | tokens | hidden | " + " | ".join(f"{w} warps GB/s" for w in warps) + " | best | default |")
     print("|---|---|---|" + "---|" * len(warps) + "---|---|")
-    for fp8 in (False, True):
-        for h in HIDDEN:
-            for t in TOKENS:
-                x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-                r, w = torch.randn_like(x), torch.randn(h, device="cuda", dtype=torch.bfloat16)
-                nbytes = 2 * (3 * t * h + h) + (1 if fp8 else 2) * t * h
-                gbs = [nbytes / kernel_ms(lambda: _launch(x, r, w, 1e-6, scale if fp8 else None, num_warps=n)) / 1e6
-                       for n in warps]
-                best = warps[max(range(len(warps)), key=gbs.__getitem__)]
-                print(f"| {'add_rms_norm_quant_fp8' if fp8 else 'add_rms_norm'} | {t} | {h} | "
-                      + " | ".join(f"{g:.0f}" for g in gbs) + f" | {best} | {default_warps(h, t)} |", flush=True)
+    for fp8, h, t, x, r, w, nbytes in shapes():
+        gbs = [nbytes / kernel_ms(lambda: _launch(x, r, w, 1e-6, scale if fp8 else None, num_warps=n)) / 1e6
+               for n in warps]
+        best = warps[max(range(len(warps)), key=gbs.__getitem__)]
+        print(f"| {'add_rms_norm_quant_fp8' if fp8 else 'add_rms_norm'} | {t} | {h} | "
+              + " | ".join(f"{g:.0f}" for g in gbs) + f" | {best} | {default_warps(h, t)} |", flush=True)
 
 
 def main() -> None:
@@ -85,26 +90,21 @@ def main() -> None:
     fused = torch.compile(eager_add_norm)
     fused_fp8 = torch.compile(eager_add_norm_fp8)
     scale = torch.tensor([0.05], device="cuda")
-    for fp8 in (False, True):
-        for h in HIDDEN:
-            for t in TOKENS:
-                x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
-                r, w = torch.randn_like(x), torch.randn(h, device="cuda", dtype=torch.bfloat16)
-                nbytes = 2 * (3 * t * h + h) + (1 if fp8 else 2) * t * h
-                if fp8:
-                    cases = [lambda: torch.ops.fxp.add_rms_norm_quant_fp8(x, r, w, 1e-6, scale),
-                             lambda: eager_add_norm_fp8(x, r, w, 1e-6, scale),
-                             lambda: fused_fp8(x, r, w, 1e-6, scale)]
-                else:
-                    cases = [lambda: torch.ops.fxp.add_rms_norm(x, r, w, 1e-6),
-                             lambda: eager_add_norm(x, r, w, 1e-6),
-                             lambda: fused(x, r, w, 1e-6)]
-                gbs = [nbytes / kernel_ms(c) / 1e6 for c in cases]
-                call_us = [1e3 * triton.testing.do_bench(c, warmup=25, rep=100) for c in (cases[0], cases[2])]
-                name = "add_rms_norm_quant_fp8" if fp8 else "add_rms_norm"
-                rows.append((name, t, h, *gbs))
-                print(f"| {name} | {t} | {h} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | {gbs[0] / copy:.0%} | "
-                      f"{gbs[0] / gbs[2]:.2f}x | {call_us[0]:.1f} | {call_us[1]:.1f} |", flush=True)
+    for fp8, h, t, x, r, w, nbytes in shapes():
+        if fp8:
+            cases = [lambda: torch.ops.fxp.add_rms_norm_quant_fp8(x, r, w, 1e-6, scale),
+                     lambda: eager_add_norm_fp8(x, r, w, 1e-6, scale),
+                     lambda: fused_fp8(x, r, w, 1e-6, scale)]
+        else:
+            cases = [lambda: torch.ops.fxp.add_rms_norm(x, r, w, 1e-6),
+                     lambda: eager_add_norm(x, r, w, 1e-6),
+                     lambda: fused(x, r, w, 1e-6)]
+        gbs = [nbytes / kernel_ms(c) / 1e6 for c in cases]
+        call_us = [1e3 * triton.testing.do_bench(c, warmup=25, rep=100) for c in (cases[0], cases[2])]
+        name = "add_rms_norm_quant_fp8" if fp8 else "add_rms_norm"
+        rows.append((name, t, h, *gbs))
+        print(f"| {name} | {t} | {h} | {gbs[0]:.0f} | {gbs[1]:.0f} | {gbs[2]:.0f} | {gbs[0] / copy:.0%} | "
+              f"{gbs[0] / gbs[2]:.2f}x | {call_us[0]:.1f} | {call_us[1]:.1f} |", flush=True)
     try:
         import matplotlib
 

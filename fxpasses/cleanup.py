@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Callable
 
 import torch
 import torch.fx
@@ -148,20 +149,12 @@ def _cse_key(value: object) -> object:
     return value
 
 
-def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
-    result = PassResult()
-    graph = gm.graph
-    written = {base_of(w) for n in graph.nodes for w in written_tensors(n)}
-    for n in graph.nodes:  # functional HOP wrappers name what the wrapped op writes: their inputs stay unmerged
-        if is_hop(n):
-            written.update(base_of(a) for a in n.all_input_nodes)
+def merge_duplicates(graph: torch.fx.Graph, eligible: Callable[[torch.fx.Node], bool]) -> int:
+    """Replace each eligible call that repeats an earlier one (same op, same arguments) by the earlier one."""
     seen: dict[object, torch.fx.Node] = {}
+    merged = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or is_hop(node) or is_impure(node):
-            continue
-        tags = getattr(node.target, "tags", ())
-        if (torch.Tag.nondeterministic_seeded in tags or node in written
-                or any(base_of(a) in written for a in node.all_input_nodes)):
+        if node.op != "call_function" or not eligible(node):
             continue
         try:
             key = (node.target, _cse_key(node.args), _cse_key(node.kwargs))
@@ -172,7 +165,26 @@ def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext |
         if first is not node:
             node.replace_all_uses_with(first)
             graph.erase_node(node)
-            result.count("merged")
+            merged += 1
+    return merged
+
+
+def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+    graph = gm.graph
+    written = {base_of(w) for n in graph.nodes for w in written_tensors(n)}
+    for n in graph.nodes:  # functional HOP wrappers name what the wrapped op writes: their inputs stay unmerged
+        if is_hop(n):
+            written.update(base_of(a) for a in n.all_input_nodes)
+
+    def pure(node: torch.fx.Node) -> bool:
+        if is_hop(node) or is_impure(node) or node in written:
+            return False
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+            return False
+        return not any(base_of(a) in written for a in node.all_input_nodes)
+
+    result = PassResult()
+    result.count("merged", merge_duplicates(graph, pure))
     return result
 
 

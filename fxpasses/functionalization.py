@@ -33,6 +33,7 @@ from fxpasses.effects import (
     mutable_args,
     node_args_by_name,
 )
+from fxpasses.cleanup import merge_duplicates
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -115,22 +116,7 @@ def merge_duplicate_views(graph: torch.fx.Graph) -> int:
 
     Views alias their base, so two identical views are the same tensor whatever mutations come between them.
     """
-    seen: dict[tuple, torch.fx.Node] = {}
-    merged = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or not is_view(node):
-            continue
-        try:
-            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
-            hash(key)
-        except TypeError:
-            continue
-        first = seen.setdefault(key, node)
-        if first is not node:
-            node.replace_all_uses_with(first)
-            graph.erase_node(node)
-            merged += 1
-    return merged
+    return merge_duplicates(graph, is_view)
 
 
 def _set_view_meta(node: torch.fx.Node) -> None:
