@@ -135,3 +135,30 @@ def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
     assert runner.static_tokens is None and set(runner.pieces["submod_0"].entries) == {1, 8}
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+class ShiftedSlots(torch.nn.Module):
+    """Attention whose slot ids are computed in the graph (slot + 1): padded rows cannot be marked there."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(4, 8, 1, 4))
+        self.register_buffer("v", torch.zeros(4, 8, 1, 4))
+
+    def forward(self, input_ids, position_ids, slot_ids):
+        x = input_ids.float()[:, None, None].expand(-1, 1, 4)
+        return torch.ops.fxp.attention(x, x, x, self.k, self.v, slot_ids + 1, position_ids, 0.5)
+
+
+def test_full_graph_refuses_a_marker_argument_computed_in_the_graph():
+    backend = _cpu_backend([4], splitting_ops=())
+    ids, pos, slots = torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 1])
+    for t in (ids, pos, slots):
+        torch._dynamo.mark_dynamic(t, 0)
+    torch._dynamo.reset()
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
+            mock.patch("torch.cuda.graph_pool_handle", lambda: None), torch.inference_mode(), \
+            pytest.raises(Exception, match=r"padded tokens are marked through argument 'slot_ids', but that is "
+                                           r"computed in the graph \(add.*\), not a graph input\. Keep fxp.attention "
+                                           r"in splitting_ops"):
+        torch.compile(ShiftedSlots(), backend=backend)(ids, pos, slots)
