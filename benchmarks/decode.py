@@ -93,10 +93,10 @@ def main() -> None:
         with torch.inference_mode():
             for i, n in enumerate(args.tokens):
                 b = decode_batch(n, args.context, config.vocab_size)
-                for t in (b.input_ids, b.position_ids, b.slot_ids):
-                    if args.mark == "unbacked":
-                        torch._dynamo.decorators.mark_unbacked(t, 0)
-                    else:
+                if args.mark == "unbacked":
+                    fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
+                else:
+                    for t in (b.input_ids, b.position_ids, b.slot_ids):
                         torch._dynamo.maybe_mark_dynamic(t, 0)
                 call = lambda: fn(b.input_ids, b.position_ids, b.slot_ids)  # noqa: E731
                 torch.cuda.synchronize()

@@ -11,12 +11,12 @@ from fxpasses.pass_manager import PassError, PassManager, Stage
 from fxpasses.passes import PassContext, PassResult, PipelineConfig
 from fxpasses.report import PassRecord, Report
 from fxpasses.rewrite import rewrite
-from fxpasses.tokens import TokenDim, find_token_dim
+from fxpasses.tokens import TokenDim, find_token_dim, mark_token_dim
 from fxpasses.verifier import VerificationError
 
 __all__ = [
     "Backend", "Mapping", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineConfig",
     "ProcessGroups", "Report", "Stage", "TokenDim", "VerificationError", "defunctionalize", "find_token_dim",
-    "functionalize", "init_process_groups", "rewrite",
+    "functionalize", "init_process_groups", "mark_token_dim", "rewrite",
 ]
 __version__ = "0.1.0"

@@ -116,3 +116,10 @@ def outside_tracing() -> Iterator[None]:
 
     with tracing(None), unset_fake_temporarily():
         yield
+
+
+def mark_unbacked(t: torch.Tensor, dim: int) -> None:
+    """Dynamo's unbacked marking (a size it neither specializes nor guards on); a decorator module in 2.11-2.13."""
+    from torch._dynamo.decorators import mark_unbacked as mark
+
+    mark(t, dim)

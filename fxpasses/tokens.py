@@ -81,3 +81,14 @@ def _symint_placeholders(placeholders: list[torch.fx.Node], expr: sympy.Expr) ->
         if isinstance(val, torch.SymInt) and val.node.expr == expr:
             out.append(i)
     return tuple(out)
+
+
+def mark_token_dim(*tensors: torch.Tensor, dim: int = 0) -> None:
+    """Mark the token dimension of a step's inputs so one compiled graph serves every token count, 1 included.
+
+    ``torch._dynamo.mark_dynamic`` leaves a size of 1 specialized (Dynamo's 0/1 rule), so a 1-token decode step
+    compiles a second, static graph. An *unbacked* size is never specialized: one graph, one compile, and with
+    ``Backend(cuda_graph_sizes=...)`` one runner padding every count to its captured sizes. Call it on each step's
+    token inputs before the compiled call (``input_ids``, ``position_ids``, ``slot_ids``, ...)."""
+    for t in tensors:
+        compat.mark_unbacked(t, dim)

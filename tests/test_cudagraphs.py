@@ -115,7 +115,7 @@ def test_one_token_static_graph_is_captured_at_its_size():
 
 
 def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
-    """A serving loop can mark the token dimension unbacked (torch._dynamo.mark_unbacked): Dynamo then does not
+    """A serving loop can mark the token dimension unbacked (fxpasses.mark_token_dim): Dynamo then does not
     specialize 1 token, so one graph (one compile) serves 1 token and more, padded to the captured sizes."""
     steps = make_steps(128, prompt_lens=(5,), decode_steps=1)  # 5 tokens (-> size 8), then 1 (size 1)
     expected = run_steps(build_model("llama"), steps)
@@ -127,8 +127,7 @@ def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
             mock.patch("torch.cuda.graph_pool_handle", lambda: None), torch.inference_mode():
         fn = torch.compile(model, backend=backend)
         for b in steps:
-            for t in (b.input_ids, b.position_ids, b.slot_ids):
-                torch._dynamo.decorators.mark_unbacked(t, 0)
+            fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
             got.append(fn(b.input_ids, b.position_ids, b.slot_ids))
     assert backend.report.graphs == 1
     (runner,) = backend.runners
