@@ -108,9 +108,7 @@ class Backend:
             raise ValueError("Backend: inductor_config is for the Inductor path; pass inductor=True too.")
         self.inductor_config = dict(inductor_config or {})
         if self.inductor_config:
-            from torch._inductor import config as inductor_options
-
-            unknown = [k for k in self.inductor_config if k not in inductor_options.get_config_copy()]
+            unknown = sorted(set(self.inductor_config) - compat.inductor_option_names())
             if unknown:
                 raise ValueError(f"Backend: unknown Inductor option(s) {unknown}; see torch._inductor.config "
                                  "(dotted names, e.g. 'triton.cudagraphs').")

@@ -97,6 +97,13 @@ def fx_graph_cache_counters() -> tuple[int, int]:
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
 
+def inductor_option_names() -> set[str]:
+    """Every option of torch._inductor.config, dotted (``triton.cudagraphs``)."""
+    from torch._inductor import config
+
+    return set(config.get_config_copy())
+
+
 def inductor_decompositions() -> dict:
     """The decomposition table Inductor traces with: graphs on the Inductor path are decomposed with it, so
     patterns for that path are traced with it too."""

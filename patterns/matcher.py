@@ -239,7 +239,7 @@ class _State:
     def copy(self) -> "_State":
         return _State(dict(self.bindings), dict(self.nodes), dict(self.owners))
 
-    def nodes_meta_val(self, p: "PNode") -> Any:
+    def bound_val(self, p: "PNode") -> Any:
         """The fake value of the graph node bound to ``p`` (the first one, for ops returning several)."""
         g = self.nodes.get(id(p))
         val = g.meta.get("val") if g is not None else None
@@ -353,7 +353,7 @@ def _match_wildcard(w: Wildcard, gv: Any, state: _State, owner: PNode) -> _State
         if not isinstance(gv, int) or isinstance(gv, bool):
             raise _fail(lambda: f"{owner.describe()}: {w.name} must be a constant int, found {gv!r}", state)
         if gv < 0:
-            val = state.nodes_meta_val(owner)
+            val = state.bound_val(owner)
             if val is None:
                 raise _fail(lambda: f"{owner.describe()}: dim {gv} cannot be normalized without shape metadata", state)
             gv += val.dim()
