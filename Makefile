@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m fxpasses demo
 
+# Lint and the import-layering check (tests/test_layering.py) run first: they take seconds.
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 # Skips the multi-rank and Inductor tests: the quick loop while editing.

@@ -91,7 +91,7 @@ def main() -> None:
         fn, backend = make_fn(mode, model, args.tokens)
         times, compile_s = [], 0.0
         with torch.inference_mode():
-            for i, n in enumerate(args.tokens):
+            for n in args.tokens:
                 b = decode_batch(n, args.context, config.vocab_size)
                 if args.mark == "unbacked":
                     fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)

@@ -20,9 +20,9 @@ import os
 import torch
 import triton.testing
 
-import ops  # noqa: F401
-from ops.norms import rms_norm_reference
-from ops.quant import quant_fp8_reference
+from fxpasses import ops  # noqa: F401
+from fxpasses.ops.norms import rms_norm_reference
+from fxpasses.ops.quant import quant_fp8_reference
 
 TOKENS = [1, 16, 128, 1024, 8192]
 HIDDEN = [4096, 8192]
@@ -60,7 +60,7 @@ def shapes():
 
 
 def sweep() -> None:
-    from ops.triton_kernels import _launch, default_warps
+    from fxpasses.ops.triton_kernels import _launch, default_warps
 
     scale = torch.tensor([0.05], device="cuda")
     warps = [1, 2, 4, 8, 16]

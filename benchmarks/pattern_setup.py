@@ -28,7 +28,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, "-c", COLD], capture_output=True, text=True, check=True).stdout.split()
         colds.append(float(out[-1]))
     import fxpasses
-    import patterns
+    from fxpasses import patterns
 
     fxpasses.Backend()
     warm = []

@@ -2,7 +2,15 @@
 
 Importing fxpasses registers the ``torch.ops.fxp`` custom ops and the ``"fxpasses"`` torch.compile backend.
 """
-import ops  # noqa: F401  (registers torch.ops.fxp.*)
+from pathlib import Path as _Path
+
+# Installed, ops/ and patterns/ live inside this package (setuptools' package-dir). Run from a source checkout
+# without installing (``PYTHONPATH=.``, as on the GPU machine), they are this folder's siblings: look there too.
+_checkout = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "ops").is_dir() and (_checkout / "ops" / "__init__.py").is_file():
+    __path__.append(str(_checkout))  # noqa: F821  (a package's __path__)
+
+from fxpasses import ops  # noqa: E402, F401  (registers torch.ops.fxp.*)
 
 from fxpasses.backend import Backend
 from fxpasses.functionalization import defunctionalize, functionalize

@@ -18,7 +18,6 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
-from torch._functorch.aot_autograd import aot_module_simplified
 
 from fxpasses import compat
 from fxpasses.mapping import Mapping, cached_process_groups
@@ -35,11 +34,15 @@ log = logging.getLogger("fxpasses")
 @functools.lru_cache(maxsize=1)
 def _source_digest() -> str:
     """Hash of fxpasses' own pass code, so editing a pass invalidates Inductor's cached graphs."""
+    from fxpasses import ops, patterns
+
     h = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
-    for pkg in ("fxpasses", "patterns", "ops"):
-        for path in sorted((root / pkg).rglob("*.py")):
-            h.update(path.relative_to(root).as_posix().encode())
+    roots = [Path(__file__).resolve().parent, Path(ops.__file__).resolve().parent, Path(patterns.__file__).resolve().parent]
+    for root in roots:  # installed, ops/ and patterns/ are inside fxpasses/: each file is hashed once
+        for path in sorted(root.rglob("*.py")):
+            if roots[0] != root and roots[0] in path.parents:
+                continue
+            h.update(path.relative_to(root.parent).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -190,7 +193,7 @@ class Backend:
         try:
             if self.inductor:
                 return self._compile_inductor(gm, example_inputs, index)
-            return aot_module_simplified(
+            return compat.aot_module_simplified(
                 gm,
                 example_inputs,
                 fw_compiler=functools.partial(self._fx_compiler, index=index),
@@ -224,13 +227,9 @@ class Backend:
         return runner
 
     def _compile_inductor(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-
         custom = make_inductor_pass(self, index)
         hits, misses = compat.fx_graph_cache_counters()
-        with inductor_config.patch({"post_grad_custom_pre_pass": custom, **self.inductor_config}):
-            compiled = compile_fx(gm, example_inputs)
+        compiled = compat.inductor_compile(gm, example_inputs, {"post_grad_custom_pre_pass": custom, **self.inductor_config})
         new_hits, _ = compat.fx_graph_cache_counters()
         if new_hits > hits:
             self.report.note(f"graph {index}: served from Inductor's FX graph cache; the passes did not run again")

@@ -1,4 +1,6 @@
-"""Every private torch API fxpasses touches, in one place.
+"""Every private torch API fxpasses touches, in one place: a leaf that every layer (ops, patterns, the rest) may import.
+
+It imports nothing of ours, only torch.
 
 CI runs torch 2.13, the GPU machine 2.11. When a torch upgrade breaks something, this module is where the fix
 goes; nothing else imports ``torch._*`` internals that are known to move between releases.
@@ -130,3 +132,46 @@ def mark_unbacked(t: torch.Tensor, dim: int) -> None:
     from torch._dynamo.decorators import mark_unbacked as mark
 
     mark(t, dim)
+
+
+# Operator types: every op in a graph is one of these (torch keeps them in the private torch._ops module).
+OpOverload = torch._ops.OpOverload
+HigherOrderOperator = torch._ops.HigherOrderOperator
+
+
+def side_effectful_functions() -> set:
+    """Targets FX's dead-code elimination never removes (``has_side_effect`` adds to this set)."""
+    return torch.fx.node._side_effectful_functions
+
+
+def aot_module_simplified(gm: torch.fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
+    """AOT autograd's entry for a backend: functionalizes the Dynamo graph and hands it to ``fw_compiler``."""
+    from torch._functorch.aot_autograd import aot_module_simplified as aot
+
+    return aot(gm, example_inputs, **kwargs)
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Any, options: dict[str, Any]) -> Any:
+    """Inductor's compile of an AOT-ready graph, with its config patched by ``options`` for this call only."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with inductor_config.patch(options):
+        return compile_fx(gm, example_inputs)
+
+
+def functional_collectives() -> Any:
+    """``torch.distributed._functional_collectives``: traceable collectives (all_reduce returning a new tensor)."""
+    from torch.distributed import _functional_collectives
+
+    return _functional_collectives
+
+
+def clear_dtensor_caches() -> None:
+    """Forget DTensor's sharding-propagation cache. It compares meshes by ranks, so a later mesh over the same ranks
+    (another model, a later fake world) would otherwise trace with an earlier mesh's process group."""
+    try:
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    except ImportError:  # a torch without DTensor
+        return
+    _clear_sharding_prop_cache()

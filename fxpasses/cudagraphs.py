@@ -36,7 +36,7 @@ import torch
 import torch.fx
 from torch.fx.passes.split_module import split_module
 
-import ops
+from fxpasses import compat, ops
 from fxpasses.effects import base_of, node_args_by_name, written_tensors
 
 log = logging.getLogger("fxpasses")
@@ -45,7 +45,7 @@ DEFAULT_SPLITTING_OPS = ("fxp.attention",)
 
 
 def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, compat.OpOverload):
         return target._schema.name.replace("::", ".")
     return str(target)
 

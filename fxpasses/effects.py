@@ -69,7 +69,7 @@ def returns_alias(op: Any) -> bool:
 def can_auto_functionalize(op: Any) -> bool:
     """A custom op that mutates arguments but returns fresh tensors (what auto_functionalized supports)."""
     return (
-        isinstance(op, torch._ops.OpOverload)
+        isinstance(op, compat.OpOverload)
         and op.namespace not in ("aten", "prim", "prims")
         and bool(mutable_args(op))
         and not returns_alias(op)
@@ -159,7 +159,7 @@ def effect_keys(node: torch.fx.Node, placeholders: set[torch.fx.Node]) -> tuple[
         args = node.kwargs if is_hop(node) else node_args_by_name(node)
         peer = args.get("peer")
         ordered.append(("comm", label, group) + ((("peer", peer),) if peer is not None else ()))
-    elif op in torch.fx.node._side_effectful_functions and not _is_torch_internal_effect(op) and not _is_wait(op):
+    elif op in compat.side_effectful_functions() and not _is_torch_internal_effect(op) and not _is_wait(op):
         ordered.append(("effect", _op_label(op)))
     written = [base_of(t) for t in written_tensors(node)]
     inputs = [t.name for t in written if t in placeholders]
@@ -185,7 +185,7 @@ def is_impure(node: torch.fx.Node) -> bool:
     if node.op != "call_function":
         return node.op == "call_module"
     op = underlying_op(node)
-    if op in torch.fx.node._side_effectful_functions:
+    if op in compat.side_effectful_functions():
         return True
     if _group_name(node) is not None:  # communication: every rank must issue it, used or not
         return True

@@ -6,7 +6,7 @@ from typing import Any, Iterable
 
 import torch.fx
 
-import patterns as pattern_registry
+from fxpasses import patterns as pattern_registry
 from fxpasses import compat
 from fxpasses.dependency import stable_topological_sort
 from fxpasses.passes import PassContext, PassResult

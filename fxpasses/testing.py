@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 def fake_process_group(world_size: int, rank: int) -> Iterator[dist.ProcessGroup]:
     """Initialize torch's ``fake`` backend as ``rank`` of ``world_size``; destroy it on exit.
 
-    Usable any number of times in one process, one at a time.
+    Usable any number of times in one process, one at a time; it leaves no state behind (our cached groups and
+    DTensor's sharding cache, which would hand a later world this one's groups, are cleared on exit).
     """
     if dist.is_initialized():
         raise RuntimeError(
@@ -45,6 +46,7 @@ def fake_process_group(world_size: int, rank: int) -> Iterator[dist.ProcessGroup
         yield dist.group.WORLD
     finally:
         forget_process_groups()
+        compat.clear_dtensor_caches()
         dist.destroy_process_group()
 
 
@@ -235,10 +237,10 @@ def target_name(node: torch.fx.Node) -> str:
 
 
 def _op_name(target: Any) -> str:
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, compat.OpOverload):
         packet = target._schema.name.replace("::", ".")
         return packet if target._overloadname == "default" else f"{packet}.{target._overloadname}"
-    if isinstance(target, torch._ops.HigherOrderOperator):
+    if isinstance(target, compat.HigherOrderOperator):
         return target.__name__
     module = getattr(target, "__module__", "") or ""
     return f"{module.split('.')[0]}.{getattr(target, '__name__', repr(target))}" if module else repr(target)

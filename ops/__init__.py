@@ -5,9 +5,9 @@ Each op has a schema, a fake (meta) implementation for tracing, and an eager imp
 that runs on CPU and CUDA. This package depends on nothing else of ours: ``patterns`` and ``fxpasses`` build
 on it, never the other way round.
 """
-from ops import attention, elementwise, norms, p2p, quant  # noqa: F401  (registration happens on import)
-from ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES, TOKEN_PADDING
-from ops.quant import FP8_DTYPE, FP8_MAX
+from fxpasses.ops import attention, elementwise, norms, p2p, quant  # noqa: F401  (registration happens on import)
+from fxpasses.ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES, TOKEN_PADDING
+from fxpasses.ops.quant import FP8_DTYPE, FP8_MAX
 
 
 def _register_gpu_kernels() -> bool:
@@ -16,7 +16,7 @@ def _register_gpu_kernels() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    from ops import triton_attention, triton_elementwise, triton_kernels
+    from fxpasses.ops import triton_attention, triton_elementwise, triton_kernels
 
     triton_kernels.register()
     triton_attention.register()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.library import check_float, define_op
+from fxpasses.ops.library import check_float, define_op
 
 PAD_SLOT = -1
 

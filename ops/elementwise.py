@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ops.library import check_float, define_op
+from fxpasses.ops.library import check_float, define_op
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -11,18 +11,20 @@ from typing import Callable
 import torch
 import torch.fx
 
+from fxpasses import compat
+
 NAMESPACE = "fxp"
 LIB = torch.library.Library(NAMESPACE, "DEF")
 
 # Ops whose effect is outside their outputs (communication). AOT's dead-code elimination would otherwise
 # delete e.g. a send whose buffer is never read again; fxpasses' own passes consult this set too.
-SIDE_EFFECT_OPS: set[torch._ops.OpOverload] = set()
+SIDE_EFFECT_OPS: set[compat.OpOverload] = set()
 
 # Ops that can run inside a captured CUDA graph on padded tokens, and how a padded token is marked:
 # op -> {argument name: value for padded rows}. A graph captured for N tokens runs a smaller batch padded to N; the
 # runner fills the named argument's padded rows with the value. Any other op that writes per-token state must stay
 # outside the captured graphs (a splitting op). Filled by the CUDA kernels' registration (ops.triton_attention).
-TOKEN_PADDING: dict[torch._ops.OpOverload, dict[str, int]] = {}
+TOKEN_PADDING: dict[compat.OpOverload, dict[str, int]] = {}
 
 SUPPORTED_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -33,7 +35,7 @@ def define_op(
     fake: Callable,
     *,
     side_effect: bool = False,
-) -> torch._ops.OpOverload:
+) -> compat.OpOverload:
     """Define ``fxp::<schema>`` with an eager kernel for every device and a fake kernel for tracing."""
     name = schema.split("(", 1)[0]
     LIB.define(schema)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.library import check_float, check_norm_shapes, define_op
+from fxpasses.ops.library import check_float, check_norm_shapes, define_op
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,16 +12,15 @@ from typing import Sequence
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _resolve_process_group
-
-from ops.library import define_op
+from fxpasses import compat
+from fxpasses.ops.library import define_op
 
 
 def _group(op: str, peer: int, group_name: str) -> dist.ProcessGroup:
     if not dist.is_initialized():
         raise RuntimeError(f"fxp.{op}: torch.distributed is not initialized; call init_process_group first.")
     try:
-        group = _resolve_process_group(group_name)
+        group = compat.resolve_process_group(group_name)
     except Exception as err:  # torch raises different types across versions
         raise ValueError(f"fxp.{op}: no process group is named {group_name!r}.") from err
     ranks = dist.get_process_group_ranks(group)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from ops.library import check_float, check_norm_shapes, define_op
-from ops.norms import all_reduce_sum, rms_norm_reference
+from fxpasses.ops.library import check_float, check_norm_shapes, define_op
+from fxpasses.ops.norms import all_reduce_sum, rms_norm_reference
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max

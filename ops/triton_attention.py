@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.attention import PAD_SLOT, _check
-from ops.library import LIB, TOKEN_PADDING
+from fxpasses.ops.attention import PAD_SLOT, _check
+from fxpasses.ops.library import LIB, TOKEN_PADDING
 
 
 @triton.jit

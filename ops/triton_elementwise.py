@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.elementwise import _check_rotary, _check_silu_and_mul, rotary_embedding_reference, silu_and_mul_reference
-from ops.library import LIB
-from ops.triton_rounding import round_as
+from fxpasses.ops.elementwise import _check_rotary, _check_silu_and_mul, rotary_embedding_reference, silu_and_mul_reference
+from fxpasses.ops.library import LIB
+from fxpasses.ops.triton_rounding import round_as
 
 
 @triton.jit

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.library import LIB, check_float, check_norm_shapes
-from ops.quant import FP8_DTYPE, FP8_MAX
-from ops.triton_rounding import round_as
+from fxpasses.ops.library import LIB, check_float, check_norm_shapes
+from fxpasses.ops.quant import FP8_DTYPE, FP8_MAX
+from fxpasses.ops.triton_rounding import round_as
 
 
 @triton.jit

@@ -3,10 +3,10 @@
 ``patterns.all()`` lists the registered patterns (largest benefit first). A Backend builds its own
 ``PatternSet`` from them for its Mapping. Depends on ``ops`` only.
 """
-from patterns import elementwise, norms, quant  # noqa: F401  (registration happens on import)
-from patterns.matcher import Match, MatchFailure, PatternGraph
-from patterns.norms import rms_norm_spelling, rms_norm_spellings
-from patterns.registry import (
+from fxpasses.patterns import elementwise, norms, quant  # noqa: F401  (registration happens on import)
+from fxpasses.patterns.matcher import Match, MatchFailure, PatternGraph
+from fxpasses.patterns.norms import rms_norm_spelling, rms_norm_spellings
+from fxpasses.patterns.registry import (
     ApplyResult,
     Builder,
     Decompositions,

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import ops
-from patterns.matcher import SIZE_SENTINEL, Match
-from patterns.registry import MatchContext, pattern
+from fxpasses import ops
+from fxpasses.patterns.matcher import SIZE_SENTINEL, Match
+from fxpasses.patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten

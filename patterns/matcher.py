@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from fxpasses import compat
+
 aten = torch.ops.aten
 
 EPS_SENTINEL = 1.2345678e-5  # traced in place of epsilon; any float this close becomes the "eps" wildcard
@@ -86,7 +88,7 @@ def _op_label(target: Any) -> str:
         return "input"
     if target is operator.getitem:
         return "getitem"
-    if isinstance(target, torch._ops.OpOverload):
+    if isinstance(target, compat.OpOverload):
         return str(target)  # e.g. aten.add.Tensor: overloads matter (add.Tensor is not add.Scalar)
     return getattr(target, "__name__", str(target))
 
@@ -94,7 +96,7 @@ def _op_label(target: Any) -> str:
 # ---- arguments by schema name --------------------------------------------------------------------------------
 def args_by_name(target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Positional and keyword arguments as schema name -> value, with defaults filled in."""
-    if not isinstance(target, torch._ops.OpOverload):
+    if not isinstance(target, compat.OpOverload):
         return {str(i): a for i, a in enumerate(args)}
     out: dict[str, Any] = {}
     for i, arg in enumerate(target._schema.arguments):

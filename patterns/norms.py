@@ -12,9 +12,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-import ops
-from patterns.matcher import EPS_SENTINEL, GROUP_SENTINEL, Match
-from patterns.registry import MatchContext, pattern
+from fxpasses import ops
+from fxpasses.patterns.matcher import EPS_SENTINEL, GROUP_SENTINEL, Match
+from fxpasses.patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import torch
 
-import ops
-from patterns.matcher import Match
-from patterns.norms import (
+from fxpasses import ops
+from fxpasses.patterns.matcher import Match
+from fxpasses.patterns.norms import (
     _all_reduce,
     _norm_inputs,
     check_norm,
@@ -21,7 +21,7 @@ from patterns.norms import (
     rms_norm_spellings,
     tp_enabled,
 )
-from patterns.registry import MatchContext, pattern
+from fxpasses.patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten

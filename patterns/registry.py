@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from patterns.matcher import Match, MatchFailure, PatternGraph, match, trace_pattern
+from fxpasses import compat
+from fxpasses.patterns.matcher import Match, MatchFailure, PatternGraph, match, trace_pattern
 
 log = logging.getLogger("fxpasses.patterns")
 
@@ -134,9 +135,7 @@ class Builder:
         node = self.graph.call_function(op, tuple(args), kwargs)
         node.meta.update(self.meta)
         vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in args]
-        from torch._guards import detect_fake_mode
-
-        mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+        mode = compat.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
         if mode is not None:
             with mode:
                 node.meta["val"] = op(*vals, **kwargs)

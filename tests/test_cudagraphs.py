@@ -7,7 +7,7 @@ import torch
 
 import fxpasses
 import fxpasses.cudagraphs as cg
-import ops
+from fxpasses import ops
 from fxpasses.models import build_model, make_steps, run_steps
 
 

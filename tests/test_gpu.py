@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fxpasses
-import ops
+from fxpasses import ops
 
 pytestmark = pytest.mark.gpu
 fxp = torch.ops.fxp

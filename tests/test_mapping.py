@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,7 +30,7 @@ def test_hashable_frozen_and_stable_dict():
     a, b = Mapping(4, 1, 2, 2), Mapping(world_size=4, rank=1, tp_size=2, pp_size=2)
     assert a == b and hash(a) == hash(b) and len({a, b}) == 1
     assert list(a.to_dict()) == ["pp_size", "rank", "tp_size", "world_size"]
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         a.rank = 2  # type: ignore[misc]
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import ops  # noqa: F401
+from fxpasses import ops  # noqa: F401
 from fxpasses.testing import fake_process_group
 
 fxp = torch.ops.fxp

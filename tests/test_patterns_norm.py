@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fxpasses
-import patterns
+from fxpasses import patterns
 from pattern_helpers import BF16_TOL, compile_and_capture
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: BF16_TOL, torch.float16: dict(rtol=2e-3, atol=2e-3)}

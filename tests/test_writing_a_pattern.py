@@ -5,7 +5,7 @@ import torch
 
 import fxpasses
 from pattern_helpers import compile_and_capture
-from patterns import Pattern
+from fxpasses.patterns import Pattern
 
 
 def gpt2_gelu(x):

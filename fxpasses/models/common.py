@@ -15,8 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed import _functional_collectives as funcol
-
+from fxpasses import compat
 from fxpasses.mapping import Mapping
 
 
@@ -51,7 +50,7 @@ class Parallel:
         """Sum over the TP group (a functional all_reduce, as DTensor emits); nothing when tp == 1."""
         if self.tp == 1:
             return x
-        return funcol.all_reduce(x, "sum", self.tp_group)
+        return compat.functional_collectives().all_reduce(x, "sum", self.tp_group)
 
 
 def check_divisible(what: str, count: int, tp: int) -> None:
