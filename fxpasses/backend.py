@@ -14,18 +14,21 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
 
 from fxpasses import compat
+from fxpasses import patterns as pattern_registry
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import Pass, PassContext, PipelineConfig, pass_name
 from fxpasses.pattern_pass import split_patterns
 from fxpasses.pipeline import build_pipeline
+from fxpasses.plugins import enabled_by_default, load_plugins, plugin_pattern_names
 from fxpasses.report import Report
 from fxpasses.tokens import DEFAULT_TOKEN_INPUTS, TokenDim, find_token_dim
+from fxpasses.user_passes import as_user_pass
 
 log = logging.getLogger("fxpasses")
 
@@ -49,8 +52,10 @@ def _source_digest() -> str:
 
 def _pass_identity(p: Any) -> str:
     """A stable identity for a user pass: its own uuid() if it has one, else its name and source."""
-    if hasattr(p, "uuid") and callable(p.uuid):
-        return f"{pass_name(p)}:{p.uuid()}"
+    p = getattr(p, "original", p)  # a UserPass: identify what the user gave
+    uuid = getattr(p, "uuid", None)
+    if callable(uuid) and uuid() is not None:
+        return f"{pass_name(p)}:{uuid()}"
     try:
         src = inspect.getsource(p if inspect.isfunction(p) or inspect.isclass(p) else type(p))
     except (OSError, TypeError):
@@ -68,7 +73,8 @@ class Backend:
             CUDA graphs, as ``mode="reduce-overhead"`` sets them).
         patterns: registered patterns (``patterns.Pattern`` objects or names) and/or pattern pass callables;
             default: every registered pattern that applies to the Mapping.
-        extra_passes: user passes ``(gm, ctx) -> PassResult`` run after the patterns.
+        extra_passes: user passes run after the patterns: ours ``(gm, ctx) -> PassResult``, torch's ``PassBase`` or
+            ``(gm) -> PassResult``, or Inductor's ``CustomGraphPass`` ``(graph) -> None`` (see fxpasses.user_passes).
         strict: raise when a pass fails instead of rolling it back and recording the error.
         dump_dir: write each graph before and after the pipeline there, as readable Python.
         verify: run the verifier after every pass (default: the ``FXPASSES_VERIFY`` environment variable, off).
@@ -79,6 +85,8 @@ class Backend:
         splitting_ops: ops the graph is split at for CUDA graphs (they run eagerly on the real tokens), as
             ``namespace.name``. ``()`` captures each graph whole, attention included (fastest decode; needs every
             op that writes the KV cache to skip padded tokens, see ``ops.TOKEN_PADDING``).
+        plugins: load patterns and passes from installed packages' entry points (fxpasses.plugins); default on
+            unless ``FXPASSES_PLUGINS=0``. The report names what each plugin registered.
     """
 
     def __init__(
@@ -88,54 +96,45 @@ class Backend:
         inductor: bool = False,
         inductor_config: dict[str, Any] | None = None,
         patterns: Sequence[Pass] | None = None,
-        extra_passes: Sequence[Pass] = (),
+        extra_passes: Sequence[Any] = (),
         strict: bool = False,
         dump_dir: str | os.PathLike | None = None,
         verify: bool | None = None,
         token_inputs: Sequence[str] = DEFAULT_TOKEN_INPUTS,
         cuda_graph_sizes: Sequence[int] | None = None,
         splitting_ops: Sequence[str] = ("fxp.attention",),
+        plugins: bool | None = None,
     ) -> None:
-        if mapping is not None and not isinstance(mapping, Mapping):
-            raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__}.")
-        if cuda_graph_sizes:
-            if inductor:
-                raise ValueError("Backend: cuda_graph_sizes is for the non-Inductor path; with inductor=True use "
-                                 "torch.compile(mode='reduce-overhead') instead.")
-            if not torch.cuda.is_available():
-                raise ValueError("Backend: cuda_graph_sizes needs a CUDA device, and none is available here; "
-                                 "leave cuda_graph_sizes unset on CPU.")
-            if any(int(s) < 1 for s in cuda_graph_sizes):
-                raise ValueError(f"Backend: cuda_graph_sizes must be positive token counts, got {list(cuda_graph_sizes)}.")
-        if inductor_config and not inductor:
-            raise ValueError("Backend: inductor_config is for the Inductor path; pass inductor=True too.")
-        self.inductor_config = dict(inductor_config or {})
-        if self.inductor_config:
-            unknown = sorted(set(self.inductor_config) - compat.inductor_option_names())
-            if unknown:
-                raise ValueError(f"Backend: unknown Inductor option(s) {unknown}; see torch._inductor.config "
-                                 "(dotted names, e.g. 'triton.cudagraphs').")
-        self.cuda_graph_sizes = sorted(set(int(s) for s in cuda_graph_sizes)) if cuda_graph_sizes else None
-        if isinstance(splitting_ops, str) or any(not isinstance(o, str) or "." not in o for o in splitting_ops):
-            raise ValueError(f"Backend: splitting_ops must be a list of op names as 'namespace.name' (e.g. "
-                             f"'fxp.attention'), got {splitting_ops!r}.")
-        self.splitting_ops = tuple(splitting_ops)
-        self.runners: list[Any] = []  # the piecewise CUDA-graph runners this backend made, one per graph
-        self.mapping = mapping or Mapping()
-        self.inductor = inductor
-        self.extra_passes = list(extra_passes)
-        self.config = PipelineConfig(strict=strict, defunctionalize=not inductor)
+        self.mapping = _checked_mapping(mapping)
+        self.inductor = _checked_flag("inductor", inductor)
+        self.inductor_config = _checked_inductor_config(inductor_config, self.inductor)
+        self.cuda_graph_sizes = _checked_cuda_graph_sizes(cuda_graph_sizes, self.inductor)
+        self.splitting_ops = _checked_op_names("splitting_ops", splitting_ops)
+        self.token_inputs = _checked_names("token_inputs", token_inputs)
+        self.dump_dir = _checked_dump_dir(dump_dir)
+        self.config = PipelineConfig(strict=_checked_flag("strict", strict), defunctionalize=not self.inductor)
         if verify is not None:
-            self.config.verify = verify
+            self.config.verify = _checked_flag("verify", verify)
+        self.plugins = load_plugins() if _checked_flag("plugins", plugins, default=enabled_by_default()) else None
+        self.extra_passes = [as_user_pass(p, f"Backend: extra_passes[{i}]") for i, p in enumerate(_checked_list(
+            "extra_passes", extra_passes))] + list(self.plugins.passes if self.plugins else ())
         t0 = time.perf_counter()
-        self.patterns = split_patterns(patterns, self.mapping, self.config, inductor=inductor)
+        self.patterns = split_patterns(self._chosen_patterns(patterns), self.mapping, self.config, inductor=self.inductor)
         self.pattern_setup_seconds = time.perf_counter() - t0
-        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
-        self.token_inputs = tuple(token_inputs)
+        self.runners: list[Any] = []  # the CUDA-graph runners this backend made, one per graph
         self.__name__ = "fxpasses"  # how torch.compile names this backend in its errors
         self.report = Report()
+        if self.plugins:
+            self.report.plugins.extend(self.plugins.records)
         self.token_dims: list[TokenDim | None] = []
         self._graphs = 0
+
+    def _chosen_patterns(self, patterns: Sequence[Pass] | None) -> list[Any]:
+        """What Backend(patterns=...) names; by default every registered pattern, less plugins' when they are off."""
+        if patterns is not None:
+            return _checked_list("patterns", patterns)
+        excluded = frozenset() if self.plugins else plugin_pattern_names()
+        return [p for p in pattern_registry.all() if p.name not in excluded]
 
     # ---- identity ----------------------------------------------------------------------------------------------
     def uuid(self) -> str:
@@ -234,6 +233,92 @@ class Backend:
         if new_hits > hits:
             self.report.note(f"graph {index}: served from Inductor's FX graph cache; the passes did not run again")
         return compiled
+
+
+# ---- argument checks: each names the argument and says what to pass instead ------------------------------------
+def _checked_mapping(mapping: Any) -> Mapping:
+    if mapping is not None and not isinstance(mapping, Mapping):
+        raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__} {mapping!r}; "
+                        "build one with fxpasses.Mapping(world_size, rank, tp_size, pp_size) or Mapping.from_env().")
+    return mapping or Mapping()
+
+
+def _checked_flag(name: str, value: Any, default: bool | None = None) -> bool:
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, bool):
+        raise TypeError(f"Backend: {name} must be True or False, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _checked_list(name: str, value: Any) -> list[Any]:
+    """A sequence of items; one string is refused (it would be taken letter by letter)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise TypeError(f"Backend: {name} must be a list, got {type(value).__name__} {value!r}"
+                        + (f"; write {name}=[{value!r}]" if isinstance(value, str) else "") + ".")
+    return list(value)
+
+
+def _checked_names(name: str, value: Any) -> tuple[str, ...]:
+    items = _checked_list(name, value)
+    if not all(isinstance(v, str) and v for v in items):
+        raise TypeError(f"Backend: {name} must be a list of non-empty strings, got {items!r}.")
+    return tuple(items)
+
+
+def _checked_op_names(name: str, value: Any) -> tuple[str, ...]:
+    names = _checked_names(name, value)
+    if any("." not in o for o in names):
+        raise ValueError(f"Backend: {name} must be a list of op names as 'namespace.name' (e.g. "
+                         f"'fxp.attention'), got {list(names)!r}.")
+    return names
+
+
+def _checked_inductor_config(options: Any, inductor: bool) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"Backend: inductor_config must be a dict of Inductor options, got {type(options).__name__}.")
+    if options and not inductor:
+        raise ValueError("Backend: inductor_config is for the Inductor path; pass inductor=True too.")
+    unknown = sorted(set(options) - compat.inductor_option_names())
+    if unknown:
+        raise ValueError(f"Backend: unknown Inductor option(s) {unknown}; see torch._inductor.config "
+                         "(dotted names, e.g. 'triton.cudagraphs').")
+    return dict(options)
+
+
+def _checked_cuda_graph_sizes(sizes: Any, inductor: bool) -> list[int] | None:
+    if not sizes:
+        return None
+    sizes = _checked_list("cuda_graph_sizes", sizes)
+    if inductor:
+        raise ValueError("Backend: cuda_graph_sizes is for the non-Inductor path; with inductor=True use "
+                         "torch.compile(mode='reduce-overhead') instead.")
+    if not torch.cuda.is_available():
+        raise ValueError("Backend: cuda_graph_sizes needs a CUDA device, and none is available here; "
+                         "leave cuda_graph_sizes unset on CPU.")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"Backend: cuda_graph_sizes must be positive token counts, got {sizes}.")
+    return sorted(set(sizes))
+
+
+def _checked_dump_dir(dump_dir: Any) -> Path | None:
+    """Checked now, not at the first compile: a dump directory that cannot be written fails with its name."""
+    if dump_dir is None:
+        return None
+    if not isinstance(dump_dir, (str, os.PathLike)):
+        raise TypeError(f"Backend: dump_dir must be a path (str or os.PathLike), got {type(dump_dir).__name__}.")
+    path = Path(dump_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"Backend: dump_dir {str(path)!r} is a file, not a directory; name a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"Backend: dump_dir {str(path)!r} cannot be created: {err.strerror}.") from err
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"Backend: dump_dir {str(path)!r} is not writable; name a directory you can write to.")
+    return path
 
 
 def make_inductor_pass(backend: Backend, index: int) -> Any:

@@ -21,6 +21,7 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     near_misses: list = field(default_factory=list)  # patterns.NearMiss: what nearly matched, and why not
+    plugins: list = field(default_factory=list)  # plugins.PluginRecord: what each installed plugin registered
     graphs: int = 0
     compile_seconds: float = 0.0
     pipeline_seconds: float = 0.0
@@ -57,6 +58,8 @@ class Report:
             lines += ["", "matches: " + ", ".join(f"{k}={v}" for k, v in sorted(self.matches.items()))]
         for m in self.near_misses:
             lines.append(f"near miss: {m}")
+        for p in self.plugins:
+            lines.append(str(p))
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)

@@ -10,12 +10,14 @@ import contextlib
 import io
 import logging
 import multiprocessing as mp
+from multiprocessing.reduction import ForkingPickler
 import os
 import queue as queue_module
 import socket
 import time
 import traceback
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import torch.fx
 
 from fxpasses import compat
+from fxpasses.backend import Backend
 from fxpasses.mapping import forget_process_groups
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,7 @@ class RankPool:
         """
         if self._closed:
             raise RuntimeError("RankPool is closed (a rank failed or close() was called); start a new one.")
+        _check_picklable(fn, args)
         for q in self._tasks:
             q.put((fn, args))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -214,6 +218,16 @@ class RankPool:
         self.close()
 
 
+def _check_picklable(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Tasks reach the ranks by pickle; a queue's feeder thread would swallow the error and the ranks would wait
+    out the whole timeout, so pickle here first and say what to change."""
+    try:
+        ForkingPickler.dumps((fn, args))
+    except Exception as err:
+        raise TypeError(f"RankPool.run/spawn: {getattr(fn, '__qualname__', fn)!r} or its arguments cannot be pickled "
+                        f"({err}); define the function at module level and pass picklable arguments.") from err
+
+
 def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo", timeout: float = 120.0) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes with the default group initialized.
 
@@ -256,3 +270,46 @@ def op_names(gm: torch.fx.GraphModule | torch.fx.Graph) -> list[str]:
     """The graph's calls in order, by :func:`target_name`."""
     graph = gm.graph if isinstance(gm, torch.fx.GraphModule) else gm
     return [target_name(n) for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")]
+
+
+# ---- a Backend that records what the pipeline did --------------------------------------------------------------
+@dataclass
+class GraphRecord:
+    """One graph the pipeline ran on: its ops and code before, and after (``module`` is what runs now)."""
+
+    index: int
+    before: Counter[str]
+    after: Counter[str]
+    code_before: str
+    code_after: str
+    module: torch.fx.GraphModule
+
+
+class RecordingBackend(Backend):
+    """A :class:`fxpasses.Backend` that keeps each graph before and after the pipeline, in compile order.
+
+    For tests and debugging: ``backend.records[i].before`` / ``.after`` count the ops (:func:`count_ops`), and
+    ``code_before`` / ``code_after`` are the readable graphs. Everything else is the Backend's own behaviour.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.records: list[GraphRecord] = []
+
+    def run_pipeline(self, gm: torch.fx.GraphModule, graph_index: int, fake_mode: Any = None,
+                     defunctionalize: bool = True) -> torch.fx.GraphModule:
+        before, code_before = count_ops(gm), gm.print_readable(print_output=False)
+        out = super().run_pipeline(gm, graph_index, fake_mode, defunctionalize)
+        self.records.append(GraphRecord(graph_index, before, count_ops(out), code_before,
+                                        out.print_readable(print_output=False), out))
+        return out
+
+    @property
+    def before(self) -> Counter[str]:
+        """Ops of the first graph before the pipeline."""
+        return self.records[0].before
+
+    @property
+    def after(self) -> Counter[str]:
+        """Ops of the last graph after the pipeline."""
+        return self.records[-1].after
