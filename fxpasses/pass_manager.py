@@ -1,8 +1,11 @@
-"""Runs passes in order, times them, verifies after each, and rolls back a pass that fails.
+"""Runs passes in order, times them, checks the graph after each, and rolls back a pass that fails.
 
-A failing pass (or one the verifier rejects) is recorded in the report with its traceback; in non-strict mode
-the graph is restored to what it was before that pass and the pipeline continues, so compilation succeeds with
-correct results. In strict mode the error is raised, chained to the original.
+After every pass the always-on invariants run (``verifier.check_invariants``: the graph is well-formed and acyclic,
+every output keeps its shape, dtype and stride, no graph-input write is lost); with ``verify`` the full verifier
+runs too. A pass that raises, returns something other than a PassResult, or fails a check is recorded in the
+report with its traceback, and the graph is rebuilt from the snapshot taken before it, whatever state the pass
+left it in; in non-strict mode the pipeline continues, so compilation succeeds with correct results. In strict
+mode ``PassError`` is raised, chained to the original error.
 """
 from __future__ import annotations
 
@@ -18,14 +21,14 @@ import torch.fx
 
 from fxpasses.passes import Pass, PassContext, PassResult, pass_name
 from fxpasses.report import PassRecord, Report
-from fxpasses.verifier import snapshot, verify
+from fxpasses.verifier import baseline, check_invariants, snapshot, verify
 
 log = logging.getLogger("fxpasses")
 
 
-
 class PassError(RuntimeError):
-    """A pass raised or produced a graph the verifier rejected (strict mode)."""
+    """A pass raised or produced a graph a check rejected (strict mode; its ``__cause__`` says why), or the
+    rollback after such a failure could not rebuild the graph (any mode)."""
 
 
 @dataclass
@@ -41,7 +44,10 @@ class GraphSnapshot:
     """Each node's fields as they are now, to rebuild the graph if a pass fails.
 
     Taking it costs one tuple per node (a pass that edits a node replaces its args tuple, so the old one stays
-    as it was); rebuilding, which only a failure needs, creates the nodes again.
+    as it was); rebuilding, which only a failure needs, creates the nodes again. The rebuild reads nothing but
+    these tuples, so it works whatever the failed pass left behind (cycles, erased or dangling nodes, another
+    Graph object in ``gm.graph``): every node is created first and its arguments are wired second, so the order
+    of the snapshot does not matter either.
     """
 
     def __init__(self, graph: torch.fx.Graph) -> None:
@@ -52,11 +58,20 @@ class GraphSnapshot:
     def restore(self, gm: torch.fx.GraphModule) -> None:
         graph = torch.fx.Graph(owning_module=gm, tracer_cls=self.tracer_cls)
         env: dict[torch.fx.Node, torch.fx.Node] = {}
-        for old, op, target, args, kwargs, name, type_, meta in self.nodes:
-            new = graph.create_node(op, target, torch.fx.node.map_arg(args, env.__getitem__),
-                                    torch.fx.node.map_arg(kwargs, env.__getitem__), name, type_)
-            new.meta = meta
+        for old, op, target, _, _, name, type_, meta in self.nodes:
+            new = graph.create_node(op, target, (), {}, name, type_)
+            new.meta = dict(meta)
             env[old] = new
+
+        def lookup(node: torch.fx.Node) -> torch.fx.Node:
+            if node not in env:
+                raise RuntimeError(f"the snapshot refers to node {node.name!r}, which it does not hold")
+            return env[node]
+
+        for old, _, _, args, kwargs, *_ in self.nodes:
+            new = env[old]
+            new.args = torch.fx.node.map_arg(args, lookup)
+            new.kwargs = torch.fx.node.map_arg(kwargs, lookup)
         graph._codegen = self.codegen
         gm.graph = graph
 
@@ -86,6 +101,7 @@ class PassManager:
 
     def _run(self, gm: torch.fx.GraphModule, ctx: PassContext, report: Report, graph_index: int) -> Report:
         verify_on = ctx.config.verify
+        before = baseline(gm.graph)  # raises VerificationError if the graph handed in is itself broken
         snap = snapshot(gm.graph) if verify_on else None
         t_start = time.perf_counter()
         for stage in self.stages:
@@ -97,11 +113,12 @@ class PassManager:
                     result = p(gm, ctx)
                     if not isinstance(result, PassResult):
                         raise TypeError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
+                    check_invariants(gm.graph, before, name, ctx.fake_mode)
                     if verify_on:
                         snap = verify(gm.graph, snap, name)
                 except Exception as err:
                     seconds = time.perf_counter() - t0
-                    backup.restore(gm)
+                    self._roll_back(backup, gm, name, stage.name, err)
                     report.passes.append(PassRecord(f"{stage.name}/{name}", seconds, False,
                                                     error=traceback.format_exc(), graph=graph_index))
                     if ctx.config.strict:
@@ -120,3 +137,13 @@ class PassManager:
         gm.recompile()
         report.pipeline_seconds += time.perf_counter() - t_start
         return report
+
+    @staticmethod
+    def _roll_back(backup: GraphSnapshot, gm: torch.fx.GraphModule, name: str, stage: str, err: Exception) -> None:
+        """Rebuild the graph from before the pass. The snapshot is of a graph that passed the checks, so this does
+        not fail; if it ever did, the graph is in an unknown state and compiling on would be wrong in any mode."""
+        try:
+            backup.restore(gm)
+        except Exception as restore_err:
+            raise PassError(f"fxpasses: pass {name!r} (stage {stage!r}) failed ({err}) and the graph could not be "
+                            f"restored: {restore_err}") from restore_err
