@@ -5,6 +5,8 @@
   the copy an in-place ``dist.all_reduce`` leaves: the functional ``aten.copy(dst, src)`` in AOT graphs, or
   ``aten.copy_(dst, src)`` into an intermediate in export graphs. A node is only replaced by its input when
   neither takes part in an in-place mutation, so removing a copy can never make two buffers alias.
+  Buffers are identified by ``storage_root``: through views *and* through the result of an in-place op
+  (``y.add_(1)`` returns ``y`` itself), so ``y.add_(1); y.copy_(x)`` on a non-canonical graph is a write to ``y``.
 - ``eliminate_common_subexpressions``: one node for each repeated pure computation (``x.float()`` written twice is
   one cast), so a pattern spelled with one cast matches code that wrote two. Only side-effect-free,
   non-random ops are merged, and never a tensor that is written in place or handed to a mutating op (two
@@ -19,7 +21,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpasses.effects import base_of, is_hop, is_impure, is_view, written_tensors
+from fxpasses.effects import is_hop, is_impure, is_view, node_args_by_name, written_tensors
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -40,6 +42,34 @@ def strip_asserts(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> P
 strip_asserts.name = "strip_asserts"  # type: ignore[attr-defined]
 
 
+def _aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The argument a node's single tensor result aliases (a view's base, an in-place op's ``self``), or None."""
+    if node.op != "call_function" or is_hop(node):
+        return None
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or len(schema.returns) != 1 or schema.returns[0].alias_info is None:
+        return None
+    if not isinstance(schema.returns[0].type, torch.TensorType):
+        return None
+    alias_set = schema.returns[0].alias_info.before_set
+    values = node_args_by_name(node)
+    for arg in schema.arguments:
+        if arg.alias_info is not None and arg.alias_info.before_set == alias_set:
+            value = values.get(arg.name)
+            return value if isinstance(value, torch.fx.Node) else None
+    return None
+
+
+def storage_root(node: object) -> object:
+    """The node that owns a value's storage: follows views and in-place results back to it."""
+    while isinstance(node, torch.fx.Node):
+        source = _aliased_argument(node)
+        if source is None:
+            return node
+        node = source
+    return node
+
+
 def _val(node: object) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
@@ -58,9 +88,9 @@ def _mutations(graph: torch.fx.Graph) -> Counter[torch.fx.Node]:
     """How many nodes write each buffer (in place, or as a base of an auto_functionalized op)."""
     out: Counter[torch.fx.Node] = Counter()
     for node in graph.nodes:
-        out.update({base_of(t) for t in written_tensors(node)})
+        out.update({storage_root(t) for t in written_tensors(node)})
         if is_hop(node):
-            out.update({base_of(a) for a in node.all_input_nodes})
+            out.update({storage_root(a) for a in node.all_input_nodes})
     return out
 
 
@@ -73,7 +103,8 @@ def _fold_intermediate_copy(graph: torch.fx.Graph, node: torch.fx.Node, writes: 
     dst, src = node.args[0], node.args[1]
     if not (isinstance(dst, torch.fx.Node) and isinstance(src, torch.fx.Node)) or node.kwargs:
         return False
-    if dst.op in ("placeholder", "get_attr") or base_of(dst) is not dst or writes[dst] != 1 or writes[base_of(src)]:
+    if (dst.op in ("placeholder", "get_attr") or storage_root(dst) is not dst or writes[dst] != 1
+            or writes[storage_root(src)]):
         return False
     a, b = _val(dst), _val(src)
     if a is None or b is None or not _same_layout(a, b):
@@ -124,7 +155,7 @@ def remove_noop_ops(gm: torch.fx.GraphModule, ctx: PassContext | None = None) ->
                 result.count("removed_copy_")
             continue
         src = _noop_input(node)
-        if src is None or writes[node] or writes[base_of(src)]:
+        if src is None or writes[storage_root(node)] or writes[storage_root(src)]:
             continue
         if node in output.all_input_nodes and src.op == "placeholder":
             continue  # returning an input itself would alias the caller's tensor
@@ -171,17 +202,17 @@ def merge_duplicates(graph: torch.fx.Graph, eligible: Callable[[torch.fx.Node], 
 
 def eliminate_common_subexpressions(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
     graph = gm.graph
-    written = {base_of(w) for n in graph.nodes for w in written_tensors(n)}
+    written = {storage_root(w) for n in graph.nodes for w in written_tensors(n)}
     for n in graph.nodes:  # functional HOP wrappers name what the wrapped op writes: their inputs stay unmerged
         if is_hop(n):
-            written.update(base_of(a) for a in n.all_input_nodes)
+            written.update(storage_root(a) for a in n.all_input_nodes)
 
     def pure(node: torch.fx.Node) -> bool:
-        if is_hop(node) or is_impure(node) or node in written:
+        if is_hop(node) or is_impure(node) or storage_root(node) in written:
             return False
         if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
             return False
-        return not any(base_of(a) in written for a in node.all_input_nodes)
+        return not any(storage_root(a) in written for a in node.all_input_nodes)
 
     result = PassResult()
     result.count("merged", merge_duplicates(graph, pure))

@@ -175,3 +175,74 @@ def clear_dtensor_caches() -> None:
     except ImportError:  # a torch without DTensor
         return
     _clear_sharding_prop_cache()
+
+
+# ---- Python functionalization (AOT autograd's), for re-tracing a captured graph into one canonical form ---------
+@contextlib.contextmanager
+def functionalization() -> Iterator[None]:
+    """The modes AOT autograd traces under: the Python dispatcher and ``FunctionalTensorMode`` (aten in-place ops
+    and views become functional; mutating custom ops become ``auto_functionalized`` as
+    ``enable_auto_functionalized_v2`` says). Enter it around ``make_fx``."""
+    from torch._dispatch.python import enable_python_dispatcher
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    with enable_python_dispatcher(), FunctionalTensorMode(pre_dispatch=False, export=False,
+                                                          _allow_token_discovery=True):
+        yield
+
+
+@contextlib.contextmanager
+def below_functionalization() -> Iterator[None]:
+    """Inside the traced function: keep C++ functionalization off so the Python mode does it (AOT's note
+    'Disabling Functionalize TLS Above Python Functionalization')."""
+    with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.Functionalize)):
+        yield
+
+
+def to_functional(value: Any) -> Any:
+    """Wrap a tensor in a FunctionalTensor (other values pass through)."""
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return FunctionalTensor.to_functional(value) if isinstance(value, torch.Tensor) else value
+
+
+def is_functional(value: Any) -> bool:
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(value, FunctionalTensor)
+
+
+def from_functional(value: Any) -> Any:
+    """The current value of a FunctionalTensor (pending view updates applied first); other values pass through."""
+    if not is_functional(value):
+        return value
+    torch._sync(value)
+    return torch._from_functional_tensor(value.elem)
+
+
+def functional_mutations(value: Any) -> tuple[bool, bool]:
+    """(data written, metadata changed) for a FunctionalTensor that wrapped a graph input."""
+    torch._sync(value)
+    return (bool(torch._functionalize_has_data_mutation(value.elem)),
+            bool(torch._functionalize_has_metadata_mutation(value.elem)))
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors (functional ones included) share one storage, i.e. alias?"""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(a.untyped_storage()) == StorageWeakRef(b.untyped_storage())
+
+
+def fake_tensor_mode_of(value: Any) -> Any:
+    """The FakeTensorMode a fake tensor belongs to, or None for anything else."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return value.fake_mode if isinstance(value, FakeTensor) else None
+
+
+def new_fake_tensor_mode() -> Any:
+    """A fresh FakeTensorMode with static shapes (for graphs whose metadata came from several modes, or none)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=False)

@@ -32,6 +32,7 @@ from fxpasses.effects import (
     is_view,
     mutable_args,
     node_args_by_name,
+    written_tensors,
 )
 from fxpasses.cleanup import merge_duplicates
 from fxpasses.passes import PassContext, PassResult
@@ -340,9 +341,19 @@ def _apply(graph: torch.fx.Graph, node: torch.fx.Node, op: Any, rw: _Rewrite, po
 
 # ---- functionalize ---------------------------------------------------------------------------------------------
 def functionalize(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
-    """Turn direct calls of mutating custom ops into auto_functionalized_v2 and rewire later readers."""
+    """Turn direct calls of mutating custom ops into auto_functionalized_v2 and rewire later readers.
+
+    Only for graphs whose direct writes are all custom-op calls (and a ``copy_`` write-back epilogue): readers are
+    found through views, not through aten in-place ops (``buf.add_(1)`` between a view and the op). A graph with
+    aten in-place writes is left as it is, with a note: ``fxpasses.canonical.canonicalize`` (what ``rewrite``
+    does) functionalizes both kinds through torch's own functionalization."""
     graph = gm.graph
     result = PassResult()
+    aten_write = _aten_write(graph)
+    if aten_write is not None:
+        result.notes.append(f"left the graph as it is: {aten_write.name} ({aten_write.target}) writes in place; "
+                            "use fxpasses.canonical.canonicalize for graphs with aten in-place ops")
+        return result
     position = {n: i for i, n in enumerate(graph.nodes)}
     root_input: dict[torch.fx.Node, torch.fx.Node] = {n: n for n in graph.nodes if n.op == "placeholder"}
     latest: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -411,6 +422,23 @@ def functionalize(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> P
 
 
 functionalize.name = "functionalize"  # type: ignore[attr-defined]
+
+
+def _aten_write(graph: torch.fx.Graph) -> torch.fx.Node | None:
+    """The first direct write that is not a mutating custom op nor part of a trailing input write-back."""
+    nodes = [n for n in graph.nodes if n.op != "output"]
+    tail = len(nodes)
+    while tail and _is_input_writeback(nodes[tail - 1]):
+        tail -= 1
+    for node in nodes[:tail]:
+        if written_tensors(node) and not can_auto_functionalize(node.target):
+            return node
+    return None
+
+
+def _is_input_writeback(node: torch.fx.Node) -> bool:
+    return (node.op == "call_function" and node.target is aten.copy_.default
+            and isinstance(node.args[0], torch.fx.Node) and node.args[0].op in ("placeholder", "get_attr"))
 
 
 def _encode_arg(m: MutableArg, value: Any, bases: list[torch.fx.Node]) -> "dict[str, Any] | str":
