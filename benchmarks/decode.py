@@ -1,6 +1,6 @@
 """GPU: decode step latency of Llama-shaped models (random bf16 weights, one rank), by number of sequences.
 
-    python benchmarks/decode.py [--model 1b|8b] [--tokens 1 8 32 128 512 2048] [--modes ...] [--out DIR]
+    python benchmarks/decode.py [--model 1b|8b] [--tokens 1 8 32 128 512 2048] [--modes ...] [--out DIR] [--profile]
 
 Each step decodes one token for each of ``tokens`` sequences that already hold ``--context`` cached tokens.
 Modes: eager; torch.compile (Inductor, default); torch.compile(mode="reduce-overhead"); fxpasses without Inductor
@@ -10,11 +10,20 @@ CUDA graphs (``inductor_config={"triton.cudagraphs": True}``, what reduce-overhe
 each size's first call minus a warm call (Dynamo, AOT, passes, code generation, warm-up and capture: everything a
 server pays before its first fast step). Roofline: weight bytes plus the KV bytes a step reads, over the copy
 bandwidth measured in the same run. Every mode runs the same model code and the same ``fxp.attention`` op (its
-Triton kernel on CUDA). Prints a markdown table; saves decode_<model>.png in ``--out`` when matplotlib is there.
+Triton kernel on CUDA). ``fxpasses+full-cudagraphs-cublas`` is full graphs without the ``linear`` pattern (every
+projection on cuBLAS), to measure what the small-token GEMM path (``fxp.linear``) changes in the same run. Prints a
+markdown table; saves decode_<model>.png in ``--out`` when matplotlib is there.
+
+``--profile`` adds the kernel census of each mode (issue 14): the step replayed 5 times under the torch profiler
+(CUDA activity, which records the kernels inside CUDA-graph replays), each kernel put in a class by its name, and
+per class the kernels per step and the GPU time per step. ``--linear-table FILE`` loads a table of Triton tiles
+measured by ``benchmarks/gemm.py --sweep --out DIR`` (its gemm.json) in place of the one in ops/triton_linear.py.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import os
 import time
 from typing import Any
@@ -23,10 +32,11 @@ import torch
 import triton.testing
 
 import fxpasses
+from fxpasses import patterns
 from fxpasses.models import Batch, LlamaConfig, build_model
 
-MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs", "fxpasses+inductor",
-         "fxpasses+inductor+cudagraphs"]
+MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs",
+         "fxpasses+full-cudagraphs-cublas", "fxpasses+inductor", "fxpasses+inductor+cudagraphs"]
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
 
 
@@ -42,12 +52,85 @@ def decode_batch(n: int, context: int, vocab: int) -> Batch:
                  torch.arange(n).cuda())
 
 
+# kernel classes of the census, first match wins (lower-case substrings of the kernel name)
+KERNEL_CLASSES = [
+    ("GEMM (Triton fxp.linear)", ("_gemv_kernel", "_small_m_kernel")),
+    ("GEMM (cuBLAS)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "cublas")),
+    ("attention", ("_attention_kernel",)),
+    ("cache write", ("_cache_write_kernel",)),
+    ("RoPE", ("_rotary_kernel",)),
+    ("SiLU-and-mul", ("_silu_and_mul_kernel",)),
+    ("norm", ("_norm_kernel", "rsqrt", "rms")),
+    ("Inductor fused (other)", ("triton_",)),
+    ("copy / memset", ("memcpy", "memset", "copy")),
+]
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def census(call: Any, steps: int = 5) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Per kernel class: [kernels per step, GPU µs per step] over ``steps`` profiled steps; and the other kernels'
+    names with their µs per step (so a class list that misses something shows it)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            call()
+        torch.cuda.synchronize()
+    classes: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
+    others: dict[str, float] = collections.defaultdict(float)
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(evt, "self_device_time_total", None)
+        us = evt.self_cuda_time_total if us is None else us
+        cls = kernel_class(evt.key)
+        classes[cls][0] += evt.count / steps
+        classes[cls][1] += us / steps
+        if cls == "other":
+            others[evt.key[:80]] += us / steps
+    return dict(classes), dict(others)
+
+
+def print_census(mode: str, tokens: int, classes: dict[str, list[float]], others: dict[str, float]) -> None:
+    total_n = sum(c[0] for c in classes.values())
+    total_us = sum(c[1] for c in classes.values())
+    print(f"\n**{mode}, {tokens} token(s): kernel census** ({total_n:.0f} kernels, {total_us / 1e3:.3f} ms of GPU "
+          "time per step)\n")
+    print("| kernels | per step | ms per step |\n|---|---|---|")
+    for cls, (n, us) in sorted(classes.items(), key=lambda kv: -kv[1][1]):
+        print(f"| {cls} | {n:.0f} | {us / 1e3:.3f} |")
+    if others:
+        print("\nother: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]))
+
+
+def load_linear_table(path: str) -> None:
+    from fxpasses.ops import triton_linear
+
+    with open(path) as f:
+        rows = json.load(f)["table"]
+    triton_linear.TABLE.clear()
+    for bm, n, k, block_m, block_n, block_k, warps, stages, _ in rows:
+        triton_linear.TABLE[(bm, n, k)] = triton_linear.Config(block_m, block_n, block_k, warps, stages)
+    print(f"linear table from {path}: {len(rows)} entries")
+
+
 def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]) -> tuple[Any, fxpasses.Backend | None]:
     """The callable for a mode, and its fxpasses Backend (None for the modes without one)."""
     torch._dynamo.reset()
     backends = {
         "fxpasses+cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes),
         "fxpasses+full-cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes, splitting_ops=()),
+        "fxpasses+full-cudagraphs-cublas": lambda: fxpasses.Backend(
+            cuda_graph_sizes=sizes, splitting_ops=(), patterns=[p for p in patterns.all() if not p.name.startswith("linear")]),
         "fxpasses+inductor": lambda: fxpasses.Backend(inductor=True),
         "fxpasses+inductor+cudagraphs": lambda: fxpasses.Backend(inductor=True,
                                                                  inductor_config={"triton.cudagraphs": True}),
@@ -74,7 +157,12 @@ def main() -> None:
     parser.add_argument("--mark", choices=["dynamic", "unbacked"], default="dynamic",
                         help="how the token dimension is marked for every mode: maybe_mark_dynamic (Dynamo "
                              "specializes 1 token: a second compile) or mark_unbacked (one graph for every count)")
+    parser.add_argument("--profile", action="store_true", help="print each mode's kernel census (issue 14)")
+    parser.add_argument("--profile-tokens", type=int, nargs="+", default=[1])
+    parser.add_argument("--linear-table", default=None, help="gemm.json from benchmarks/gemm.py --sweep --out")
     args = parser.parse_args()
+    if args.linear_table:
+        load_linear_table(args.linear_table)
     slots = max(args.tokens)
     config = SHAPES[args.model](dtype=torch.bfloat16, max_slots=slots, max_len=args.context + 8)
     model = build_model("llama", config).cuda()
@@ -86,7 +174,7 @@ def main() -> None:
           f"token dimension marked {args.mark}\n")
     print("| mode | compile (s) | " + " | ".join(f"{n} tok (ms)" for n in args.tokens) + " | 1 tok / roofline |")
     print("|---|---|" + "---|" * len(args.tokens) + "---|")
-    results, notes = {}, []
+    results, notes, censuses = {}, [], []
     for mode in args.modes:
         fn, backend = make_fn(mode, model, args.tokens)
         times, compile_s = [], 0.0
@@ -107,6 +195,8 @@ def main() -> None:
                 ms = triton.testing.do_bench(call, warmup=5, rep=30)
                 compile_s += max(first - ms / 1e3, 0.0)
                 times.append(ms)
+                if args.profile and n in args.profile_tokens:
+                    censuses.append((mode, n, *census(call)))
         results[mode] = times
         if backend is not None:
             r = backend.report
@@ -117,6 +207,8 @@ def main() -> None:
         print(f"| {mode} | {compile_s:.1f} | " + " | ".join(f"{t:.2f}" for t in times)
               + f" | {times[0] / roof_ms:.2f}x |", flush=True)
     print("\n" + "\n".join(f"- {n}" for n in notes))
+    for c in censuses:
+        print_census(*c)
     plot(results, args.tokens, (weight_bytes, kv_per_token * args.context, copy),
          os.path.join(args.out, f"decode_{args.model}.png"), args.model)
 

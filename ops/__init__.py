@@ -5,7 +5,7 @@ Each op has a schema, a fake (meta) implementation for tracing, and an eager imp
 that runs on CPU and CUDA. This package depends on nothing else of ours: ``patterns`` and ``fxpasses`` build
 on it, never the other way round.
 """
-from fxpasses.ops import attention, elementwise, norms, p2p, quant  # noqa: F401  (registration happens on import)
+from fxpasses.ops import attention, elementwise, linear, norms, p2p, quant  # noqa: F401  (registration happens on import)
 from fxpasses.ops.library import NAMESPACE, SIDE_EFFECT_OPS, SUPPORTED_FLOAT_DTYPES, TOKEN_PADDING
 from fxpasses.ops.quant import FP8_DTYPE, FP8_MAX
 
@@ -16,11 +16,12 @@ def _register_gpu_kernels() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    from fxpasses.ops import triton_attention, triton_elementwise, triton_kernels
+    from fxpasses.ops import triton_attention, triton_elementwise, triton_kernels, triton_linear
 
     triton_kernels.register()
     triton_attention.register()
     triton_elementwise.register()
+    triton_linear.register()
     return True
 
 

@@ -1,0 +1,50 @@
+"""``fxp.linear``: ``y = x @ weight.T (+ bias)``, one op whose CUDA kernel is chosen per token count.
+
+At a few tokens a projection is a matrix-vector product: it reads the whole weight to do two FLOPs per weight
+element, so the only cost is bandwidth. cuBLAS picks tile shapes made for large products; in a 1-token Llama-1B
+decode step it leaves up to 58% of the copy bandwidth unused on the smaller projections (docs/performance.md).
+On CUDA this op runs a Triton GEMV / small-M kernel (``ops/triton_linear.py``) for the token counts and weight
+shapes where it was measured faster, and ``torch.nn.functional.linear`` (cuBLAS) everywhere else; under a CUDA
+graph the choice is made once per captured size. On CPU (and as the reference) it *is*
+``torch.nn.functional.linear``, so CPU results are bit-identical to eager. On CUDA the Triton kernel sums in a
+different order than cuBLAS (both accumulate in float32 and round once), so results agree within bf16 GEMM
+tolerance, not bit for bit.
+
+``weight`` is ``[out_features, in_features]`` as ``nn.Linear`` stores it; ``x`` is ``[..., in_features]``;
+``bias`` is ``[out_features]`` or None.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fxpasses.ops.library import check_float, define_op
+
+
+def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Raise a ValueError naming the argument for shapes or dtypes ``F.linear`` would reject (or silently
+    promote)."""
+    check_float("linear", x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
+    if weight.dim() != 2:
+        raise ValueError(f"fxp.linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fxp.linear: x {tuple(x.shape)} must end in in_features = weight.shape[1] = "
+                         f"{weight.shape[1]}.")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"fxp.linear: weight is {weight.dtype} but x is {x.dtype}; cast one so they match.")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"fxp.linear: bias is {tuple(bias.shape)} {bias.dtype}; it must be 1-D of out_features "
+                         f"({weight.shape[0]}) in x's dtype {x.dtype}.")
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _linear_fake(x, weight, bias=None):
+    check_linear(x, weight, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", linear_reference, _linear_fake)

@@ -1,0 +1,170 @@
+"""Triton kernels for ``fxp.linear`` at small token counts (M <= 32), bf16/fp16, weight ``[N, K]`` row-major.
+
+At these sizes a projection reads its whole weight to do 2*M FLOPs per element: bandwidth is everything. Two
+kernels, neither splits K (so there is no second reduction launch and no workspace):
+
+- ``_gemv_kernel`` (M = 1): each program owns ``BLOCK_N`` output columns and walks the whole K in
+  ``BLOCK_K`` steps, accumulating ``w * x`` elementwise in float32 registers and summing once at the end. Small
+  ``BLOCK_N`` gives enough programs to cover every SM even at N = 2048 (and K-contiguous loads of 16 bytes).
+- ``_small_m_kernel`` (2 <= M <= 32): the same walk with ``tl.dot`` on an ``[BLOCK_M, BLOCK_K] x [BLOCK_K,
+  BLOCK_N]`` tile (tokens padded to 16 or 32 rows, which costs no bandwidth), so the weight is still read once.
+
+Both accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
+a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit.
+
+Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a table measured on an H200
+(``benchmarks/gemm.py --sweep``); shapes and token counts it does not name go to cuBLAS, as do fp32, strided
+weights and M above 32. Capture-safe: no host synchronization, no allocation but the output.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fxpasses.ops.library import LIB
+from fxpasses.ops.linear import check_linear
+
+MAX_M = 32
+_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch configuration. ``block_m == 1`` selects the GEMV kernel, 16 or 32 the tl.dot kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __str__(self) -> str:
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rn.to(tl.int64)[:, None] * swn + rk[None, :]
+    x_ptrs = X + m * sxm + rk
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            kmask = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=kmask, other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
+    tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    x_ptrs = X + rm.to(tl.int64)[:, None] * sxm + rk[None, :]
+    w_ptrs = W + rn.to(tl.int64)[None, :] * swn + rk[:, None]  # [BLOCK_K, BLOCK_N]: W transposed, K contiguous
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+            w = tl.load(w_ptrs)
+        else:
+            kmask = (k0 + rk) < K
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=kmask[:, None] & (rn[None, :] < N), other=0.0)
+        acc = tl.dot(x, w, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if HAS_BIAS:
+        acc += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rm.to(tl.int64)[:, None] * som + rn[None, :], acc.to(OUT.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run one kernel on ``x2 [M, K]`` (last dim contiguous) and ``weight [N, K]`` (contiguous) with ``config``.
+    Public for the benchmark's sweep and the tests; ``linear_cuda`` is what the op calls."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    if out is None:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    b = bias if bias is not None else out  # never read when HAS_BIAS is false
+    c = config
+    even = (k % c.block_k == 0) and (n % c.block_n == 0)
+    if c.block_m == 1:
+        _gemv_kernel[(triton.cdiv(n, c.block_n), m)](
+            x2, weight, b, out, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+            EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        _small_m_kernel[(triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))](
+            x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+            EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+            num_stages=c.num_stages)
+    return out
+
+
+def default_config(m: int, n: int, k: int) -> Config:
+    """A tile for any shape: what the sweep found good across the Llama shapes (see ``choose`` for the table)."""
+    if m == 1:
+        return Config(1, 8, 512, 4, 1)
+    return Config(16 if m <= 16 else 32, 32, 256, 4, 4)
+
+
+# (M bucket, N, K) -> Config, measured faster than cuBLAS on an H200 (benchmarks/gemm.py --sweep). Shapes not
+# listed use cuBLAS: the Triton kernel is only used where it was measured to win.
+TABLE: dict[tuple[int, int, int], Config] = {}
+
+
+def _bucket(m: int) -> int:
+    return 1 if m == 1 else 16 if m <= 16 else 32
+
+
+def choose(m: int, n: int, k: int) -> Config | None:
+    """The Triton configuration for this call, or None for cuBLAS."""
+    if m < 1 or m > MAX_M:
+        return None
+    return TABLE.get((_bucket(m), n, k))
+
+
+def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    check_linear(x, weight, bias)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    m = x.numel() // k if k else 0
+    config = choose(m, n, k) if (x.dtype in _DTYPES and weight.stride(1) == 1 and weight.stride(0) == k
+                                 and (bias is None or bias.stride(0) == 1)) else None
+    if config is None:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return launch(x2, weight, bias, config).view(*x.shape[:-1], n)
+
+
+def register() -> None:
+    LIB.impl("linear", linear_cuda, "CUDA")

@@ -1,0 +1,183 @@
+"""fxp.linear (op, CPU reference, Triton kernels on CUDA) and the ``linear`` / ``linear_bias`` patterns.
+
+CPU: the op is F.linear bit for bit; bad input gets errors naming the argument; the patterns replace what AOT
+makes of F.linear in graphs of CUDA tensors (traced with fake tensors, so no GPU is needed) and leave CPU graphs
+and the Inductor path alone; the rewritten graph computes exactly what the original did. GPU (marked): the Triton
+kernels against a float64 reference and cuBLAS at Llama-like and odd shapes, inside a CUDA graph, and a compiled
+Llama with full CUDA graphs equal to eager.
+"""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fxpasses
+from fxpasses import patterns
+from fxpasses.passes import PipelineConfig
+
+fxp = torch.ops.fxp
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def rand(*shape, dtype=torch.bfloat16, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (2, 3, 64)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_op_is_f_linear_bit_for_bit(dtype, shape, bias):
+    x, w = rand(*shape, dtype=dtype), rand(48, 64, dtype=dtype, seed=1)
+    b = rand(48, dtype=dtype, seed=2) if bias else None
+    assert torch.equal(fxp.linear(x, w, b), F.linear(x, w, b))
+    meta = fxp.linear(x.to("meta"), w.to("meta"), b.to("meta") if bias else None)
+    assert meta.shape == (*shape[:-1], 48) and meta.dtype == dtype
+
+
+@pytest.mark.parametrize("args,message", [
+    (lambda: (rand(2, 8), rand(4, 9), None), "in_features"),
+    (lambda: (rand(2, 8), rand(4, 8, 1), None), "weight must be 2-D"),
+    (lambda: (rand(2, 8), rand(4, 8, dtype=torch.float16), None), "weight is torch.float16"),
+    (lambda: (rand(2, 8), rand(4, 8), rand(5)), "bias is (5,)"),
+    (lambda: (rand(2, 8).to(torch.int32), rand(4, 8), None), "argument 'x'"),
+])
+def test_bad_input_names_the_argument(args, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        fxp.linear(*args())
+
+
+def _two_layers(x, w1, w2, b):
+    return F.linear(torch.relu(F.linear(x, w1)), w2, b)
+
+
+def _traced(device):
+    with FakeTensorMode():
+        args = (torch.empty(4, 16, device=device, dtype=torch.bfloat16),
+                torch.empty(32, 16, device=device, dtype=torch.bfloat16),
+                torch.empty(8, 32, device=device, dtype=torch.bfloat16), torch.empty(8, device=device, dtype=torch.bfloat16))
+        return make_fx(_two_layers, tracing_mode="fake")(*args)
+
+
+def _targets(gm):
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_patterns_replace_mm_and_addmm_of_cuda_tensors_and_compute_the_same():
+    gm, report = fxpasses.rewrite(_traced("cuda"))
+    assert report.matches == {"linear": 1, "linear_bias": 1}
+    targets = _targets(gm)
+    assert targets.count("fxp.linear.default") == 2
+    assert not any(t.startswith(("aten.mm", "aten.addmm", "aten.t")) for t in targets)
+    # the graph carries no device: run it on CPU tensors, where fxp.linear is F.linear: bit-identical to eager
+    args = (rand(4, 16), rand(32, 16, seed=1), rand(8, 32, seed=2), rand(8, seed=3))
+    assert torch.equal(gm(*args), _two_layers(*args))
+
+
+def test_patterns_leave_cpu_graphs_alone():
+    gm, report = fxpasses.rewrite(_traced("cpu"))
+    assert report.matches == {}
+    assert "fxp.linear.default" not in _targets(gm) and "aten.mm.default" in _targets(gm)
+
+
+def test_bias_that_addmm_broadcasts_is_not_fused():
+    def f(x, w, b):
+        return torch.addmm(b, x, w.t())
+
+    with FakeTensorMode():
+        args = (torch.empty(4, 16, device="cuda"), torch.empty(8, 16, device="cuda"), torch.empty(4, 8, device="cuda"))
+        gm = make_fx(f, tracing_mode="fake")(*args)
+    gm, report = fxpasses.rewrite(gm)
+    assert report.matches == {} and "aten.addmm.default" in _targets(gm)
+
+
+def test_compiled_on_cpu_is_unchanged_and_patterns_are_off_under_inductor():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+    model = model.to(torch.bfloat16).requires_grad_(False)
+    x = rand(5, 16)
+    backend = fxpasses.Backend()
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=backend)(x)
+    assert "linear" not in backend.report.matches and "linear_bias" not in backend.report.matches
+    assert torch.equal(got, model(x))
+    for name in ("linear", "linear_bias"):
+        p = patterns.get(name)
+        assert p.applies(fxpasses.Mapping(), PipelineConfig(defunctionalize=True))
+        assert not p.applies(fxpasses.Mapping(), PipelineConfig(defunctionalize=False))  # the Inductor path
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+def _ref_err(out, x, w, b=None):
+    ref = F.linear(x.double(), w.double(), b.double() if b is not None else None)
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 32])
+@pytest.mark.parametrize("n,k", [(2048, 2048), (1000, 300), (24, 4104)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_triton_kernels_match_float64_and_cublas(dtype, m, n, k, bias):
+    from fxpasses.ops import triton_linear
+
+    x, w = rand(m, k, dtype=dtype, device="cuda"), rand(n, k, dtype=dtype, seed=1, device="cuda") * 0.05
+    b = rand(n, dtype=dtype, seed=2, device="cuda") if bias else None
+    cublas = F.linear(x, w, b)
+    configs = [triton_linear.default_config(m, n, k), triton_linear.Config(16 if m <= 16 else 32, 16, 128, 4, 3)]
+    if m == 1:
+        configs.append(triton_linear.Config(1, 4, 256, 2, 1))
+    for config in configs:
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # poisoned: every element must be written
+        triton_linear.launch(x, w, b, config, out=out)
+        assert _ref_err(out, x, w, b) < 5e-3, config
+        torch.testing.assert_close(out, cublas, rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+@gpu
+@needs_cuda
+def test_op_on_cuda_picks_per_size_and_replays_in_a_cuda_graph():
+    from fxpasses.ops import triton_linear
+
+    n, k = 2048, 2048
+    w = rand(n, k, seed=1, device="cuda") * 0.05
+    for m in (1, 8, 32, 33, 512):
+        x = rand(m, k, seed=m, device="cuda")
+        out = fxp.linear(x, w)
+        assert _ref_err(out, x, w) < 5e-3
+        if triton_linear.choose(m, n, k) is None:
+            assert torch.equal(out, F.linear(x, w))  # cuBLAS, bit for bit
+    x = rand(1, k, device="cuda")
+    static = x.clone()
+    g = torch.cuda.CUDAGraph()
+    fxp.linear(static, w)
+    with torch.cuda.graph(g):
+        out = fxp.linear(static, w)
+    for seed in (5, 6):
+        new = rand(1, k, seed=seed, device="cuda")
+        static.copy_(new)
+        g.replay()
+        torch.testing.assert_close(out, fxp.linear(new, w), rtol=0, atol=0)
+
+
+@gpu
+@needs_cuda
+def test_compiled_llama_with_full_cuda_graphs_uses_fxp_linear_and_equals_eager():
+    from fxpasses.models import LlamaConfig, build_model, make_steps, run_steps
+
+    config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16)
+    steps = [dataclasses.replace(b, **{k: getattr(b, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
+             for b in make_steps(config.vocab_size)]
+    expected = run_steps(build_model("llama", config).cuda(), steps)
+    model = build_model("llama", config).cuda()
+    backend = fxpasses.Backend(cuda_graph_sizes=[1, 2, 4, 8], splitting_ops=())
+    torch._dynamo.reset()
+    got = run_steps(model, steps, torch.compile(model, backend=backend))
+    per_graph = 4 * config.num_layers + 1  # qkv, o, gate_up, down per layer; the LM head
+    assert backend.report.matches["linear"] % per_graph == 0 and backend.report.matches["linear"] >= per_graph
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
