@@ -20,32 +20,75 @@ from __future__ import annotations
 
 import torch
 
-from fxpasses.ops.library import check_float, define_op
+from fxpasses.ops.library import check_float, check_same_device, define_op
 
 PAD_SLOT = -1
 
 
 def _check(q, k, v, k_cache, v_cache, slot_ids, position_ids):
+    """Metadata checks only (dtype, device, shape): the eager, fake and CUDA kernels all run them, so they must
+    not read tensor values. Positions and slots are values; ``_check_positions_on_cpu`` checks those."""
     check_float("attention", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache)
+    check_same_device("attention", q=q, k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_ids=slot_ids,
+                      position_ids=position_ids)
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"fxp.attention: q, k, v must be [tokens, heads, head_dim], got {q.dim()}, {k.dim()}, {v.dim()} dims.")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"fxp.attention: {q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads.")
-    if k_cache.dim() != 4 or k_cache.shape[2:] != k.shape[1:] or v_cache.shape[2:] != v.shape[1:]:
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"fxp.attention: q's head_dim {q.shape[2]} differs from k's {k.shape[2]}; they must be equal.")
+    if (k_cache.dim() != 4 or k_cache.shape[2:] != k.shape[1:] or v_cache.dim() != 4
+            or v_cache.shape[2:] != v.shape[1:] or v_cache.shape[:2] != k_cache.shape[:2]):
         raise ValueError(
             f"fxp.attention: caches {tuple(k_cache.shape)} / {tuple(v_cache.shape)} do not fit keys "
-            f"{tuple(k.shape)} / values {tuple(v.shape)}; caches are [slots, max_len, kv_heads, head_dim]."
+            f"{tuple(k.shape)} / values {tuple(v.shape)}; caches are [slots, max_len, kv_heads, head_dim], "
+            "with the same slots and max_len for both."
         )
     if slot_ids.dtype != torch.int64 or position_ids.dtype != torch.int64:
         raise ValueError("fxp.attention: slot_ids and position_ids must be int64.")
+    if slot_ids.dim() != 1 or position_ids.dim() != 1:
+        raise ValueError(f"fxp.attention: slot_ids and position_ids must be 1-D [tokens], got {slot_ids.dim()} and "
+                         f"{position_ids.dim()} dims.")
     # one slot and one position per token; as a torch._check this also tells the tracer the lengths are equal
     torch._check(slot_ids.shape[0] == q.shape[0], lambda: "fxp.attention: slot_ids must have one entry per token")
     torch._check(position_ids.shape[0] == q.shape[0],
                  lambda: "fxp.attention: position_ids must have one entry per token")
+    torch._check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
+                 lambda: "fxp.attention: q, k and v must have the same number of tokens")
+
+
+def _check_positions_on_cpu(k_cache, slot_ids, position_ids):
+    """Every real token's slot and position must lie inside the caches; padded tokens (negative slot) are free.
+
+    Only on CPU, where the values are at hand. Reading them from a CUDA tensor would sync the device on every call
+    and could not be captured in a CUDA graph, so nothing checks them there: the Triton kernel writes a position
+    outside ``0..max_len-1`` into a neighbouring slot's rows (past the cache's ends for the first and last slot)
+    and reads them back; the
+    plain-torch implementation below, used on CUDA without Triton, hits CUDA's device-side index assert. Keeping
+    positions below ``max_len`` on a GPU is the serving loop's job (it knows the cache it allocated).
+    """
+    slots, max_len = k_cache.shape[0], k_cache.shape[1]
+    real = slot_ids >= 0
+    bad = real & ((slot_ids >= slots) | (position_ids < 0) | (position_ids >= max_len))
+    if not bool(bad.any()):
+        return
+    t = int(bad.nonzero()[0, 0])
+    slot, pos = int(slot_ids[t]), int(position_ids[t])
+    if slot >= slots:
+        raise ValueError(f"fxp.attention: token {t} has slot_ids {slot} but the caches have {slots} slots "
+                         f"(0..{slots - 1}); use a slot below {slots}, or caches with more slots.")
+    if pos < 0:
+        raise ValueError(f"fxp.attention: token {t} has position_ids {pos}; positions count from 0 (mark a padded "
+                         f"token with a negative slot id, not a negative position).")
+    raise ValueError(f"fxp.attention: token {t} has position_ids {pos} but the caches hold {max_len} positions per "
+                     f"slot (0..{max_len - 1}); allocate caches with a larger max_len, or stop the sequence before "
+                     "it outgrows them.")
 
 
 def _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
     _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
+    if q.device.type == "cpu":
+        _check_positions_on_cpu(k_cache, slot_ids, position_ids)
     real = slot_ids >= 0
     k_cache[slot_ids[real], position_ids[real]] = k[real].to(k_cache.dtype)
     v_cache[slot_ids[real], position_ids[real]] = v[real].to(v_cache.dtype)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxpasses.ops.library import check_float, define_op
+from fxpasses.ops.library import check_float, check_same_device, define_op
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,9 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def _check_rotary(x, cos, sin):
     check_float("rotary_embedding", x=x, cos=cos, sin=sin)
+    check_same_device("rotary_embedding", x=x, cos=cos, sin=sin)
+    if x.dim() == 0:
+        raise ValueError("fxp.rotary_embedding: x is 0-d (a scalar); it needs a last dimension of even size to rotate.")
     if x.shape[-1] % 2:
         raise ValueError(f"fxp.rotary_embedding: the last dimension of x ({x.shape[-1]}) must be even.")
     shape = torch.broadcast_shapes(x.shape, cos.shape, sin.shape)
@@ -53,6 +56,7 @@ def _rotary_fake(x, cos, sin, upcast):
 
 def _check_silu_and_mul(gate, up):
     check_float("silu_and_mul", gate=gate, up=up)
+    check_same_device("silu_and_mul", gate=gate, up=up)
     if gate.shape != up.shape:
         raise ValueError(f"fxp.silu_and_mul: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have one shape.")
 

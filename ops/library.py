@@ -58,7 +58,36 @@ def check_float(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> None:
+    """Raise a ValueError naming the argument when a tensor is not on the first argument's device.
+
+    Without this, a CPU input with a weight on ``meta`` dispatches to the op's Meta (fake) kernel and returns
+    uninitialized memory, and a CPU input with a CUDA weight dispatches to the CUDA kernel. Called from the eager,
+    fake and CUDA kernels, so a mismatch fails at trace time too. Attribute reads only: it runs on every call.
+    ``None`` entries (absent optional arguments) are skipped.
+    """
+    first_name, device = "", None
+    for arg, t in tensors.items():
+        if t is None:
+            continue
+        if device is None:
+            first_name, device = arg, t.device
+        elif t.device != device:
+            raise ValueError(
+                f"fxp.{op}: argument {arg!r} is on device {t.device} but {first_name!r} is on {device}; every "
+                f"tensor argument must be on one device. Move {arg} to {device} (e.g. {arg}.to({str(device)!r}))."
+            )
+
+
 def check_norm_shapes(op: str, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """Check what a norm over the last dimension needs: one device, an input with a last dimension, and a 1-D
+    weight of that size; a residual of the input's shape and dtype. The CUDA kernels call it too."""
+    check_same_device(op, x=x, residual=residual, weight=weight)
+    if x.dim() == 0:
+        raise ValueError(
+            f"fxp.{op}: x is 0-d (a scalar), but the norm is over its last dimension; pass a tensor of at least "
+            "one dimension (e.g. x.reshape(1))."
+        )
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(
             f"fxp.{op}: weight has shape {tuple(weight.shape)} but the input's last dimension is "

@@ -61,11 +61,16 @@ add_rms_norm = define_op(
 
 
 def _allreduce_add_rms_norm(x, residual, weight, eps, group_name):
+    # check before the collective: a bad argument must not leave the other ranks waiting in a half-done all_reduce
+    check_float("allreduce_add_rms_norm", x=x, residual=residual, weight=weight)
+    check_norm_shapes("allreduce_add_rms_norm", x, weight, residual)
     # through the dispatcher, so CUDA tensors get the CUDA kernel
     return torch.ops.fxp.add_rms_norm.default(all_reduce_sum(x, group_name), residual, weight, eps)
 
 
 def _allreduce_add_rms_norm_fake(x, residual, weight, eps, group_name):
+    check_float("allreduce_add_rms_norm", x=x, residual=residual, weight=weight)
+    check_norm_shapes("allreduce_add_rms_norm", x, weight, residual)
     return _add_rms_norm_fake(x, residual, weight, eps)
 
 

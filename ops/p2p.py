@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 from fxpasses import compat
-from fxpasses.ops.library import define_op
+from fxpasses.ops.library import check_same_device, define_op
 
 
 def _group(op: str, peer: int, group_name: str) -> dist.ProcessGroup:
@@ -31,7 +31,15 @@ def _group(op: str, peer: int, group_name: str) -> dist.ProcessGroup:
     return group
 
 
+def _check_devices(op: str, tensors: Sequence[torch.Tensor]) -> None:
+    """A list with tensors on several devices dispatches by the 'highest' one (a meta tensor among CPU ones sends
+    nothing at all), so one device for the whole list."""
+    if len(tensors) > 1:
+        check_same_device(op, **{f"tensors[{i}]": t for i, t in enumerate(tensors)})
+
+
 def _check_buffers(op: str, tensors: Sequence[torch.Tensor]) -> None:
+    _check_devices(op, tensors)
     for i, t in enumerate(tensors):
         if not t.is_contiguous():
             raise ValueError(
@@ -58,6 +66,13 @@ def _nothing(*args, **kwargs) -> None:
     return None
 
 
+def _fake_list(op: str):
+    def fake(tensors, peer, group_name) -> None:
+        _check_devices(op, tensors)  # so tracing fails too, and a CPU + meta list cannot silently send nothing
+
+    return fake
+
+
 pp_send = define_op(
     "pp_send(Tensor(a!) tensor, int peer, str group_name) -> ()",
     lambda tensor, peer, group_name: send_all("pp_send", [tensor], peer, group_name),
@@ -73,12 +88,12 @@ pp_recv = define_op(
 pp_send_tensors = define_op(
     "pp_send_tensors(Tensor(a!)[] tensors, int peer, str group_name) -> ()",
     lambda tensors, peer, group_name: send_all("pp_send_tensors", tensors, peer, group_name),
-    _nothing,
+    _fake_list("pp_send_tensors"),
     side_effect=True,
 )
 pp_recv_tensors = define_op(
     "pp_recv_tensors(Tensor(a!)[] tensors, int peer, str group_name) -> ()",
     lambda tensors, peer, group_name: recv_all("pp_recv_tensors", tensors, peer, group_name),
-    _nothing,
+    _fake_list("pp_recv_tensors"),
     side_effect=True,
 )
