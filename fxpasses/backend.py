@@ -122,6 +122,8 @@ class Backend:
         self.patterns = split_patterns(self._chosen_patterns(patterns), self.mapping, self.config, inductor=self.inductor)
         self.pattern_setup_seconds = time.perf_counter() - t0
         self.runners: list[Any] = []  # the CUDA-graph runners this backend made, one per graph
+        # fxpasses.testing.warmup_cuda_graph_backend sets this to build runners on CPU (warm-up calls only)
+        self.cuda_graph_warmup_only = False
         self.__name__ = "fxpasses"  # how torch.compile names this backend in its errors
         self.report = Report()
         if self.plugins:
@@ -220,8 +222,8 @@ class Backend:
             return None
         from fxpasses.cudagraphs import PiecewiseCudaGraphs
 
-        runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops)
-        runner._boxed_call = True  # AOT passes a list of inputs
+        runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops,
+                                     warmup_only=self.cuda_graph_warmup_only)
         self.runners.append(runner)
         return runner
 

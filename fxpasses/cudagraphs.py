@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import logging
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import sympy
@@ -58,75 +59,98 @@ def _is_token(val: Any, token: sympy.Expr) -> bool:
     return False
 
 
-class _Context:
-    """The call in flight, and the static buffers that give padded tensors the same address on every call."""
+@dataclass
+class CallState:
+    """The call in flight: its captured (padded) token count and its real one."""
+
+    size: int = 0
+    tokens: int = 0
+
+
+class StaticBuffers:
+    """One buffer per padded tensor, sized for the largest capture, so padded tensors keep their address."""
 
     def __init__(self, max_size: int) -> None:
-        self.size = 0  # the captured (padded) token count of the call in flight
-        self.tokens = 0  # its real token count
         self.max_size = max_size
         self.buffers: dict[Any, torch.Tensor] = {}
         self.static_ptrs: set[int] = set()  # static buffers and captured pieces' outputs: same storage every call
 
-    def padded(self, key: Any, t: torch.Tensor, fill: int = 0) -> torch.Tensor:
-        """``t`` (``tokens`` rows) copied into this key's buffer, filled with ``fill`` up to ``size`` rows: a view
-        whose address never changes, so captured graphs read it in place (no copies, no moved inputs)."""
+    def padded(self, key: Any, t: torch.Tensor, size: int, fill: int = 0) -> torch.Tensor:
+        """``t`` copied into this key's buffer, filled with ``fill`` up to ``size`` rows: a view whose address never
+        changes, so captured graphs read it in place (no copies, no moved inputs)."""
         buf = self.buffers.get(key)
         if buf is None or buf.shape[1:] != t.shape[1:] or buf.dtype != t.dtype or buf.device != t.device:
             buf = self.buffers[key] = t.new_zeros((self.max_size, *t.shape[1:]))
             self.static_ptrs.add(buf.data_ptr())
-        n, size = t.shape[0], self.size
+        n = t.shape[0]
         buf[:n].copy_(t)
         if n < size:
             buf[n:size].fill_(fill)
         return buf[:size]
 
 
-class CapturedPiece(torch.nn.Module):
-    """One piece: eager at a size's first call (warm-up), captured at its second, replayed after that."""
+@dataclass
+class CaptureEntry:
+    """One size of one piece: the tensors seen at warm-up, then the captured graph and what it reads and returns."""
 
-    def __init__(self, piece: torch.fx.GraphModule, ctx: _Context, pool: Any) -> None:
+    seen: list[Any]  # weak references to the warm-up call's tensor arguments (None for non-tensors)
+    graph: Any = None  # torch.cuda.CUDAGraph, once captured
+    static: list[Any] = field(default_factory=list)  # the arguments the graph was captured with
+    stable: list[int] = field(default_factory=list)  # argument indices read in place (same storage every call)
+    copied: list[int] = field(default_factory=list)  # argument indices copied into ``static`` before each replay
+    out: Any = None
+
+
+class CapturedPiece(torch.nn.Module):
+    """One piece: eager at a size's first call (warm-up), captured at its second, replayed after that.
+
+    ``pool`` None: a runner built without a CUDA device (tests on CPU); warm-ups run, a capture is refused."""
+
+    def __init__(self, piece: torch.fx.GraphModule, call: CallState, buffers: StaticBuffers, pool: Any,
+                 warmup_only: bool = False) -> None:
         super().__init__()
-        self.piece, self.ctx, self.pool = piece, ctx, pool
-        self.entries: dict[int, dict[str, Any]] = {}
+        self.piece, self.call, self.buffers, self.pool, self.warmup_only = piece, call, buffers, pool, warmup_only
+        self.entries: dict[int, CaptureEntry] = {}
 
     def forward(self, *args: Any) -> Any:
-        size = self.ctx.size
+        size = self.call.size
         entry = self.entries.get(size)
         if entry is None:  # warm-up: run eagerly, remember which tensors were passed
-            self.entries[size] = {"seen": [weakref.ref(a) if isinstance(a, torch.Tensor) else None for a in args]}
+            self.entries[size] = CaptureEntry([weakref.ref(a) if isinstance(a, torch.Tensor) else None for a in args])
             return self.piece(*args)
-        if "graph" not in entry:
+        if entry.graph is None:
             return self._capture(entry, args)
-        for i in entry["stable"]:
-            if args[i].data_ptr() != entry["static"][i].data_ptr():
+        for i in entry.stable:
+            if args[i].data_ptr() != entry.static[i].data_ptr():
                 log.warning("fxpasses: a captured input moved (argument %d); running this call eagerly", i)
                 return self.piece(*args)
-        for i in entry["copied"]:
-            entry["static"][i].copy_(args[i])
-        entry["graph"].replay()
-        return entry["out"]
+        for i in entry.copied:
+            entry.static[i].copy_(args[i])
+        entry.graph.replay()
+        return entry.out
 
-    def _capture(self, entry: dict[str, Any], args: Sequence[Any]) -> Any:
-        static, stable, copied = [], [], []
+    def _capture(self, entry: CaptureEntry, args: Sequence[Any]) -> Any:
+        if self.warmup_only:
+            raise RuntimeError("CUDA graphs: this runner was built without a CUDA device; it runs each size's warm-up "
+                               "call only.")
         for i, a in enumerate(args):
             # the same object as at warm-up (weights, caches), a static buffer or a captured piece's output: read in
             # place. A fresh tensor that happens to reuse a freed one's address is not mistaken for a stable one.
-            if isinstance(a, torch.Tensor) and (entry["seen"][i]() is a or a.data_ptr() in self.ctx.static_ptrs):
-                static.append(a)
-                stable.append(i)
+            if isinstance(a, torch.Tensor) and (entry.seen[i]() is a or a.data_ptr() in self.buffers.static_ptrs):
+                entry.static.append(a)
+                entry.stable.append(i)
             elif isinstance(a, torch.Tensor):
-                static.append(a.clone())  # fresh every call (inputs, eager attention output): copy in
-                copied.append(i)
+                entry.static.append(a.clone())  # fresh every call (inputs, eager attention output): copy in
+                entry.copied.append(i)
             else:
-                static.append(a)
+                entry.static.append(a)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.piece(*static)
-        entry.update(graph=graph, static=static, stable=stable, copied=copied, out=out)
+            out = self.piece(*entry.static)
+        entry.graph, entry.out = graph, out
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor):
-                self.ctx.static_ptrs.add(t.data_ptr())
+                self.buffers.static_ptrs.add(t.data_ptr())
         graph.replay()
         return out
 
@@ -134,91 +158,109 @@ class CapturedPiece(torch.nn.Module):
 class EagerSplit(torch.nn.Module):
     """A splitting op's piece, run eagerly on the real tokens only."""
 
-    def __init__(self, piece: torch.fx.GraphModule, token_args: set[int], ctx: _Context) -> None:
+    def __init__(self, piece: torch.fx.GraphModule, token_args: set[int], call: CallState,
+                 buffers: StaticBuffers) -> None:
         super().__init__()
-        self.piece, self.token_args, self.ctx = piece, token_args, ctx
+        self.piece, self.token_args, self.call, self.buffers = piece, token_args, call, buffers
 
     def forward(self, *args: Any) -> Any:
-        n = self.ctx.tokens
+        n = self.call.tokens
         args = [a[:n] if i in self.token_args else a for i, a in enumerate(args)]
         out = self.piece(*args)
-        if isinstance(out, torch.Tensor):
-            return self.ctx.padded((id(self), 0), out) if out.dim() and out.shape[0] == n else out
-        return type(out)(self.ctx.padded((id(self), k), o) if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n
-                         else o for k, o in enumerate(out))
+        many = isinstance(out, (tuple, list))
+        padded = [self.buffers.padded((id(self), k), o, self.call.size)
+                  if isinstance(o, torch.Tensor) and o.dim() and o.shape[0] == n else o
+                  for k, o in enumerate(out if many else [out])]
+        return type(out)(padded) if many else padded[0]
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which graph inputs and outputs carry the token count (by position)."""
+
+    symint_inputs: tuple[int, ...] = ()  # SymInt inputs equal to the token count
+    tensor_inputs: tuple[int, ...] = ()  # tensors whose first dimension is the token count
+    token_outputs: frozenset[int] = frozenset()
+
+
+def token_layout(gm: torch.fx.GraphModule, token: sympy.Expr) -> TokenLayout:
+    """Read from the graph's symbolic shapes; refuses a graph where no input carries the token count."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+    layout = TokenLayout(
+        tuple(i for i, n in enumerate(placeholders)
+              if isinstance(n.meta.get("val"), torch.SymInt) and _is_token(n.meta["val"], token)),
+        tuple(i for i, n in enumerate(placeholders)
+              if isinstance(n.meta.get("val"), torch.Tensor) and _is_token(n.meta["val"], token)),
+        frozenset(i for i, o in enumerate(outs) if isinstance(o, torch.fx.Node) and _is_token(o.meta.get("val"), token)),
+    )
+    if not layout.symint_inputs and not layout.tensor_inputs:
+        raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of "
+                         "the token input with Backend(token_inputs=...).")
+    return layout
+
+
+def plan_padding(gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str]) -> dict[int, int]:
+    """Check that padded tokens can run through every captured op, and find how to mark them: placeholder index
+    -> the value its padded rows are filled with.
+
+    An op that writes a tensor outside the token dimension (a KV cache) would let padded rows write it. It must be
+    a splitting op (run on the real tokens only), or be listed in ``ops.TOKEN_PADDING`` with an argument that comes
+    straight from a graph input, whose padded rows are then filled with the marker."""
+    index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    pad_values: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or _op_name(node.target) in splitting:
+            continue
+        state = [w for w in written_tensors(node) if not _is_token(w.meta.get("val"), token)]
+        if not state:
+            continue
+        marks = ops.TOKEN_PADDING.get(node.target)
+        what = f"{_op_name(node.target)} (node {node.name}) writes {', '.join(w.name for w in state)} outside the token dimension"
+        if marks is None:
+            raise ValueError(
+                f"CUDA graphs: {what}, so padded tokens would write it too. Keep it in splitting_ops (it then "
+                "runs eagerly on the real tokens only), or register how it skips padded tokens in "
+                "ops.TOKEN_PADDING (fxp.attention is registered there when its Triton kernel is installed).")
+        args = node_args_by_name(node)
+        for name, value in marks.items():
+            arg = args.get(name)
+            source = base_of(arg)
+            if (not isinstance(source, torch.fx.Node) or source.op != "placeholder"
+                    or not _is_token(arg.meta.get("val"), token) or not _is_token(source.meta.get("val"), token)):
+                raise ValueError(
+                    f"CUDA graphs: {what}; its padded tokens are marked through argument {name!r}, but that is "
+                    f"computed in the graph ({getattr(arg, 'name', arg)}), not a graph input. Keep "
+                    f"{_op_name(node.target)} in splitting_ops.")
+            if pad_values.setdefault(index[source], value) != value:
+                raise ValueError(f"CUDA graphs: input {source.name} needs two padding values "
+                                 f"({pad_values[index[source]]} and {value}); keep {_op_name(node.target)} in "
+                                 "splitting_ops.")
+    return pad_values
 
 
 class PiecewiseCudaGraphs:
     """A boxed callable running ``gm`` as captured pieces split at the splitting ops.
 
     ``token`` is the token count's sympy expression: a symbol (one graph serves every size, padded to the next
-    captured one) or an integer (a static graph, captured at that size only; ``sizes`` is then ignored)."""
+    captured one) or an integer (a static graph, captured at that size only; ``sizes`` is then ignored).
+    ``warmup_only``: built without a CUDA device (tests on CPU); each size's first call runs, a capture is refused."""
+
+    _boxed_call = True  # AOT calls it with one list of flat inputs
 
     def __init__(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int],
-                 splitting_ops: Sequence[str] = DEFAULT_SPLITTING_OPS) -> None:
+                 splitting_ops: Sequence[str] = DEFAULT_SPLITTING_OPS, warmup_only: bool = False) -> None:
         self.gm = gm
         self.static_tokens = int(token) if token.is_number else None
         self.sizes = [self.static_tokens] if self.static_tokens is not None else sorted(set(int(s) for s in sizes))
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.symint_inputs: list[int] = []
-        self.tensor_inputs: list[int] = []
-        self.token_outputs: set[int] = set()
-        self.pad_values: dict[int, int] = {}  # placeholder index -> the value its padded rows are filled with
-        if self.static_tokens is None:
-            self.symint_inputs = [i for i, n in enumerate(placeholders)
-                                  if isinstance(n.meta.get("val"), torch.SymInt) and _is_token(n.meta["val"], token)]
-            self.tensor_inputs = [i for i, n in enumerate(placeholders)
-                                  if isinstance(n.meta.get("val"), torch.Tensor) and _is_token(n.meta["val"], token)]
-            out_node = next(n for n in gm.graph.nodes if n.op == "output")
-            outs = out_node.args[0] if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
-            self.token_outputs = {i for i, o in enumerate(outs)
-                                  if isinstance(o, torch.fx.Node) and _is_token(o.meta.get("val"), token)}
-            if not self.symint_inputs and not self.tensor_inputs:
-                raise ValueError("piecewise CUDA graphs: no graph input carries the token count; pass the name of "
-                                 "the token input with Backend(token_inputs=...).")
-            self.pad_values = self._pad_values(gm, token, set(splitting_ops), placeholders)
-        self.ctx = _Context(self.sizes[-1])
-        self.pool = torch.cuda.graph_pool_handle()
+        self.layout = TokenLayout() if self.static_tokens is not None else token_layout(gm, token)
+        self.pad_values = {} if self.static_tokens is not None else plan_padding(gm, token, set(splitting_ops))
+        self.call = CallState()
+        self.buffers = StaticBuffers(self.sizes[-1])
+        self.warmup_only = warmup_only
+        self.pool = None if warmup_only else torch.cuda.graph_pool_handle()
         self.split, self.pieces = self._split(gm, token, set(splitting_ops))
-
-    @staticmethod
-    def _pad_values(gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str],
-                    placeholders: list[torch.fx.Node]) -> dict[int, int]:
-        """Check that padded tokens can run through every captured op, and find how to mark them.
-
-        An op that writes a tensor outside the token dimension (a KV cache) would let padded rows write it. It must
-        be a splitting op (run on the real tokens only), or be listed in ``ops.TOKEN_PADDING`` with an argument
-        that comes straight from a graph input, whose padded rows are then filled with the marker."""
-        index = {n: i for i, n in enumerate(placeholders)}
-        pad_values: dict[int, int] = {}
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or _op_name(node.target) in splitting:
-                continue
-            state = [w for w in written_tensors(node) if not _is_token(w.meta.get("val"), token)]
-            if not state:
-                continue
-            marks = ops.TOKEN_PADDING.get(node.target)
-            what = f"{_op_name(node.target)} (node {node.name}) writes {', '.join(w.name for w in state)} outside the token dimension"
-            if marks is None:
-                raise ValueError(
-                    f"CUDA graphs: {what}, so padded tokens would write it too. Keep it in splitting_ops (it then "
-                    "runs eagerly on the real tokens only), or register how it skips padded tokens in "
-                    "ops.TOKEN_PADDING (fxp.attention is registered there when its Triton kernel is installed).")
-            args = node_args_by_name(node)
-            for name, value in marks.items():
-                arg = args.get(name)
-                source = base_of(arg)
-                if (not isinstance(source, torch.fx.Node) or source.op != "placeholder"
-                        or not _is_token(arg.meta.get("val"), token) or not _is_token(source.meta.get("val"), token)):
-                    raise ValueError(
-                        f"CUDA graphs: {what}; its padded tokens are marked through argument {name!r}, but that is "
-                        f"computed in the graph ({getattr(arg, 'name', arg)}), not a graph input. Keep "
-                        f"{_op_name(node.target)} in splitting_ops.")
-                if pad_values.setdefault(index[source], value) != value:
-                    raise ValueError(f"CUDA graphs: input {source.name} needs two padding values "
-                                     f"({pad_values[index[source]]} and {value}); keep {_op_name(node.target)} in "
-                                     "splitting_ops.")
-        return pad_values
 
     def _split(self, gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str]):
         part, assign = 0, {}
@@ -238,9 +280,9 @@ class PiecewiseCudaGraphs:
             index = int(name.rsplit("_", 1)[1])
             if index in split_parts:
                 token_args = set() if self.static_tokens is not None else self._token_args(module, token)
-                wrapped = EagerSplit(module, token_args, self.ctx)
+                wrapped = EagerSplit(module, token_args, self.call, self.buffers)
             else:
-                wrapped = CapturedPiece(module, self.ctx, self.pool)
+                wrapped = CapturedPiece(module, self.call, self.buffers, self.pool, self.warmup_only)
             setattr(split, name, wrapped)
             pieces[name] = wrapped
         return split, pieces
@@ -253,29 +295,27 @@ class PiecewiseCudaGraphs:
     def __call__(self, args: list[Any]) -> Any:
         """Boxed calling convention (AOT's): a list of flat inputs."""
         if self.static_tokens is not None:  # one size: nothing to pad; fresh inputs are copied into the graph's own
-            self.ctx.size = self.ctx.tokens = self.static_tokens
+            self.call.size = self.call.tokens = self.static_tokens
             out = self.split(*args)
             args.clear()
             return type(out)(o.clone() if isinstance(o, torch.Tensor) else o for o in out) \
                 if isinstance(out, (tuple, list)) else (out.clone() if isinstance(out, torch.Tensor) else out)
-        if self.symint_inputs:
-            n = int(args[self.symint_inputs[0]])
-        else:
-            n = args[self.tensor_inputs[0]].shape[0]
+        layout = self.layout
+        n = int(args[layout.symint_inputs[0]]) if layout.symint_inputs else args[layout.tensor_inputs[0]].shape[0]
         i = bisect.bisect_left(self.sizes, n)
         if i == len(self.sizes):
             return self.gm(*args)  # above the largest captured size: eager
         size = self.sizes[i]
-        self.ctx.size, self.ctx.tokens = size, n
+        self.call.size, self.call.tokens = size, n
         padded = list(args)
-        for j in self.symint_inputs:
+        for j in layout.symint_inputs:
             padded[j] = size
-        for j in self.tensor_inputs:
-            padded[j] = self.ctx.padded(("input", j), args[j], self.pad_values.get(j, 0))
+        for j in layout.tensor_inputs:
+            padded[j] = self.buffers.padded(("input", j), args[j], size, self.pad_values.get(j, 0))
         args.clear()
         out = self.split(*padded)
         outs = out if isinstance(out, (tuple, list)) else [out]
         # outputs live in the graphs' static buffers: hand the caller its own copy, sliced to the real tokens
-        result = [o[:n].clone() if k in self.token_outputs else (o.clone() if isinstance(o, torch.Tensor) else o)
+        result = [o[:n].clone() if k in layout.token_outputs else (o.clone() if isinstance(o, torch.Tensor) else o)
                   for k, o in enumerate(outs)]
         return type(out)(result) if isinstance(out, (tuple, list)) else result[0]

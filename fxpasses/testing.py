@@ -313,3 +313,16 @@ class RecordingBackend(Backend):
     def after(self) -> Counter[str]:
         """Ops of the last graph after the pipeline."""
         return self.records[-1].after
+
+
+def warmup_cuda_graph_backend(sizes: list[int], splitting_ops: tuple[str, ...] = ("fxp.attention",),
+                              **backend_kwargs: Any) -> RecordingBackend:
+    """A recording Backend with CUDA graphs at ``sizes``, usable without a CUDA device.
+
+    Each captured size's first call is its warm-up, which runs the pieces eagerly: splitting, padding, padding
+    markers and the refusals can be tested on CPU as long as each size is called once (a second call would capture,
+    and raises here). ``Backend(cuda_graph_sizes=...)`` itself needs CUDA."""
+    backend = RecordingBackend(**backend_kwargs)
+    backend.cuda_graph_sizes, backend.splitting_ops = sorted(set(sizes)), tuple(splitting_ops)
+    backend.cuda_graph_warmup_only = True
+    return backend

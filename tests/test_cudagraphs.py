@@ -9,6 +9,7 @@ import fxpasses
 import fxpasses.cudagraphs as cg
 from fxpasses import ops
 from fxpasses.models import build_model, make_steps, run_steps
+from fxpasses.testing import warmup_cuda_graph_backend
 
 
 def test_cuda_graph_sizes_refused_without_cuda():
@@ -26,24 +27,13 @@ def test_split_at_attention_and_pad_on_warm_up_calls():
     steps = make_steps(128, prompt_lens=(5, 3), decode_steps=1)  # 8 tokens -> size 16, then 2 -> size 4
     expected = run_steps(build_model("llama"), steps)
     model = build_model("llama")
-    backend = fxpasses.Backend()
-    runners = []
-
-    def compiler(gm, example_inputs, index):
-        backend.run_pipeline(gm, index, None, defunctionalize=True)
-        with mock.patch("torch.cuda.graph_pool_handle", lambda: None):
-            runner = cg.PiecewiseCudaGraphs(gm, backend.token_dims[index].expr, [4, 16])
-        runner._boxed_call = True
-        runners.append(runner)
-        return runner
-
-    backend._fx_compiler = compiler
+    backend = warmup_cuda_graph_backend([4, 16])
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    (runner,) = runners
+    (runner,) = backend.runners
     kinds = [type(p).__name__ for p in runner.pieces.values()]
     assert kinds.count("EagerSplit") == 4 and kinds.count("CapturedPiece") == 5  # 4 layers: 4 attentions
-    assert len(runner.tensor_inputs) == 3  # input_ids, position_ids, slot_ids all carry the token count
+    assert len(runner.layout.tensor_inputs) == 3  # input_ids, position_ids, slot_ids all carry the token count
     for piece in runner.pieces.values():
         if isinstance(piece, cg.EagerSplit):
             assert len(piece.token_args) == 5  # q, k, v, slot_ids, position_ids; not the two caches
@@ -52,20 +42,11 @@ def test_split_at_attention_and_pad_on_warm_up_calls():
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)  # padding changes BLAS blocking, not results
 
 
-def _cpu_backend(sizes, splitting_ops=cg.DEFAULT_SPLITTING_OPS):
-    """A Backend with CUDA graphs on a CPU machine: only usable while each size is seen once (warm-up calls run
-    the pieces eagerly; a second call would capture)."""
-    backend = fxpasses.Backend()
-    backend.cuda_graph_sizes, backend.splitting_ops = sorted(sizes), tuple(splitting_ops)
-    return backend
-
-
 def _run_on_cpu(backend, steps, model_name="llama"):
     expected = run_steps(build_model(model_name), steps)
     model = build_model(model_name)
     torch._dynamo.reset()
-    with mock.patch("torch.cuda.graph_pool_handle", lambda: None):
-        got = run_steps(model, steps, torch.compile(model, backend=backend))
+    got = run_steps(model, steps, torch.compile(model, backend=backend))
     for g, e in zip(got, expected):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
@@ -77,7 +58,7 @@ def test_full_graph_pads_slots_with_the_ops_marker(model_name):
     padded tokens write nothing into the caches: had the 8 padded rows of the prefill written slot 0 (a zero fill),
     the decode step, which reads slot 0, would differ from eager."""
     steps = make_steps(128, prompt_lens=(5, 3), decode_steps=1)  # 8 tokens -> size 16, then 2 -> 4; once each (CPU)
-    backend = _cpu_backend([4, 16], splitting_ops=())
+    backend = warmup_cuda_graph_backend([4, 16], splitting_ops=())
     with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}):
         _run_on_cpu(backend, steps, model_name)
     (runner,) = backend.runners
@@ -87,7 +68,7 @@ def test_full_graph_pads_slots_with_the_ops_marker(model_name):
 
 
 def test_full_graph_refuses_an_op_that_cannot_mark_padding():
-    backend = _cpu_backend([4, 16], splitting_ops=())
+    backend = warmup_cuda_graph_backend([4, 16], splitting_ops=())
     with mock.patch.dict(ops.TOKEN_PADDING, clear=True), \
             pytest.raises(Exception, match=r"fxp.attention \(node .*\) writes .* outside the token dimension.*"
                                            r"Keep it in splitting_ops"):
@@ -98,13 +79,13 @@ def test_one_token_static_graph_is_captured_at_its_size():
     """Dynamo specializes 1 token (its 0/1 rule): the decode step is a second, static graph, which gets its own
     runner at size 1 (and a note when a static size is above the largest captured size)."""
     steps = make_steps(128, prompt_lens=(5,), decode_steps=1)  # 5 tokens (dynamic graph), then 1 (static graph)
-    backend = _cpu_backend([2, 8])
+    backend = warmup_cuda_graph_backend([2, 8])
     _run_on_cpu(backend, steps)
     assert backend.report.graphs == 2
     dynamic, static = backend.runners
     assert dynamic.static_tokens is None and static.static_tokens == 1 and static.sizes == [1]
     assert all(not p.token_args for p in static.pieces.values() if isinstance(p, cg.EagerSplit))
-    backend = _cpu_backend([2])
+    backend = warmup_cuda_graph_backend([2])
     batch = make_steps(128, prompt_lens=(5,), decode_steps=0)[0]
     torch._dynamo.reset()
     with torch.inference_mode():
@@ -120,11 +101,11 @@ def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
     steps = make_steps(128, prompt_lens=(5,), decode_steps=1)  # 5 tokens (-> size 8), then 1 (size 1)
     expected = run_steps(build_model("llama"), steps)
     model = build_model("llama")
-    backend = _cpu_backend([1, 8], splitting_ops=())
+    backend = warmup_cuda_graph_backend([1, 8], splitting_ops=())
     torch._dynamo.reset()
     got = []
     with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
-            mock.patch("torch.cuda.graph_pool_handle", lambda: None), torch.inference_mode():
+            torch.inference_mode():
         fn = torch.compile(model, backend=backend)
         for b in steps:
             fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
@@ -150,13 +131,13 @@ class ShiftedSlots(torch.nn.Module):
 
 
 def test_full_graph_refuses_a_marker_argument_computed_in_the_graph():
-    backend = _cpu_backend([4], splitting_ops=())
+    backend = warmup_cuda_graph_backend([4], splitting_ops=())
     ids, pos, slots = torch.tensor([1, 2]), torch.tensor([0, 0]), torch.tensor([0, 1])
     for t in (ids, pos, slots):
         torch._dynamo.mark_dynamic(t, 0)
     torch._dynamo.reset()
     with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
-            mock.patch("torch.cuda.graph_pool_handle", lambda: None), torch.inference_mode(), \
+            torch.inference_mode(), \
             pytest.raises(Exception, match=r"padded tokens are marked through argument 'slot_ids', but that is "
                                            r"computed in the graph \(add.*\), not a graph input\. Keep fxp.attention "
                                            r"in splitting_ops"):
