@@ -1,6 +1,6 @@
 """The one pipeline, as named stages, and the helper that runs it on a graph.
 
-    cleanup → patterns → user passes → finalize (stable topological sort, side-effect-safe DCE)
+    cleanup (in-place collectives made functional) → patterns → user passes → finalize (stable topological sort, side-effect-safe DCE)
       → Inductor (the graph stays functional: Inductor re-inplaces HOPs itself)
       → or defunctionalize (+ DCE) → run the FX graph
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from fxpasses.cleanup import eliminate_common_subexpressions, remove_noop_ops, strip_asserts
+from fxpasses.collectives import canonicalize_collectives
 from fxpasses.dependency import eliminate_dead_code, stable_topological_sort
 from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.pass_manager import PassManager, Stage
@@ -29,7 +30,7 @@ def build_pipeline(
     if canonicalize:
         stages.append(Stage("canonicalize", [functionalize]))
     stages += [
-        Stage("cleanup", [strip_asserts, remove_noop_ops, eliminate_common_subexpressions]),
+        Stage("cleanup", [strip_asserts, remove_noop_ops, canonicalize_collectives, eliminate_common_subexpressions]),
         Stage("patterns", list(patterns), records_matches=True),
         Stage("user", list(extra_passes)),
         Stage("finalize", [stable_topological_sort, eliminate_dead_code]),

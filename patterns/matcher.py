@@ -237,9 +237,12 @@ class _State:
     bindings: dict[str, Any]
     nodes: dict[int, torch.fx.Node]
     owners: dict[torch.fx.Node, int]
+    # (pattern node id, graph node) pairs an earlier attempt showed cannot work (the graph node has a user outside
+    # the pattern); shared by every copy of one attempt
+    forbidden: dict = field(default_factory=dict)  # (id(PNode), graph node) -> the outside user's name
 
     def copy(self) -> "_State":
-        return _State(dict(self.bindings), dict(self.nodes), dict(self.owners))
+        return _State(dict(self.bindings), dict(self.nodes), dict(self.owners), self.forbidden)
 
     def bound_val(self, p: "PNode") -> Any:
         """The fake value of the graph node bound to ``p`` (the first one, for ops returning several)."""
@@ -254,13 +257,32 @@ LIFTED_EPS = ("epsilon was lifted to a graph input (set torch._dynamo.config.spe
               "or compile without dynamic=True)")
 
 
-def match(pattern: PatternGraph, anchor: torch.fx.Node) -> Match:
-    """Match ``pattern`` with its first output at ``anchor``; raise MatchFailure saying why not."""
-    state = _State({}, {}, {})
-    state = _match_node(pattern.anchor, anchor, state)
-    for out in pattern.outputs[1:]:  # further outputs must have been reached from the anchor
-        if id(out) not in state.nodes:
-            raise _fail(lambda: f"output {out.describe()} is not part of the computation", state)
+def match(pattern: PatternGraph, anchor: torch.fx.Node, max_retries: int = 8) -> Match:
+    """Match ``pattern`` with its first output at ``anchor``; raise MatchFailure saying why not.
+
+    When a structural match binds an internal pattern node to a graph node with a user outside the match, the
+    match is retried with that binding ruled out, so commutative operands get their other order (in
+    ``allreduce(a) + allreduce(b)``, the all_reduce whose result has no other reader is the one the pattern takes).
+    """
+    forbidden: dict[tuple[int, torch.fx.Node], str] = {}
+    for _ in range(max_retries + 1):
+        state = _match_node(pattern.anchor, anchor, _State({}, {}, {}, forbidden))
+        for out in pattern.outputs[1:]:  # further outputs must have been reached from the anchor
+            if id(out) not in state.nodes:
+                raise _fail(lambda: f"output {out.describe()} is not part of the computation", state)
+        blocked = _outside_user(pattern, state)
+        if blocked is None:
+            return Match(pattern, anchor, state.bindings, state.nodes)
+        p, g, user = blocked
+        if (id(p), g) in forbidden:
+            break
+        failure = _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside "
+                        "the pattern", state)
+        forbidden = {**forbidden, (id(p), g): user.name}
+    raise failure
+
+
+def _outside_user(pattern: PatternGraph, state: _State) -> tuple[PNode, torch.fx.Node, torch.fx.Node] | None:
     outputs = {id(o) for o in pattern.outputs}
     matched = set(state.owners)
     for p in pattern.nodes:
@@ -269,9 +291,8 @@ def match(pattern: PatternGraph, anchor: torch.fx.Node) -> Match:
         g = state.nodes[id(p)]
         for user in g.users:
             if user not in matched:
-                raise _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside the pattern",
-                    state)
-    return Match(pattern, anchor, state.bindings, state.nodes)
+                return p, g, user
+    return None
 
 
 def _fail(reason: "str | Callable[[], str]", state: _State) -> MatchFailure:
@@ -298,6 +319,10 @@ def _match_node(p: PNode, g: Any, state: _State) -> _State:
         return state
     if g in state.owners:
         raise _fail(lambda: f"{g.name} would have to play two parts in the pattern", state)
+    if (id(p), g) in state.forbidden:
+        user = state.forbidden[(id(p), g)]
+        raise _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user}) outside the pattern",
+                    state)
     state.nodes[id(p)] = g
     state.owners[g] = id(p)
     gargs = args_by_name(g.target, g.args, g.kwargs)

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from fxpasses import ops
+from fxpasses import compat, ops
 from fxpasses.patterns.matcher import EPS_SENTINEL, GROUP_SENTINEL, Match
 from fxpasses.patterns.registry import MatchContext, pattern
 
@@ -108,12 +109,42 @@ def check_residual(m: Match, ctx: MatchContext) -> str | None:
 
 
 def check_tp_group(m: Match, ctx: MatchContext) -> str | None:
+    """The collective's group must hold exactly this Mapping's TP ranks, in its order: a group is a set of ranks,
+    not a name, so a DeviceMesh's group, a ``new_group`` or the default group (when TP is the whole world) all
+    fuse. Names are resolved now, at compile time (under the fake process group too)."""
     group = m.bindings.get("group")
-    if ctx.tp_group_name is None:
-        return "this rank's TP process group is unknown (call fxpasses.init_process_groups(mapping) before compiling)"
-    if group != ctx.tp_group_name:
-        return f"the all_reduce is on group {group}, not this mapping's TP group {ctx.tp_group_name}"
-    return None
+    mapping = ctx.mapping
+    expected = tuple(mapping.tp_group) if mapping is not None and hasattr(mapping, "tp_group") else None
+    ranks = group_ranks(group) if isinstance(group, str) else None
+    if ranks is None or expected is None:  # no live group of that name: fall back to the group's name
+        if ctx.tp_group_name is None:
+            return (f"the all_reduce's group {group!r} is not a live process group here and this rank's TP group is "
+                    "unknown (compile on the ranks that run the model, after torch.distributed is initialized)")
+        if group != ctx.tp_group_name:
+            return f"the all_reduce is on group {group}, not this mapping's TP group {ctx.tp_group_name}"
+        return None
+    if ranks == expected:
+        return None
+    where = (f"the all_reduce is on group {group} (ranks {list(ranks)}), not this mapping's TP group (ranks "
+             f"{list(expected)}: rank {mapping.rank}, tp_size={mapping.tp_size}, pp_size={mapping.pp_size})")
+    if set(ranks) == set(expected):
+        return where + ("; the same ranks in another order: create the group with its ranks in ascending order "
+                        "(the Mapping's TP order)")
+    if hasattr(mapping, "pp_group") and ranks == tuple(mapping.pp_group) and len(ranks) > 1:
+        return where + ("; that is this rank's PP group: the mesh's dimensions are swapped relative to the Mapping "
+                        "(build it with Mapping.from_device_mesh(mesh, tp_dim=..., pp_dim=...))")
+    return where + ("; build the Mapping from the layout the model was parallelized with "
+                    "(Mapping.from_device_mesh(mesh, tp_dim=..., pp_dim=...), or Mapping(tp_size=len(group)))")
+
+
+def group_ranks(group_name: str) -> tuple[int, ...] | None:
+    """Global ranks of the live process group named ``group_name``, in group order; None if there is none."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    try:
+        return tuple(dist.get_process_group_ranks(compat.resolve_process_group(group_name)))
+    except (ValueError, RuntimeError, KeyError):
+        return None
 
 
 def is_rsqrt(node: torch.fx.Node) -> bool:

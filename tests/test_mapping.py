@@ -69,7 +69,7 @@ def test_from_env():
     assert Mapping.from_env({"RANK": "0", "WORLD_SIZE": "4"}) == Mapping(4, 0, 4, 1)
     with pytest.raises(ValueError, match="TP_SIZE='two' is not an integer"):
         Mapping.from_env({"WORLD_SIZE": "4", "TP_SIZE": "two"})
-    with pytest.raises(ValueError, match="world_size is 6"):
+    with pytest.raises(ValueError, match="WORLD_SIZE is 6"):
         Mapping.from_env({"WORLD_SIZE": "6", "TP_SIZE": "4", "PP_SIZE": "2"})
 
 
