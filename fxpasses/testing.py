@@ -234,6 +234,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     ``fn`` must be picklable (defined at module level). Returns each rank's result in rank order; raises
     :class:`RankError` with the rank's traceback if any rank raises; kills every rank after ``timeout`` seconds.
     """
+    _check_picklable(fn, args)  # before any rank starts
     with RankPool(world_size, backend=backend, timeout=timeout) as pool:
         return pool.run(fn, *args)
 

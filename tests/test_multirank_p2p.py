@@ -93,3 +93,13 @@ def test_timeout_kills_every_rank():
     with pytest.raises(TimeoutError, match=r"ranks \[0, 1\] of 2 did not finish in time; all ranks killed"):
         spawn(sleep_forever, 2, timeout=10)
     assert time.monotonic() - t0 < 60
+
+
+def test_unpicklable_function_is_refused_at_once():
+    """A task reaches the ranks by pickle: a lambda or a closure is refused before any rank waits for it."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(TypeError, match="cannot be pickled .* define the function at module level"):
+        spawn(lambda rank, world: rank, 2, timeout=60)
+    assert time.monotonic() - t0 < 5  # refused before any rank starts, not after the timeout
