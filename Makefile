@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fxpasses-installed
 
-.PHONY: demo test test-fast test-gpu clean
+.PHONY: demo test test-fast test-gpu test-multigpu clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 # On the GPU machine: no internet, so use its own torch and put the repository on the path.
 test-gpu:
 	PYTHONPATH=. python3 -m pytest -m gpu
+
+# On a machine with 2+ GPUs: every TP/PP layout the GPUs allow, over NCCL (NVLink multicast kept off).
+test-multigpu:
+	NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONPATH=. python3 -m pytest -m multigpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

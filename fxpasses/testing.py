@@ -94,6 +94,8 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, tasks: A
     _PROGRESS, _RANK = progress_queue, rank
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     try:
+        if backend == "nccl":
+            _prepare_nccl_rank(rank)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
@@ -111,6 +113,19 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, tasks: A
     dist.destroy_process_group()
 
 
+# NVLink multicast (NVLS, multimem) can take a host's shared GPUs out of service: never on in our ranks.
+NCCL_SAFE_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+
+
+def _prepare_nccl_rank(rank: int) -> None:
+    """One GPU per rank (NCCL refuses two ranks on one device), multicast off."""
+    os.environ.update(NCCL_SAFE_ENVIRONMENT)
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError("RankPool(backend='nccl'): this machine has no CUDA device; use backend='gloo'.")
+    torch.cuda.set_device(rank % count)
+
+
 class RankPool:
     """``world_size`` processes with the default process group initialized, reused across many ``run`` calls.
 
@@ -123,6 +138,9 @@ class RankPool:
     def __init__(self, world_size: int, backend: str = "gloo", timeout: float = 120.0) -> None:
         if world_size < 1:
             raise ValueError(f"RankPool: world_size={world_size} must be at least 1.")
+        if backend == "nccl" and torch.cuda.device_count() < world_size:
+            raise ValueError(f"RankPool: backend='nccl' needs one GPU per rank: world_size={world_size}, but "
+                             f"{torch.cuda.device_count()} CUDA device(s) are visible.")
         self.world_size = world_size
         self.timeout = timeout
         ctx = mp.get_context("spawn")

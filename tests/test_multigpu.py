@@ -1,0 +1,81 @@
+"""End to end over NCCL, one process per GPU: the reference models on TP2, PP2 and TP2xPP2, compiled with fxpasses
+(with and without full CUDA graphs, pipeline sends and receives inside them); the last stage's logits equal the
+single-GPU eager model within bf16 tolerance, and every rank fuses what its config predicts.
+
+Run with ``make test-multigpu`` on a machine with 2 or more GPUs; each layout skips where the GPUs are too few.
+NVLink multicast stays off in every rank (fxpasses.testing.NCCL_SAFE_ENVIRONMENT).
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from fxpasses import Backend, Mapping, init_process_groups
+from fxpasses.models import MODELS, build_model, make_steps, run_steps
+from fxpasses.testing import NCCL_SAFE_ENVIRONMENT, RankPool
+
+pytestmark = [pytest.mark.multigpu, pytest.mark.slow]
+
+PROMPT_LENS = (5, 3)
+DECODE_STEPS = 4
+SIZES = [2, 4, 8, 16]
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _config(model: str):
+    return dataclasses.replace(MODELS[model][0](), num_layers=4, dtype=torch.bfloat16)
+
+
+def _steps(config):
+    return [dataclasses.replace(b, **{f.name: getattr(b, f.name).cuda() for f in dataclasses.fields(b)})
+            for b in make_steps(config.vocab_size, PROMPT_LENS, decode_steps=DECODE_STEPS)]
+
+
+def run_rank_on_gpu(rank, world_size, model, tp, pp, cuda_graphs):
+    mapping = Mapping(world_size=world_size, rank=rank, tp_size=tp, pp_size=pp)
+    torch._dynamo.reset()
+    init_process_groups(mapping)
+    config = _config(model)
+    stage = build_model(model, config, mapping).cuda()
+    backend = Backend(mapping, cuda_graph_sizes=SIZES if cuda_graphs else None, splitting_ops=())
+    outputs = run_steps(stage, _steps(config), torch.compile(stage, backend=backend))
+    return {
+        "matches": dict(backend.report.matches),
+        "predicted": config.predicted_matches(mapping),
+        "errors": [e.error for e in backend.report.errors],
+        "logits": [o.float().cpu() for o in outputs] if mapping.is_last_pp_rank else None,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference():
+    cache = {}
+
+    def logits(model):
+        if model not in cache:
+            config = _config(model)
+            cache[model] = [o.float().cpu() for o in run_steps(build_model(model, config).cuda(), _steps(config))]
+        return cache[model]
+
+    return logits
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager-graph", "full-cuda-graphs"])
+@pytest.mark.parametrize("model", ["llama", "deepseek"])
+@pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
+def test_layout_over_nccl(reference, model, tp, pp, cuda_graphs, monkeypatch):
+    if _gpus() < tp * pp:
+        pytest.skip(f"needs {tp * pp} GPUs, {_gpus()} visible")
+    for key, value in NCCL_SAFE_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    with RankPool(tp * pp, backend="nccl", timeout=600) as pool:
+        results = pool.run(run_rank_on_gpu, model, tp, pp, cuda_graphs)
+    expected = reference(model)
+    for r in results:
+        assert r["errors"] == [] and r["matches"] == r["predicted"], r
+        for step, (got, want) in enumerate(zip(r["logits"] or [], expected)):
+            torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2, msg=f"step {step}")
+    assert sum(r["logits"] is not None for r in results) == tp
