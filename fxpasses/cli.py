@@ -8,15 +8,65 @@ something other than predicted.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import threading
 import time
+from typing import Callable, NoReturn
 
 import torch
 
 from fxpasses.mapping import Mapping
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the line names the flag and what to change, with no usage block above it
+    (the layout errors are long already; ``--help`` shows the usage)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for an integer of at least ``low``; argparse prefixes the message with the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse ``type`` for a timeout: a finite number of seconds above zero (0 would kill every rank at once)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds above 0, got {text}")
+    return value
+
+
+def check_dump_dir(path: str) -> str | None:
+    """Create the ``--dump`` directory now, before any rank starts; the reason it cannot be, or None."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{path!r} is an existing file, not a directory; name a directory (it is created if missing)"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        return f"cannot create directory {path!r}: {err.strerror}; name a directory you can write to"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"directory {path!r} is not writable; name a directory you can write to"
+    return None
 
 
 def _counts(d: dict[str, int]) -> str:
@@ -66,9 +116,13 @@ def demo(args: argparse.Namespace, config: object) -> int:
           f"on {world} gloo ranks (CPU); prefill + {args.steps} decode steps\n", flush=True)
     t0 = time.perf_counter()
     print(f"starting {world} ranks ...", flush=True)
-    with RankPool(world, timeout=args.timeout) as pool, Ticker("ranks starting and compiling"):
-        results = pool.run(run_rank, args.model, args.tp, args.pp, config, args.steps, args.dump,
-                           on_progress=lambda rank, msg: print(f"  [rank {rank}] {msg}", flush=True))
+    try:
+        with RankPool(world, timeout=args.timeout) as pool, Ticker("ranks starting and compiling"):
+            results = pool.run(run_rank, args.model, args.tp, args.pp, config, args.steps, args.dump,
+                               on_progress=lambda rank, msg: print(f"  [rank {rank}] {msg}", flush=True))
+    except TimeoutError as err:
+        print(f"FAILED: {err} Raise --timeout (it was {args.timeout:g} s).", file=sys.stderr)
+        return 1
     print(f"ranks done in {time.perf_counter() - t0:.1f} s; running the single-process eager reference ...\n",
           flush=True)
     reference = reference_logits(args.model, config, args.steps)
@@ -96,27 +150,36 @@ def demo(args: argparse.Namespace, config: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fxpasses", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse ``argv`` and run the command. Bad arguments exit with status 2 and one line naming the flag, before
+    any rank starts (argparse's ``SystemExit``)."""
+    parser = Parser(prog="fxpasses", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="compile a reference model on TP x PP gloo ranks and check it against eager")
     p.add_argument("--model", choices=["llama", "deepseek"], default="llama")
-    p.add_argument("--tp", type=int, default=2)
-    p.add_argument("--pp", type=int, default=2)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--tp", type=int_at_least(1), default=2, help="tensor-parallel ranks per stage")
+    p.add_argument("--pp", type=int_at_least(1), default=2, help="pipeline stages")
+    p.add_argument("--layers", type=int_at_least(1), default=4, help="decoder layers, at least one per stage")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--steps", type=int, default=4, help="decode steps after the prefill")
+    p.add_argument("--steps", type=int_at_least(0), default=4, help="decode steps after the prefill (0: prefill only)")
     p.add_argument("--dump", metavar="DIR", help="write each rank's graphs before and after the pipeline here")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds before every rank is killed")
+    p.add_argument("--timeout", type=positive_seconds, default=300.0, help="seconds before every rank is killed")
     p.add_argument("-v", "--verbose", action="store_true", help="print each rank's full pipeline report")
     args = parser.parse_args(argv)
-    from fxpasses.demo import make_config
+    from fxpasses.demo import make_config, max_decode_steps
 
+    if args.layers < args.pp:
+        p.error(f"argument --layers: {args.layers} layers cannot be split over --pp {args.pp} pipeline stages; "
+                f"use --layers {args.pp} or more, or --pp {args.layers} or fewer")
     try:  # bad layouts fail here, with the reason, before any rank starts
         config = make_config(args.model, args.layers, DTYPES[args.dtype])
         config.validate(Mapping(world_size=args.tp * args.pp, tp_size=args.tp, pp_size=args.pp))
     except ValueError as err:
-        parser.error(str(err))
+        p.error(f"--model {args.model} does not fit --tp {args.tp} --pp {args.pp}: {err}")
+    if args.steps > max_decode_steps(config):
+        p.error(f"argument --steps: {args.steps} decode steps outgrow the model's KV cache ({config.max_len} "
+                f"positions per sequence); use --steps {max_decode_steps(config)} or fewer")
+    if args.dump is not None and (reason := check_dump_dir(args.dump)):
+        p.error(f"argument --dump: {reason}")
     return demo(args, config)
 
 

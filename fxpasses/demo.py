@@ -19,6 +19,15 @@ from fxpasses.models import MODELS, build_model, make_steps, run_steps
 from fxpasses.testing import progress
 
 
+# The demo's prompts (one sequence per cache slot): a prefill of these lengths, then one token per sequence a step.
+PROMPT_LENS = (5, 3)
+
+
+def max_decode_steps(config: Any) -> int:
+    """The most decode steps whose positions still fit the model's KV cache (``config.max_len`` per slot)."""
+    return config.max_len - max(PROMPT_LENS)
+
+
 @dataclass
 class RankResult:
     rank: int
@@ -50,7 +59,7 @@ def run_rank(rank: int, world_size: int, model: str, tp: int, pp: int, config: A
     backend = Backend(mapping, dump_dir=f"{dump_dir}/rank{rank}" if dump_dir else None)
     progress(f"compiling stage {mapping.pp_rank} (layers {list(mapping.pp_layers(config.num_layers))})")
     compiled = torch.compile(stage, backend=backend)
-    steps = make_steps(config.vocab_size, decode_steps=decode_steps)
+    steps = make_steps(config.vocab_size, PROMPT_LENS, decode_steps=decode_steps)
     t0 = time.perf_counter()
     outputs = run_steps(stage, steps, compiled)
     progress(f"ran prefill + {decode_steps} decode steps in {time.perf_counter() - t0:.1f} s")
@@ -66,7 +75,7 @@ def run_rank(rank: int, world_size: int, model: str, tp: int, pp: int, config: A
 def reference_logits(model: str, config: Any, decode_steps: int = 4) -> list[torch.Tensor]:
     """The single-process eager model with the same weights, on the same steps."""
     stage = build_model(model, config, Mapping())
-    return run_steps(stage, make_steps(config.vocab_size, decode_steps=decode_steps))
+    return run_steps(stage, make_steps(config.vocab_size, PROMPT_LENS, decode_steps=decode_steps))
 
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
