@@ -170,3 +170,35 @@ def test_attention_writes_cache_and_matches_float64(dtype, pad):
     assert torch.equal(kc, kc_ref.to(dtype)) and torch.equal(vc, vc_ref.to(dtype))  # only real tokens were written
     if pad:
         assert not out[-pad:].any()
+
+
+def test_fp16_no_upcast_norm_overflows_in_eager_but_not_fused():
+    """What docs/patterns.md says about the fp16 ``no_upcast`` RMSNorm spelling: eager squares in fp16, so one
+    element of |x| >= 256 makes x*x inf (fp16's largest is 65504), rsqrt(inf) = 0 and the row comes out all zeros;
+    ``fxp.rms_norm`` squares in float32 and returns the normalized row. The Backend rewrites that spelling into the
+    op, so the compiled model gives the float32 answer where eager gives zeros (as Inductor does with it)."""
+    import fxpasses
+
+    class NoUpcast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(16, generator=torch.Generator().manual_seed(1)).half() + 0.5)
+
+        def forward(self, x):
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0)).half()
+    x[1, 0], x[2, 0] = 255.875, 256.0  # the largest fp16 whose square is finite, and the next one
+    model = NoUpcast()
+    with torch.no_grad():
+        eager = model(x)
+        fused = fxp.rms_norm(x, model.weight, 1e-6)
+        torch._dynamo.reset()
+        backend = fxpasses.Backend(patterns=["rms_norm"])
+        compiled = torch.compile(model, backend=backend)(x)
+    assert backend.report.matches == {"rms_norm": 1}
+    assert torch.equal(compiled, fused)
+    want = ref_rms_norm(x, model.weight, 1e-6)
+    torch.testing.assert_close(fused.double(), want, **TOL[torch.float16])
+    torch.testing.assert_close(eager[:2].double(), want[:2], rtol=5e-3, atol=5e-3)  # no overflow: rounding only
+    assert not eager[2].any() and want[2].abs().max() > 1  # overflow: eager's row is zeros
