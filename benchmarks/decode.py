@@ -112,15 +112,17 @@ def print_census(mode: str, tokens: int, classes: dict[str, list[float]], others
         print("\nother: " + ", ".join(f"{k} {v:.1f} µs" for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]))
 
 
-def load_linear_table(path: str) -> None:
+def load_linear_table(paths: list[str]) -> None:
+    """Replace ops/triton_linear.py's TABLE by the ones in ``paths`` (gemm.json files; later files win)."""
     from fxpasses.ops import triton_linear
 
-    with open(path) as f:
-        rows = json.load(f)["table"]
     triton_linear.TABLE.clear()
-    for bm, n, k, block_m, block_n, block_k, warps, stages, _ in rows:
-        triton_linear.TABLE[(bm, n, k)] = triton_linear.Config(block_m, block_n, block_k, warps, stages)
-    print(f"linear table from {path}: {len(rows)} entries")
+    for path in paths:
+        with open(path) as f:
+            rows = json.load(f)["table"]
+        for bm, n, k, block_m, block_n, block_k, warps, stages, _ in rows:
+            triton_linear.TABLE[(bm, n, k)] = triton_linear.Config(block_m, block_n, block_k, warps, stages)
+        print(f"linear table from {path}: {len(rows)} entries")
 
 
 def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]) -> tuple[Any, fxpasses.Backend | None]:
@@ -159,7 +161,8 @@ def main() -> None:
                              "specializes 1 token: a second compile) or mark_unbacked (one graph for every count)")
     parser.add_argument("--profile", action="store_true", help="print each mode's kernel census (issue 14)")
     parser.add_argument("--profile-tokens", type=int, nargs="+", default=[1])
-    parser.add_argument("--linear-table", default=None, help="gemm.json from benchmarks/gemm.py --sweep --out")
+    parser.add_argument("--linear-table", nargs="+", default=None,
+                        help="gemm.json files from benchmarks/gemm.py --sweep --out (later files win)")
     args = parser.parse_args()
     if args.linear_table:
         load_linear_table(args.linear_table)

@@ -89,12 +89,19 @@ def graph_time_us(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
 
 
 def candidates(m: int) -> list[tl_lin.Config]:
+    """Tiles to sweep: enough elements per thread for 16-byte loads, at most ~128 float32 accumulators each."""
     if m == 1:
-        return [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in itertools.product((4, 8, 16, 32), (256, 512, 1024),
-                                                                                   (2, 4, 8)) if bn * bk >= 256 * w]
-    bm = 16 if m <= 16 else 32
-    return [tl_lin.Config(bm, bn, bk, w, s) for bn, bk, (w, s) in itertools.product((16, 32, 64), (128, 256, 512),
-                                                                                     ((4, 3), (4, 5), (8, 4)))]
+        return [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in itertools.product((1, 2, 4, 8), (1024, 2048, 4096),
+                                                                                   (2, 4, 8))
+                if 256 * w <= bn * bk <= 128 * 32 * w]
+    dots = [tl_lin.Config(16 if m <= 16 else 32, bn, bk, w, s)
+            for bn, bk, (w, s) in itertools.product((16, 32, 64), (128, 256, 512), ((4, 3), (4, 5), (8, 4)))]
+    if m > 8:
+        return dots
+    rows = triton.next_power_of_2(m)
+    return [tl_lin.Config(rows, bn, bk, w, 1) for bn, bk, w in itertools.product((1, 2, 4), (256, 512, 1024),
+                                                                                  (2, 4, 8))
+            if 256 * w <= bn * bk and rows * bn * bk <= 128 * 32 * w] + dots
 
 
 def rel_err(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:

@@ -18,6 +18,7 @@ weights and M above 32. Capture-safe: no host synchronization, no allocation but
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,8 @@ _DTYPES = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class Config:
-    """One launch configuration. ``block_m == 1`` selects the GEMV kernel, 16 or 32 the tl.dot kernel."""
+    """One launch configuration. ``block_m`` 1 selects the GEMV kernel, 2..8 (a power of two, at least M) the
+    several-rows GEMV, 16 or 32 the tl.dot kernel."""
 
     block_m: int
     block_n: int
@@ -71,6 +73,35 @@ def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN
     if HAS_BIAS:
         y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
     tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _gemv_rows_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GEMV for 2..8 rows: each weight tile is loaded once and multiplied with every row of x."""
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    w_ptrs = W + rn.to(tl.int64)[:, None] * swn + rk[None, :]
+    x_ptrs = X + rm.to(tl.int64)[:, None] * sxm + rk[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
+        else:
+            kmask = (k0 + rk) < K
+            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=(rm[:, None] < M) & kmask[None, :], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    y = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(OUT + rm.to(tl.int64)[:, None] * som + rn[None, :], y.to(OUT.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
@@ -120,6 +151,13 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
         _gemv_kernel[(triton.cdiv(n, c.block_n), m)](
             x2, weight, b, out, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
             EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    elif c.block_m <= 8:
+        if m > c.block_m:
+            raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
+        _gemv_rows_kernel[(triton.cdiv(n, c.block_n),)](
+            x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+            EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
+            num_stages=c.num_stages)
     else:
         _small_m_kernel[(triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))](
             x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
@@ -131,24 +169,51 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
 def default_config(m: int, n: int, k: int) -> Config:
     """A tile for any shape: what the sweep found good across the Llama shapes (see ``choose`` for the table)."""
     if m == 1:
-        return Config(1, 8, 512, 4, 1)
+        return Config(1, 4, 1024, 4, 1)
+    if m <= 8:
+        return Config(triton.next_power_of_2(m), 2, 512, 4, 1)
     return Config(16 if m <= 16 else 32, 32, 256, 4, 4)
 
 
-# (M bucket, N, K) -> Config, measured faster than cuBLAS on an H200 (benchmarks/gemm.py --sweep). Shapes not
-# listed use cuBLAS: the Triton kernel is only used where it was measured to win.
-TABLE: dict[tuple[int, int, int], Config] = {}
+# (M bucket, N, K) -> Config, measured at least 2% faster than cuBLAS on an H200, torch 2.11 / Triton 3.6,
+# 2026-11-29 (benchmarks/gemm.py --sweep, two runs; per-call µs in the comments). Shapes and buckets not listed
+# use cuBLAS: the Triton kernels run only where they were measured to win. The shapes are Llama-3.2-1B's and
+# Llama-3-8B's projections ([N, K] = [out, in]; qkv and gate_up fused as fxpasses.models builds them).
+TABLE: dict[tuple[int, int, int], Config] = {
+    (1, 512, 2048): Config(1, 2, 1024, 8, 1),  # 2.60 (cuBLAS 5.75)
+    (1, 1024, 4096): Config(1, 2, 1024, 8, 1),  # 4.30 (7.67)
+    (1, 2048, 2048): Config(1, 1, 2048, 2, 1),  # 4.16 (6.06)
+    (1, 2048, 8192): Config(1, 4, 2048, 4, 1),  # 10.30 (13.81)
+    (1, 3072, 2048): Config(1, 4, 1024, 4, 1),  # 5.12 (6.15)
+    (1, 4096, 4096): Config(1, 8, 1024, 4, 1),  # 10.39 (13.39)
+    (1, 4096, 14336): Config(1, 8, 1024, 4, 1),  # 29.09 (31.58)
+    (1, 6144, 4096): Config(1, 4, 2048, 4, 1),  # 14.48 (16.53)
+    (1, 8192, 2048): Config(1, 4, 1024, 2, 1),  # 10.26 (10.91)
+    (1, 14336, 4096): Config(1, 4, 2048, 4, 1),  # 29.34 (31.12)
+    (1, 16384, 2048): Config(1, 4, 1024, 2, 1),  # 17.77 (18.38)
+    (8, 512, 2048): Config(8, 2, 1024, 4, 1),  # 4.57 (5.75)
+    (8, 4096, 4096): Config(16, 32, 256, 4, 5),  # 11.63 (13.31)
+    (8, 4096, 14336): Config(16, 32, 256, 4, 5),  # 31.52 (32.33)
+    (16, 4096, 4096): Config(16, 32, 256, 4, 5),  # 11.73 (13.45 at M = 8)
+    (16, 4096, 14336): Config(16, 32, 256, 4, 5),  # 31.61 (33.04 at M = 8)
+    (32, 4096, 4096): Config(32, 32, 512, 4, 3),  # 12.86 (14.10)
+}
 
 
 def _bucket(m: int) -> int:
-    return 1 if m == 1 else 16 if m <= 16 else 32
+    return 1 if m == 1 else 8 if m <= 8 else 16 if m <= 16 else 32
 
 
 def choose(m: int, n: int, k: int) -> Config | None:
-    """The Triton configuration for this call, or None for cuBLAS."""
+    """The Triton configuration for this call, or None for cuBLAS. The table is measured at M = 1, 8 and 32;
+    2..8 rows use the 8-row entry (with the rows rounded up to a power of two: a bandwidth-bound kernel is no
+    slower with fewer rows), 9..16 the 16-row one where there is one."""
     if m < 1 or m > MAX_M:
         return None
-    return TABLE.get((_bucket(m), n, k))
+    c = TABLE.get((_bucket(m), n, k))
+    if c is not None and 1 < m <= 8 and 1 < c.block_m <= 8:
+        c = dataclasses.replace(c, block_m=triton.next_power_of_2(m))
+    return c
 
 
 def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
