@@ -119,3 +119,106 @@ def test_init_process_groups_checks_the_world():
             init_process_groups(Mapping(2, 0, 2, 1))
     with pytest.raises(RuntimeError, match="init_process_group first"):
         init_process_groups(Mapping())
+
+
+# ---- issue 11: errors name the argument or variable ------------------------------------------------------------
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be at least 1"),
+    ({"WORLD_SIZE": "4", "PP_SIZE": "0"}, "PP_SIZE='0' must be at least 1"),
+    ({"WORLD_SIZE": "4", "TP_SIZE": "0"}, "TP_SIZE='0' must be at least 1"),
+    ({"WORLD_SIZE": "4", "RANK": "-1"}, "RANK='-1' must be at least 0"),
+    ({"WORLD_SIZE": "4", "RANK": "4"}, "RANK=4 is out of range for WORLD_SIZE=4"),
+    ({"WORLD_SIZE": "6", "PP_SIZE": "4"}, "WORLD_SIZE=6 is not divisible by PP_SIZE=4"),
+    ({"WORLD_SIZE": "6", "TP_SIZE": "4"}, "WORLD_SIZE=6 is not divisible by TP_SIZE=4"),
+])
+def test_from_env_names_the_variable(env, message):
+    with pytest.raises(ValueError, match=message):
+        Mapping.from_env(env)
+
+
+def test_rank_must_be_an_integer_not_a_bool():
+    with pytest.raises(ValueError, match="Mapping: rank=True must be an integer, not a bool"):
+        Mapping(world_size=2, rank=True, tp_size=2)
+    with pytest.raises(ValueError, match="Mapping: tp_size=2.0 must be an integer, not float"):
+        Mapping(world_size=2, tp_size=2.0)
+
+
+def test_numpy_integers_are_integers():
+    np = pytest.importorskip("numpy")
+    m = Mapping(world_size=np.int64(4), rank=np.int32(3), tp_size=np.int64(2), pp_size=np.int8(2))
+    assert m == Mapping(4, 3, 2, 2) and hash(m) == hash(Mapping(4, 3, 2, 2))
+    assert type(m.rank) is int and list(m.pp_layers(np.int64(4))) == [2, 3]
+
+
+@pytest.mark.parametrize("layers, message", [(0, "num_layers=0 must be at least 1"),
+                                             (-2, "num_layers=-2 must be at least 1"),
+                                             (True, "num_layers=True must be an integer, not a bool")])
+def test_pp_layers_refuses_no_layers(layers, message):
+    with pytest.raises(ValueError, match=message):
+        Mapping(4, 0, 1, 4).pp_layers(layers)
+
+
+# ---- issue 12: Mappings from DeviceMeshes and groups that already exist ----------------------------------------------
+@pytest.mark.parametrize("tp, pp", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_from_device_mesh_2d(tp, pp):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import torch.distributed as dist
+
+    for rank in (0, 5):
+        with fake_process_group(8, rank):
+            mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
+            m = Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+            assert m == Mapping(8, rank, tp, pp) == Mapping.from_device_mesh(mesh, tp_dim=1, pp_dim=0)
+            assert tuple(dist.get_process_group_ranks(mesh.get_group("tp"))) == m.tp_group
+            assert tuple(dist.get_process_group_ranks(mesh.get_group("pp"))) == m.pp_group
+            groups = init_process_groups(m, tp_group=mesh.get_group("tp"), pp_group=mesh.get_group("pp"))
+            assert groups.tp is mesh.get_group("tp") and groups.pp is mesh.get_group("pp")
+
+
+def test_from_device_mesh_1d_and_the_default_group():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import torch.distributed as dist
+
+    with fake_process_group(4, 2):
+        mesh = init_device_mesh("cpu", (4,))
+        assert Mapping.from_device_mesh(mesh) == Mapping(4, 2, 4, 1)
+        assert Mapping.from_device_mesh(mesh, pp_dim=0) == Mapping(4, 2, 1, 4)
+        groups = init_process_groups(Mapping(4, 2, 4, 1), tp_group=dist.group.WORLD)  # TP is the whole world
+        assert groups.tp is dist.group.WORLD and tuple(dist.get_process_group_ranks(groups.pp)) == (2,)
+
+
+def test_from_device_mesh_says_what_to_change():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    with fake_process_group(8, 0):
+        mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("tp", "pp"))
+        with pytest.raises(ValueError, match="TP ranks fastest.*TP dimension last"):
+            Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+        with pytest.raises(ValueError, match="tp_dim='x' is not a dimension of the mesh; its dimensions are"):
+            Mapping.from_device_mesh(mesh, tp_dim="x")
+        with pytest.raises(ValueError, match="say which is which with tp_dim"):
+            Mapping.from_device_mesh(mesh)
+        with pytest.raises(ValueError, match="are the same mesh dimension"):
+            Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim=0)
+        with pytest.raises(ValueError, match=r"mesh dimension\(s\) \['pp'\] are neither tp_dim nor pp_dim"):
+            Mapping.from_device_mesh(mesh, tp_dim="tp")
+        with pytest.raises(ValueError, match="covers 2 ranks but the world has 8; pass the whole mesh"):
+            Mapping.from_device_mesh(mesh["tp"])
+        with pytest.raises(TypeError, match="mesh must be a torch.distributed DeviceMesh, got tuple"):
+            Mapping.from_device_mesh((2, 4))
+
+
+def test_init_process_groups_refuses_groups_with_other_ranks():
+    import torch.distributed as dist
+
+    with fake_process_group(4, 1):
+        m = Mapping(4, 1, 2, 2)
+        other = [dist.new_group(r) for r in ([0, 2], [1, 3])][1]  # rank 1's PP ranks, offered as its TP group
+        with pytest.raises(ValueError, match=r"tp_group holds ranks \[1, 3\], but this rank's TP ranks are \[0, 1\]"):
+            init_process_groups(m, tp_group=other)
+        with pytest.raises(TypeError, match="pp_group must be a torch.distributed ProcessGroup"):
+            init_process_groups(m, pp_group="1")
+        groups = init_process_groups(m, pp_group=other)
+        assert groups.pp is other and tuple(dist.get_process_group_ranks(groups.tp)) == (0, 1)

@@ -1,0 +1,205 @@
+"""Models parallelized with torch's own engine fuse as ours do: a 2-layer transformers Llama with TP2 built by
+``parallelize_module`` on ``init_device_mesh``, on a mesh made from existing groups, and by transformers' own TP
+plan (in-place ``dist.all_reduce``) fuses 4 allreduce+add+RMSNorm and 1 RMSNorm on every rank, with logits equal
+to the unparallelized eager model. The fake process group (world 8) checks the structure of every TP x PP split;
+real gloo ranks check the numbers."""
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxpasses
+from fxpasses.testing import RankPool, RecordingBackend, fake_process_group
+
+transformers = pytest.importorskip("transformers")
+
+LAYERS = 2
+CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=8,
+              num_key_value_heads=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+FUSED = {"allreduce_add_rms_norm": 2 * LAYERS, "rms_norm": 1}  # the first norm has no residual add before it
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).eval()
+
+
+def token_ids() -> torch.Tensor:
+    return torch.randint(0, CONFIG["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def torch_tp_plan() -> dict:
+    """A torchtitan-style plan for transformers' Llama: attention and MLP in, column-wise; out, row-wise."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    col, row = ColwiseParallel(), RowwiseParallel()
+    return {"model.layers.*.self_attn.q_proj": col, "model.layers.*.self_attn.k_proj": col,
+            "model.layers.*.self_attn.v_proj": col, "model.layers.*.self_attn.o_proj": row,
+            "model.layers.*.mlp.gate_proj": col, "model.layers.*.mlp.up_proj": col, "model.layers.*.mlp.down_proj": row}
+
+
+def parallelize(model: torch.nn.Module, route: str, mapping: fxpasses.Mapping | None = None):
+    """Tensor-parallelize ``model`` by ``route``; return the TP mesh."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if route == "from_group":  # fxpasses made the groups; torch's mesh adopts them
+        mesh = DeviceMesh.from_group(fxpasses.init_process_groups(mapping).tp, "cpu")
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if route == "transformers":  # transformers' own TP plan: RowwiseParallel's inference path is dist.all_reduce
+        from transformers.distributed.tensor_parallel import apply_tensor_parallelism
+
+        apply_tensor_parallelism(model, mesh, model._expand_parallel_plan(model._tp_plan))
+    else:
+        parallelize_module(model, mesh, torch_tp_plan())
+    return mesh
+
+
+def compile_tp(model: torch.nn.Module, mapping: fxpasses.Mapping):
+    backend = RecordingBackend(mapping)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        logits = torch.compile(model, backend=backend, fullgraph=True)(token_ids()).logits
+    return logits, backend
+
+
+def tp_route(rank: int, world_size: int, route: str):
+    """On one gloo rank: parallelize the Llama by ``route``, compile it, return (logits, matches, fused ops)."""
+    model = llama()
+    mapping = fxpasses.Mapping(world_size, rank, world_size, 1)
+    mesh = parallelize(model, route, mapping)
+    assert fxpasses.Mapping.from_device_mesh(mesh) == mapping
+    logits, backend = compile_tp(model, mapping)
+    after = backend.after
+    return logits, dict(backend.report.matches), {k: v for k, v in after.items() if k.startswith(("fxp.", "_c10d"))}
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    with RankPool(2, timeout=300) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with torch.no_grad():
+        return llama()(token_ids()).logits
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("route", ["parallelize_module", "from_group", "transformers"])
+def test_tp2_routes_fuse_and_match_eager(pool2, reference, route):
+    for rank, (logits, matches, ops) in enumerate(pool2.run(tp_route, route)):
+        assert {k: matches.get(k, 0) for k in FUSED} == FUSED, (rank, matches)
+        assert ops["fxp.allreduce_add_rms_norm"] == 2 * LAYERS and ops["fxp.rms_norm"] == 1
+        # what is left unfused: transformers' vocab-parallel embedding all-reduces into a norm with no residual add
+        assert ops.get("_c10d_functional.all_reduce", 0) == (1 if route == "transformers" else 0), ops
+        torch.testing.assert_close(logits, reference, **TOL)
+
+
+@pytest.mark.parametrize("tp, pp, rank", [(8, 1, 7), (4, 2, 5), (2, 4, 3), (1, 8, 6)])
+def test_every_split_of_eight_fuses_on_a_2d_mesh(tp, pp, rank):
+    """A 2-D ("pp", "tp") mesh makes groups of its own; their names are not fxpasses', their ranks are. (One rank
+    per split keeps it fast: each compile of a DTensor model takes seconds.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    with fake_process_group(8, rank):
+        mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
+        mapping = fxpasses.Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+        assert mapping == fxpasses.Mapping(8, rank, tp, pp)
+        assert mesh.get_group("tp").group_name != fxpasses.init_process_groups(mapping).tp.group_name
+        model = llama()
+        if tp > 1:
+            parallelize_module(model, mesh["tp"], torch_tp_plan())
+        _, backend = compile_tp(model, mapping)
+    if tp > 1:
+        assert backend.report.matches.get("allreduce_add_rms_norm") == 2 * LAYERS
+        assert backend.report.matches.get("rms_norm") == 1
+        assert backend.after["fxp.allreduce_add_rms_norm"] == 2 * LAYERS
+        assert "_c10d_functional.all_reduce" not in backend.after
+    else:
+        assert backend.report.matches.get("add_rms_norm") == 2 * LAYERS
+
+
+def test_group_with_other_ranks_is_a_near_miss_naming_the_fix():
+    """A mesh whose TP dimension is first puts TP ranks 4 apart; a (tp=2, pp=4) Mapping expects them adjacent."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    with fake_process_group(8, 0):
+        mesh = init_device_mesh("cpu", (2, 4), mesh_dim_names=("tp", "pp"))
+        with pytest.raises(ValueError, match="Build the mesh with the TP dimension last"):
+            fxpasses.Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+        model = llama()
+        parallelize_module(model, mesh["tp"], torch_tp_plan())
+        _, backend = compile_tp(model, fxpasses.Mapping(8, 0, 2, 4))
+    assert "allreduce_add_rms_norm" not in backend.report.matches
+    assert backend.report.matches.get("add_rms_norm") == 2 * LAYERS  # the add and norm still fuse, unreduced
+    misses = [m for m in backend.report.near_misses if m.pattern == "allreduce_add_rms_norm"]
+    assert len(misses) == 2 * LAYERS
+    assert all("(ranks [0, 4])" in m.reason and "TP group (ranks [0, 1]" in m.reason
+               and "Mapping.from_device_mesh" in m.reason for m in misses), misses[0].reason
+
+
+def test_inplace_all_reduce_of_a_graph_input_keeps_the_write():
+    """``dist.all_reduce(x)`` on an input: the copy back into x stays (the caller sees x reduced), and the result
+    still fuses with the add and norm."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, x, residual):
+            dist.all_reduce(x)
+            h = x + residual
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight, h
+
+    mapping = fxpasses.Mapping(2, 0, 2, 1)
+    x, residual = torch.randn(4, 16), torch.randn(4, 16)
+    with fake_process_group(2, 0):
+        model = Block().eval()
+        backend = RecordingBackend(mapping)
+        torch._dynamo.reset()
+        xc = x.clone()
+        with torch.no_grad():
+            out, h = torch.compile(model, backend=backend)(xc, residual)
+            xe = x.clone()
+            ref, ref_h = model(xe, residual)
+    # the fake all_reduce returns its input: the reduced x equals x, and must still be written back (same values)
+    assert torch.equal(xc, xe)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(h, ref_h, **TOL)
+    assert backend.after["aten.copy_"] == 1  # the input mutation is kept
+
+
+def test_inplace_all_reduce_into_a_buffer_read_later_keeps_both_values():
+    """The buffer's value before the collective is read after it: the canonicalized graph still gives it."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+
+        def forward(self, a, residual):
+            y = a * 2
+            before = y.clone()
+            dist.all_reduce(y)
+            h = y.view(2, 2, 16).view(4, 16) + residual
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight, h, before + y
+
+    mapping = fxpasses.Mapping(2, 1, 2, 1)
+    a, residual = torch.randn(4, 16), torch.randn(4, 16)
+    with fake_process_group(2, 1):
+        model = Block().eval()
+        backend = RecordingBackend(mapping)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(model, backend=backend)(a, residual)
+            ref = model(a, residual)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **TOL)
+    assert backend.report.matches == {"allreduce_add_rms_norm": 1}
+    assert backend.before["aten.copy"] == 1 and "aten.copy" not in backend.after
