@@ -1,17 +1,31 @@
-"""How much the verifier adds to the pipeline: pipeline time with verify on and off, by graph size.
+"""What the pipeline's checks cost: the always-on invariants and the full verifier, side by side, as a share of a
+whole torch.compile.
 
-    python benchmarks/verifier_cost.py
+    python benchmarks/verifier_cost.py [--layers 8 32 64] [--repeat 2]
 
-Prints a markdown table. The model is a decoder-shaped stack (RMSNorm, projections, SiLU gate, residual adds)
-with a pipeline receive at the start and a send at the end, so the effect checks have work to do.
+Prints a markdown table. Two models:
+- ``llama``: the reference tiny Llama of ``fxpasses.models`` (hidden 64), single rank, as ``compile_time.py``;
+- ``pp-stack``: a decoder-shaped stack (RMSNorm, projections, SiLU gate, residual adds) with a pipeline receive at
+  the start and a send at the end, on a fake 2-rank process group, so the effect checks have work to do.
+
+Each configuration is compiled with ``verify`` off and on. The pipeline itself times its checks and reports them
+as the ``checks/invariants`` and ``checks/verifier`` rows of ``Backend.report`` (the pass rows exclude them), so
+both costs come from the compile that paid them. "Whole compile" is the first compiled call minus a warm call
+(Dynamo, AOT autograd, the pipeline). The row kept of ``--repeat`` runs is the one with the fastest whole compile.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import datetime
+import platform
 import time
+from typing import Any, Callable
 
 import torch
 
 import fxpasses
+from fxpasses.models import LlamaConfig, build_model, make_steps
 from fxpasses.testing import fake_process_group
 
 
@@ -45,27 +59,69 @@ class Stack(torch.nn.Module):
         return h
 
 
-def pipeline_seconds(layers: int, verify: bool) -> tuple[float, float]:
-    """(pipeline seconds, whole torch.compile seconds: Dynamo, AOT and the pipeline)."""
-    model = Stack(layers).eval()
+def llama(layers: int) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    config = dataclasses.replace(LlamaConfig(), num_layers=layers)
+    batch = make_steps(config.vocab_size, decode_steps=0)[0]
+    return build_model("llama", config), (batch.input_ids, batch.position_ids, batch.slot_ids)
+
+
+def pp_stack(layers: int) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+    return Stack(layers).eval(), (torch.randn(8, 64),)
+
+
+MODELS: dict[str, Callable[[int], tuple[torch.nn.Module, tuple[Any, ...]]]] = {"llama": llama, "pp-stack": pp_stack}
+
+
+@dataclasses.dataclass
+class Run:
+    whole: float  # seconds: first call minus a warm call
+    pipeline: float  # seconds in the pipeline, checks included
+    invariants: float  # seconds in the always-on checks
+    verifier: float  # seconds in the full verifier (0 with verify off)
+
+
+def compile_once(model_name: str, layers: int, verify: bool) -> Run:
+    model, args = MODELS[model_name](layers)
     backend = fxpasses.Backend(verify=verify)
     torch._dynamo.reset()
-    with torch.no_grad():
+    fn = torch.compile(model, backend=backend)
+    with torch.inference_mode():
         t0 = time.perf_counter()
-        torch.compile(model, backend=backend, fullgraph=True)(torch.randn(8, 64))
-        total = time.perf_counter() - t0
-    return backend.report.pipeline_seconds, total
+        fn(*args)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fn(*args)
+        warm = time.perf_counter() - t0
+    seconds = backend.report.pass_seconds()
+    return Run(first - warm, backend.report.pipeline_seconds, seconds.get("checks/invariants", 0.0),
+               seconds.get("checks/verifier", 0.0))
+
+
+def best(model_name: str, layers: int, verify: bool, repeat: int) -> Run:
+    return min((compile_once(model_name, layers, verify) for _ in range(repeat)), key=lambda r: r.whole)
 
 
 def main() -> None:
-    print("| layers | whole compile (s) | pipeline, verify off (ms) | pipeline, verify on (ms) | verifier share of compile |")
-    print("|---|---|---|---|---|")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'cpu'})"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, "
+          f"{datetime.date.today().isoformat()}; compiles run on the CPU\n")
+    print("| model | layers | whole compile (s) | pipeline (ms) | invariants, always on (ms) | invariants share "
+          "| verifier, verify=True (ms) | verifier share |")
+    print("|---|---|---|---|---|---|---|---|")
     with fake_process_group(2, 0):
-        for layers in (8, 32, 64):
-            off = min((pipeline_seconds(layers, False) for _ in range(2)), key=lambda r: r[1])
-            on = min((pipeline_seconds(layers, True) for _ in range(2)), key=lambda r: r[1])
-            share = (on[0] - off[0]) / on[1]
-            print(f"| {layers} | {on[1]:.2f} | {off[0] * 1e3:.1f} | {on[0] * 1e3:.1f} | {share:.1%} |", flush=True)
+        compile_once("llama", 2, False)  # warm-up: imports, pattern tracing
+        for model_name in args.models:
+            for layers in args.layers:
+                off = best(model_name, layers, False, args.repeat)
+                on = best(model_name, layers, True, args.repeat)
+                print(f"| {model_name} | {layers} | {off.whole:.2f} | {off.pipeline * 1e3:.1f} | "
+                      f"{off.invariants * 1e3:.2f} | {off.invariants / off.whole:.2%} | "
+                      f"{on.verifier * 1e3:.1f} | {on.verifier / on.whole:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

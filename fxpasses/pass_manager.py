@@ -101,25 +101,33 @@ class PassManager:
 
     def _run(self, gm: torch.fx.GraphModule, ctx: PassContext, report: Report, graph_index: int) -> Report:
         verify_on = ctx.config.verify
+        t_start = time.perf_counter()
         before = baseline(gm.graph)  # raises VerificationError if the graph handed in is itself broken
         snap = snapshot(gm.graph) if verify_on else None
-        t_start = time.perf_counter()
+        check_seconds, verify_seconds = time.perf_counter() - t_start, 0.0
+        checked = 0
         for stage in self.stages:
             for p in stage.passes:
                 name = pass_name(p)
                 backup = GraphSnapshot(gm.graph)
                 t0 = time.perf_counter()
+                t_pass = t_checks = None
                 try:
                     result = p(gm, ctx)
                     if not isinstance(result, PassResult):
                         raise TypeError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
+                    t_pass = time.perf_counter()
+                    checked += 1
                     check_invariants(gm.graph, before, name, ctx.fake_mode)
+                    t_checks = time.perf_counter()
                     if verify_on:
                         snap = verify(gm.graph, snap, name)
                 except Exception as err:
-                    seconds = time.perf_counter() - t0
+                    now = time.perf_counter()
+                    check_seconds += (t_checks or now) - t_pass if t_pass is not None else 0.0
+                    verify_seconds += now - t_checks if t_checks is not None else 0.0
                     self._roll_back(backup, gm, name, stage.name, err)
-                    report.passes.append(PassRecord(f"{stage.name}/{name}", seconds, False,
+                    report.passes.append(PassRecord(f"{stage.name}/{name}", (t_pass or now) - t0, False,
                                                     error=traceback.format_exc(), graph=graph_index))
                     if ctx.config.strict:
                         raise PassError(f"fxpasses: pass {name!r} (stage {stage.name!r}) failed: {err}") from err
@@ -127,13 +135,21 @@ class PassManager:
                     if verify_on:
                         snap = snapshot(gm.graph)
                     continue
-                seconds = time.perf_counter() - t0
-                report.passes.append(PassRecord(f"{stage.name}/{name}", seconds, result.modified,
+                now = time.perf_counter()
+                check_seconds += t_checks - t_pass
+                verify_seconds += now - t_checks
+                report.passes.append(PassRecord(f"{stage.name}/{name}", t_pass - t0, result.modified,
                                                 dict(result.counts), list(result.notes), graph=graph_index))
                 if stage.records_matches:
                     report.add_matches(result.counts)
                 for note in result.notes:
                     log.info("fxpasses: %s: %s", name, note)
+        # What the safety net cost, as rows of the report (the pass rows above exclude it).
+        report.passes.append(PassRecord("checks/invariants", check_seconds, False, {"passes": checked},
+                                        graph=graph_index))
+        if verify_on:
+            report.passes.append(PassRecord("checks/verifier", verify_seconds, False, {"passes": checked},
+                                            graph=graph_index))
         gm.recompile()
         report.pipeline_seconds += time.perf_counter() - t_start
         return report

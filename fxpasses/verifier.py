@@ -38,7 +38,7 @@ import torch.fx
 
 from fxpasses import compat
 from fxpasses.dependency import ordering_edges
-from fxpasses.effects import effect_signature, is_view, written_tensors
+from fxpasses.effects import effect_signature, is_hop, is_view, mutable_args
 
 log = logging.getLogger("fxpasses")
 
@@ -148,38 +148,65 @@ def _leaf_spec(leaf: Any) -> ValueSpec | None:
     return value_spec(leaf) if leaf is not None else None
 
 
-_VIEW_BY_TARGET: dict[Any, bool] = {}
+_VIEWS: dict[Any, bool] = {}
+_WRITES: dict[Any, tuple[tuple[int, str], ...]] = {}
 
 
 def _is_view(node: torch.fx.Node) -> bool:
-    """``effects.is_view``, cached by target (it reads the op's schema, which is slow to walk on every node)."""
+    """``effects.is_view``, cached by target (a property of the op alone; its schema is slow to walk each time)."""
     try:
-        return _VIEW_BY_TARGET[node.target]
+        return _VIEWS[node.target]
     except KeyError:
-        _VIEW_BY_TARGET[node.target] = result = is_view(node)
+        _VIEWS[node.target] = result = is_view(node)
         return result
     except TypeError:  # unhashable target
         return is_view(node)
 
 
+def _written_positions(node: torch.fx.Node) -> tuple[tuple[int, str], ...]:
+    """(position, name) of each argument the node's op writes (``effects.mutable_args``), cached by target. The
+    auto-functionalization HOPs write nothing in place (``effects.written_tensors`` agrees)."""
+    try:
+        return _WRITES[node.target]
+    except (KeyError, TypeError):
+        pass
+    found: tuple[tuple[int, str], ...] = ()
+    if not is_hop(node) and getattr(node.target, "_schema", None) is not None:
+        index = {a.name: i for i, a in enumerate(node.target._schema.arguments)}
+        found = tuple((index[m.name], m.name) for m in mutable_args(node.target))
+    try:
+        _WRITES[node.target] = found
+    except TypeError:
+        pass
+    return found
+
+
+def _writes(user: torch.fx.Node, value: torch.fx.Node) -> bool:
+    """Whether ``user`` writes ``value`` in place (passed positionally or by name, alone or in a list)."""
+    for position, name in _written_positions(user):
+        arg = user.args[position] if position < len(user.args) else user.kwargs.get(name)
+        if arg is value or (isinstance(arg, (list, tuple)) and any(a is value for a in arg)):
+            return True
+    return False
+
+
+def _written_through(value: torch.fx.Node, depth: int = 0) -> bool:
+    """Whether some user writes ``value``, or a view of it (views followed through their first argument, as
+    ``effects.base_of`` follows them back)."""
+    for user in value.users:
+        if user.op != "call_function":
+            continue
+        if _writes(user, value):
+            return True
+        if depth < 64 and user.args and user.args[0] is value and _is_view(user) and _written_through(user, depth + 1):
+            return True
+    return False
+
+
 def written_inputs(graph: torch.fx.Graph) -> frozenset[str]:
     """Names of the placeholders some node writes, directly or through views (what ``effects`` counts as an input
     write), found by walking only the placeholders' users and their views: cheap enough to run after every pass."""
-    written: set[str] = set()
-    for ph in graph.find_nodes(op="placeholder"):
-        stack, seen = [ph], {ph}
-        while stack and ph.name not in written:
-            value = stack.pop()
-            for user in value.users:
-                if user.op != "call_function":
-                    continue
-                if value in written_tensors(user):
-                    written.add(ph.name)
-                    break
-                if user.args and user.args[0] is value and user not in seen and _is_view(user):
-                    seen.add(user)
-                    stack.append(user)
-    return frozenset(written)
+    return frozenset(ph.name for ph in graph.find_nodes(op="placeholder") if _written_through(ph))
 
 
 def check_well_formed(graph: torch.fx.Graph, pass_name: str) -> None:
@@ -188,24 +215,31 @@ def check_well_formed(graph: torch.fx.Graph, pass_name: str) -> None:
     seen: set[torch.fx.Node] = set()
     names: set[str] = set()
     outputs = 0
+    owner = graph.owning_module
     for node in graph.nodes:
-        if node.graph is not graph:
-            raise VerificationError(pass_name, "a node of another graph is in this graph's node list", [node.name])
-        if node.op not in _LEGAL_OPS:
-            raise VerificationError(pass_name, f"unknown opcode {node.op!r}", [node.name])
-        for arg in node.all_input_nodes:
+        inputs = node.all_input_nodes
+        if not seen.issuperset(inputs):  # seen holds only this graph's nodes: a foreign one fails here too
+            arg = next(a for a in inputs if a not in seen)
             if arg.graph is not graph:
                 raise VerificationError(pass_name, f"{node.name} uses {arg.name}, a node of another graph",
                                         [node.name, arg.name])
-            if arg not in seen:
-                raise _use_before_definition(graph, pass_name, node, arg)
+            raise _use_before_definition(graph, pass_name, node, arg)
+        if node.graph is not graph:
+            raise VerificationError(pass_name, "a node of another graph is in this graph's node list", [node.name])
+        op = node.op
+        if op == "call_function":
+            if not callable(node.target):
+                raise VerificationError(pass_name, f"call_function target {node.target!r} is not callable",
+                                        [node.name])
+        elif op == "output":
+            outputs += 1
+        elif op in ("get_attr", "call_module"):
+            if owner is not None:
+                _check_attr(owner, node, pass_name)
+        elif op not in _LEGAL_OPS:
+            raise VerificationError(pass_name, f"unknown opcode {op!r}", [node.name])
         if node.name in names:
             raise VerificationError(pass_name, f"two nodes are named {node.name!r}", [node.name])
-        if node.op == "call_function" and not callable(node.target):
-            raise VerificationError(pass_name, f"call_function target {node.target!r} is not callable", [node.name])
-        if node.op in ("get_attr", "call_module") and graph.owning_module is not None:
-            _check_attr(graph.owning_module, node, pass_name)
-        outputs += node.op == "output"
         seen.add(node)
         names.add(node.name)
     if outputs != 1:
