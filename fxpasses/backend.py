@@ -3,6 +3,10 @@
 Dynamo graph → ``aot_module_simplified`` (inference, input mutations kept in the graph as ``copy_``) → the
 pipeline → either Inductor (the graph stays functional; our pipeline runs as Inductor's post-grad custom pass
 and takes part in its FX-graph cache key) or defunctionalization and the FX graph run as is.
+
+On the non-Inductor path the result is kept in fxpasses' on-disk compile cache (fxpasses.compile_cache, keyed by
+fxpasses.cache_key): a restarted process serves the same Dynamo graph from it without tracing the patterns, AOT
+autograd's trace or the pipeline (docs/caching.md).
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx
 
-from fxpasses import compat
+from fxpasses import cache_key, compat
 from fxpasses import patterns as pattern_registry
+from fxpasses.cache_graph import CachedGraph, dynamic_output_dims, mutated_inputs, refusal
+from fxpasses.compile_cache import CacheEvent, CacheStore, GraphEntry, ReportDelta, resolve_cache_dir
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import Pass, PassContext, PipelineConfig, pass_name
 from fxpasses.pattern_pass import split_patterns
@@ -87,6 +93,11 @@ class Backend:
             op that writes the KV cache to skip padded tokens, see ``ops.TOKEN_PADDING``).
         plugins: load patterns and passes from installed packages' entry points (fxpasses.plugins); default on
             unless ``FXPASSES_PLUGINS=0``. The report names what each plugin registered.
+        cache: the on-disk compile cache of the non-Inductor path: a directory, True (``FXPASSES_CACHE_DIR``, else
+            ``$XDG_CACHE_HOME/fxpasses`` or ``~/.cache/fxpasses``) or False; default on unless
+            ``FXPASSES_CACHE=0``. ``cache_events`` and the report say, per graph, hit or miss and why.
+            A hit runs none of the passes (a user pass with side effects does not run again); patterns are traced
+            only when a graph misses. The Inductor path uses Inductor's own caches, our uuid() in their key.
     """
 
     def __init__(
@@ -104,6 +115,7 @@ class Backend:
         cuda_graph_sizes: Sequence[int] | None = None,
         splitting_ops: Sequence[str] = ("fxp.attention",),
         plugins: bool | None = None,
+        cache: bool | str | os.PathLike | None = None,
     ) -> None:
         self.mapping = _checked_mapping(mapping)
         self.inductor = _checked_flag("inductor", inductor)
@@ -118,9 +130,14 @@ class Backend:
         self.plugins = load_plugins() if _checked_flag("plugins", plugins, default=enabled_by_default()) else None
         self.extra_passes = [as_user_pass(p, f"Backend: extra_passes[{i}]") for i, p in enumerate(_checked_list(
             "extra_passes", extra_passes))] + list(self.plugins.passes if self.plugins else ())
-        t0 = time.perf_counter()
-        self.patterns = split_patterns(self._chosen_patterns(patterns), self.mapping, self.config, inductor=self.inductor)
-        self.pattern_setup_seconds = time.perf_counter() - t0
+        cache_dir = resolve_cache_dir(cache)
+        self.cache = CacheStore(cache_dir) if cache_dir is not None and not self.inductor else None
+        self.cache_events: list[CacheEvent] = []
+        self._pattern_items = _checked_pattern_items(self._chosen_patterns(patterns))
+        self._patterns: list[Any] | None = None
+        self.pattern_setup_seconds = 0.0
+        if self.cache is None:  # without the cache every graph runs the pipeline: trace now, as always
+            self._trace_patterns()
         self.runners: list[Any] = []  # the CUDA-graph runners this backend made, one per graph
         # fxpasses.testing.warmup_cuda_graph_backend sets this to build runners on CPU (warm-up calls only)
         self.cuda_graph_warmup_only = False
@@ -130,6 +147,7 @@ class Backend:
             self.report.plugins.extend(self.plugins.records)
         self.token_dims: list[TokenDim | None] = []
         self._graphs = 0
+        self._identity: dict[str, Any] | None = None  # the backend's half of the cache key, computed once
 
     def _chosen_patterns(self, patterns: Sequence[Pass] | None) -> list[Any]:
         """What Backend(patterns=...) names; by default every registered pattern, less plugins' when they are off."""
@@ -138,7 +156,37 @@ class Backend:
         excluded = frozenset() if self.plugins else plugin_pattern_names()
         return [p for p in pattern_registry.all() if p.name not in excluded]
 
+    @property
+    def patterns(self) -> list[Any]:
+        """The pattern passes, traced on first use (with the cache on, a process whose graphs all hit never traces)."""
+        if self._patterns is None:
+            self._trace_patterns()
+        return self._patterns  # type: ignore[return-value]
+
+    def _trace_patterns(self) -> None:
+        t0 = time.perf_counter()
+        self._patterns = split_patterns(self._pattern_items, self.mapping, self.config, inductor=self.inductor)
+        self.pattern_setup_seconds = time.perf_counter() - t0
+
     # ---- identity ----------------------------------------------------------------------------------------------
+    def cache_identity(self) -> dict[str, Any]:
+        """The backend's half of the compile-cache key (fxpasses.cache_key), known without tracing a pattern.
+
+        Raises cache_key.Unidentifiable for a pass whose behaviour cannot be captured (state and no uuid())."""
+        groups = cached_process_groups(self.mapping)
+        items = [cache_key.pattern_identity(p) if isinstance(p, pattern_registry.Pattern)
+                 else cache_key.callable_identity(p, f"patterns item {pass_name(p)!r}") for p in self._pattern_items]
+        return {
+            "code": _source_digest(),
+            "torch": torch.__version__,
+            "mapping": self.mapping.to_dict(),
+            "groups": [groups.tp.group_name, groups.pp.group_name] if groups else None,
+            "config": self.config.to_dict(),
+            "patterns": items,
+            "extra_passes": [cache_key.callable_identity(p, f"extra pass {pass_name(getattr(p, 'original', p))!r}")
+                             for p in self.extra_passes],
+        }
+
     def uuid(self) -> str:
         """Covers everything that changes what the pipeline does: our code, the Mapping, config, patterns, passes."""
         key = {
@@ -194,19 +242,118 @@ class Backend:
         try:
             if self.inductor:
                 return self._compile_inductor(gm, example_inputs, index)
-            return compat.aot_module_simplified(
-                gm,
-                example_inputs,
-                fw_compiler=functools.partial(self._fx_compiler, index=index),
-                keep_inference_input_mutations=True,
-            )
+            return self._compile_fx(gm, example_inputs, index)
         finally:
             self.report.compile_seconds += time.perf_counter() - t0
 
-    def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
+    def _compile_fx(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
+        """AOT autograd and the pipeline, or the compile cache's entry for this graph."""
+        key, why_not = self._cache_key(gm, example_inputs)
+        if key is not None:
+            t0 = time.perf_counter()
+            entry, why_not = self.cache.load(key)  # type: ignore[union-attr]
+            if entry is not None:
+                served = self._serve(entry, index)
+                if isinstance(served, str):
+                    why_not = served
+                else:
+                    self._cache_event(CacheEvent(index, True, "served from the compile cache", key,
+                                                 seconds=time.perf_counter() - t0))
+                    return served
+        capture = _Capture() if key is not None else None
+        before = len(self.report.passes), dict(self.report.matches), len(self.report.near_misses), len(self.report.notes)
+        facts = compat.shape_env_facts(getattr(compat.detect_fake_mode(example_inputs), "shape_env", None))
+        compiled = compat.aot_module_simplified(
+            gm,
+            example_inputs,
+            fw_compiler=functools.partial(self._fx_compiler, index=index, capture=capture),
+            keep_inference_input_mutations=True,
+        )
+        if key is None or capture is None:
+            self._cache_event(CacheEvent(index, False, why_not))
+            return compiled
+        t0 = time.perf_counter()
+        refused = capture.refused or refusal(capture.meta, capture.graph_inputs, len(example_inputs))
+        if refused is None and compat.shape_env_facts(
+                getattr(compat.detect_fake_mode(example_inputs), "shape_env", None)) != facts:
+            refused = "AOT autograd or a pass added shape guards, which a cache hit would not install"
+        if refused is not None:
+            self._cache_event(CacheEvent(index, False, f"{why_not}; not stored: {refused}", key))
+            return compiled
+        entry = GraphEntry(key=key, graph=capture.graph, has_values=bool(self.cuda_graph_sizes),
+                           mutated_inputs=mutated_inputs(capture.meta),
+                           dynamic_output_dims=dynamic_output_dims(capture.meta),
+                           report=self._report_delta(before, index), torch_version=torch.__version__)
+        failed = self.cache.store(entry)  # type: ignore[union-attr]
+        self._cache_event(CacheEvent(index, False, why_not + (f"; not stored: {failed}" if failed else ""), key,
+                                     stored=failed is None, seconds=time.perf_counter() - t0))
+        return compiled
+
+    def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int,
+                     capture: "_Capture | None" = None) -> Callable[..., Any]:
         self.run_pipeline(gm, index, compat.detect_fake_mode(example_inputs), defunctionalize=True)
+        if capture is not None:  # before the CUDA-graph runner takes the graph apart
+            capture.meta = compat.aot_forward_metadata()
+            capture.graph_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+            if any(r.error for r in self.report.passes if r.graph == index):
+                capture.refused = "a pass failed and was rolled back (compiled again next time)"
+            else:
+                try:
+                    capture.graph = compat.pickle_graph_module(gm, keep_values=bool(self.cuda_graph_sizes))
+                except Exception as err:  # noqa: BLE001  (a graph holding something GraphPickler refuses)
+                    capture.refused = f"the graph does not serialize ({type(err).__name__}: {err})"
         runner = self._cuda_graphs(gm, index)
         return runner if runner is not None else compat.make_boxed(gm.forward)
+
+    # ---- the compile cache -------------------------------------------------------------------------------------
+    def _cache_key(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> tuple[str | None, str]:
+        """This graph's cache key, or None and why the cache is not used for it."""
+        if self.cache is None:
+            return None, "the compile cache is off"
+        if self.dump_dir is not None:
+            return None, "dump_dir is set (the pipeline runs to write the dumps)"
+        if type(self).run_pipeline is not Backend.run_pipeline:  # e.g. testing.RecordingBackend: it watches the passes
+            return None, f"{type(self).__name__} overrides run_pipeline (it must see every graph)"
+        try:
+            if self._identity is None:
+                self._identity = self.cache_identity()
+            graph = cache_key.describe_graph(gm, example_inputs)
+        except cache_key.Unidentifiable as err:
+            return None, str(err)
+        return cache_key.digest({"format": "fxpasses-graph-1", "backend": self._identity, "graph": graph,
+                                 "state": cache_key.global_state(), "cuda_graph_values": bool(self.cuda_graph_sizes)}), \
+            "no entry for this key"
+
+    def _serve(self, entry: GraphEntry, index: int) -> Callable[..., Any] | str:
+        """The compiled callable for a cache entry, or why it cannot serve (then it is a miss)."""
+        try:
+            gm = compat.unpickle_graph_module(entry.graph)
+        except Exception as err:  # noqa: BLE001
+            return f"entry does not load ({type(err).__name__}), ignored"
+        runner = self._cuda_graphs(gm, index)
+        delta = entry.report
+        for record in delta.passes:
+            record.graph = index
+            self.report.passes.append(record)
+        self.report.add_matches(delta.matches)
+        self.report.near_misses.extend(delta.near_misses)
+        self.report.notes.extend(delta.notes)
+        return CachedGraph(runner if runner is not None else compat.make_boxed(gm.forward), entry.mutated_inputs,
+                           entry.dynamic_output_dims)
+
+    def _report_delta(self, before: tuple[int, dict[str, int], int, int], index: int) -> ReportDelta:
+        passes, matches, near, notes = before
+        return ReportDelta(
+            matches={k: v - matches.get(k, 0) for k, v in self.report.matches.items() if v != matches.get(k, 0)},
+            passes=[r for r in self.report.passes[passes:] if r.graph == index],
+            near_misses=list(self.report.near_misses[near:]),
+            notes=list(self.report.notes[notes:]),
+        )
+
+    def _cache_event(self, event: CacheEvent) -> None:
+        self.cache_events.append(event)
+        self.report.note(str(event))
+        log.info("%s", event)
 
     def _cuda_graphs(self, gm: torch.fx.GraphModule, index: int) -> Any:
         """The CUDA-graph runner for this graph, or None (with a note in the report saying why)."""
@@ -237,7 +384,31 @@ class Backend:
         return compiled
 
 
+class _Capture:
+    """What the compiler saw of one graph, for the compile cache: AOT's metadata and the post-pipeline graph."""
+
+    def __init__(self) -> None:
+        self.meta: Any = None
+        self.graph: bytes = b""
+        self.graph_inputs = -1
+        self.refused: str | None = None
+
+
 # ---- argument checks: each names the argument and says what to pass instead ------------------------------------
+def _checked_pattern_items(items: list[Any]) -> list[Any]:
+    """Backend(patterns=...) items, checked now though they are traced later: names must be registered."""
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(pattern_registry.get(item))
+        elif isinstance(item, pattern_registry.Pattern) or callable(item):
+            out.append(item)
+        else:
+            raise TypeError(f"Backend: patterns item {item!r} is neither a Pattern, a pattern name nor a pass "
+                            "callable.")
+    return out
+
+
 def _checked_mapping(mapping: Any) -> Mapping:
     if mapping is not None and not isinstance(mapping, Mapping):
         raise TypeError(f"Backend: mapping must be a fxpasses.Mapping, got {type(mapping).__name__} {mapping!r}; "

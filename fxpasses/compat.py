@@ -246,3 +246,78 @@ def new_fake_tensor_mode() -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=False)
+
+
+# ---- fxpasses' compile cache (fxpasses/compile_cache.py): AOT's metadata, graph pickling, shape-env state ---------
+def aot_forward_metadata() -> Any:
+    """AOT autograd's ViewAndMutationMeta for the forward being compiled (inside ``fw_compiler``), or None."""
+    from torch._guards import TracingContext
+
+    ctx = TracingContext.try_get()
+    return getattr(ctx, "fw_metadata", None) if ctx is not None else None
+
+
+def pickle_graph_module(gm: torch.fx.GraphModule, keep_values: bool) -> bytes:
+    """A GraphModule as bytes (torch's GraphPickler; every op allowed). ``keep_values`` keeps each node's
+    ``meta['val']`` (fake tensors and SymInts: slow to load, needed by the CUDA-graph runner), else no metadata."""
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    keep = (lambda key: key == "val") if keep_values else (lambda key: False)
+    return GraphPickler.dumps(gm, Options(ops_filter=None, node_metadata_key_filter=keep))
+
+
+def unpickle_graph_module(data: bytes) -> torch.fx.GraphModule:
+    """The GraphModule ``pickle_graph_module`` wrote, its fake values in a fresh FakeTensorMode and ShapeEnv."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx._graph_pickler import GraphPickler
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    gm = GraphPickler.loads(data, FakeTensorMode(shape_env=ShapeEnv()))
+    gm.recompile()
+    return gm
+
+
+def shape_env_facts(shape_env: Any) -> dict[str, Any]:
+    """What a ShapeEnv assumes (guards, replacements, value ranges, runtime asserts), as strings: equal facts mean a
+    graph traced under one is valid under the other; growth during a compile means that compile added guards."""
+    if shape_env is None:
+        return {}
+    asserts = getattr(shape_env, "deferred_runtime_asserts", {}) or {}
+    return {
+        "guards": [str(g.expr) for g in getattr(shape_env, "guards", ())],
+        "replacements": sorted(f"{k}={v}" for k, v in getattr(shape_env, "replacements", {}).items()),
+        "ranges": sorted(f"{k}:{v}" for k, v in getattr(shape_env, "var_to_range", {}).items()),
+        "divisible": sorted(str(d) for d in getattr(shape_env, "divisible", ())),
+        "asserts": sorted(str(a.expr) for values in asserts.values() for a in values),
+    }
+
+
+def mark_dynamic_output_dims(t: torch.Tensor, dims: Any) -> None:
+    """What AOT's runtime wrapper does to an output whose dims were dynamic: later compiles see them as dynamic."""
+    from torch._functorch._aot_autograd.runtime_wrappers import mark_dynamo_propagated_dynamic_indices
+
+    mark_dynamo_propagated_dynamic_indices(t, set(dims))
+
+
+def functorch_config_digest() -> str:
+    """AOT autograd's config (it changes how a graph is traced), as a stable string."""
+    import torch._functorch.config as functorch_config
+
+    return repr(sorted((k, repr(v)) for k, v in functorch_config.get_config_copy().items()))
+
+
+def auto_functionalized_v2_enabled() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.enable_auto_functionalized_v2)
+
+
+def p2p_compilation() -> Any:
+    """A context manager under which Dynamo compiles ``dist.isend`` / ``dist.irecv`` (torch 2.13's
+    ``enable_p2p_compilation``: ``_c10d_functional.isend`` / ``irecv`` plus ``wait_tensor``); None on a torch
+    without it (2.11), where point-to-point in a compiled graph goes through ``fxp.pp_send`` / ``pp_recv``."""
+    import torch._dynamo.config as dynamo_config
+
+    if not hasattr(dynamo_config, "enable_p2p_compilation"):
+        return None
+    return dynamo_config.patch(enable_p2p_compilation=True)
