@@ -53,8 +53,9 @@ def _check(q, k, v, k_cache, v_cache, slot_ids, position_ids):
     torch._check(slot_ids.shape[0] == q.shape[0], lambda: "fxp.attention: slot_ids must have one entry per token")
     torch._check(position_ids.shape[0] == q.shape[0],
                  lambda: "fxp.attention: position_ids must have one entry per token")
-    torch._check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
-                 lambda: "fxp.attention: q, k and v must have the same number of tokens")
+    # one torch._check each: ``a and b`` would force a bool out of a symbolic (possibly unbacked) comparison
+    torch._check(k.shape[0] == q.shape[0], lambda: "fxp.attention: k must have one row per token, as q has")
+    torch._check(v.shape[0] == q.shape[0], lambda: "fxp.attention: v must have one row per token, as q has")
 
 
 def _check_positions_on_cpu(k_cache, slot_ids, position_ids):
