@@ -7,7 +7,15 @@
   ``torch.fx.node.has_side_effect``, and writes to graph inputs.
 
 An op wrapped in ``auto_functionalized`` / ``auto_functionalized_v2`` has the effects of the op it wraps, so a send
-is the same effect before and after (de)functionalization.
+is the same effect before and after (de)functionalization. So has an op wrapped in ``with_effects`` (the effect-token
+form ``aot_export`` / ``torch.export`` give ops registered as effectful): a collective there is still a collective.
+
+torch's compiled point-to-point ops (``dist.isend`` / ``dist.irecv`` under ``enable_p2p_compilation``, torch 2.13)
+are ``_c10d_functional.isend`` / ``irecv`` plus ``wait_tensor``. Their schemas declare no write, yet ``irecv``
+fills its buffer in place and the graph reads the buffer itself afterwards; the one entry of ``HIDDEN_WRITES``
+says so, and the ``wait_tensor`` completing an ``irecv`` counts as writing the buffer too (the data is there only
+after it), so readers stay after the wait, common-subexpression elimination never merges reads across it, and
+dead-code elimination keeps a receive into a buffer nobody reads.
 """
 from __future__ import annotations
 
@@ -21,6 +29,13 @@ from fxpasses import compat
 
 AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2 = compat.auto_functionalized_ops()
 HOPS = (AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2)
+WITH_EFFECTS = getattr(torch.ops.higher_order, "with_effects", None)
+
+# Ops that write an argument their schema does not annotate: op name -> the argument written.
+HIDDEN_WRITES = {"_c10d_functional::irecv": "tensor"}
+_WAIT = "_c10d_functional::wait_tensor"
+# Arguments naming the other rank of a point-to-point op: part of its effect key.
+_PEER_ARGS = ("peer", "dst", "src")
 
 # Fused ops perform the collective they replaced; an effect key names the collective, so a fusion keeps it.
 _COLLECTIVE_KIND = {"allreduce": "all_reduce"}
@@ -30,12 +45,19 @@ def is_hop(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in HOPS
 
 
+def is_with_effects(node: torch.fx.Node) -> bool:
+    """``with_effects(token, op, *args)``: an effectful op threaded through an effect token."""
+    return WITH_EFFECTS is not None and node.op == "call_function" and node.target is WITH_EFFECTS
+
+
 def underlying_op(node: torch.fx.Node) -> Any:
-    """The OpOverload a node calls, looking through the auto-functionalization HOPs."""
+    """The OpOverload a node calls, looking through the auto-functionalization HOPs and ``with_effects``."""
     if node.op != "call_function":
         return None
     if is_hop(node):
         return node.args[0]
+    if is_with_effects(node) and len(node.args) >= 2:
+        return node.args[1]
     return node.target
 
 
@@ -94,19 +116,28 @@ def base_of(node: Any) -> Any:
 
 
 def node_args_by_name(node: torch.fx.Node) -> dict[str, Any]:
-    """Direct calls as name → value, using the schema to name positional arguments."""
-    op = node.target
+    """Direct calls (and ``with_effects`` calls) as name → value, using the schema to name positional arguments."""
+    wrapped = is_with_effects(node)
+    op = node.args[1] if wrapped else node.target
     schema = op._schema
-    values = dict(zip((a.name for a in schema.arguments), node.args))
+    values = dict(zip((a.name for a in schema.arguments), node.args[2:] if wrapped else node.args))
     values.update(node.kwargs)
     return values
+
+
+def _schema_name(op: Any) -> str:
+    schema = getattr(op, "_schema", None)
+    return schema.name if schema is not None else ""
 
 
 def written_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Graph values a direct (non-functional) call writes in place."""
     if node.op != "call_function" or is_hop(node):
         return []
-    op = node.target
+    op = underlying_op(node)
+    name = _schema_name(op)
+    if name in HIDDEN_WRITES or name == _WAIT:
+        return _hidden_writes(node, name)
     margs = mutable_args(op)
     if not margs:
         return []
@@ -118,6 +149,20 @@ def written_tensors(node: torch.fx.Node) -> list[torch.fx.Node]:
             if isinstance(item, torch.fx.Node):
                 out.append(item)
     return out
+
+
+def _hidden_writes(node: torch.fx.Node, name: str) -> list[torch.fx.Node]:
+    """The buffer an ``irecv`` fills, for the irecv and for the ``wait_tensor`` that completes it."""
+    if name == _WAIT:
+        source = node.args[0] if node.args else None
+        if not isinstance(source, torch.fx.Node) or source.op != "call_function":
+            return []
+        name = _schema_name(underlying_op(source))
+        if name not in HIDDEN_WRITES:
+            return []
+        node = source
+    buffer = node_args_by_name(node).get(HIDDEN_WRITES[name])
+    return [buffer] if isinstance(buffer, torch.fx.Node) else []
 
 
 def _group_name(node: torch.fx.Node) -> str | None:
@@ -157,7 +202,7 @@ def effect_keys(node: torch.fx.Node, placeholders: set[torch.fx.Node]) -> tuple[
         if label == "wait_tensor":
             return [], []
         args = node.kwargs if is_hop(node) else node_args_by_name(node)
-        peer = args.get("peer")
+        peer = next((args[k] for k in _PEER_ARGS if args.get(k) is not None), None)
         ordered.append(("comm", label, group) + ((("peer", peer),) if peer is not None else ()))
     elif op in compat.side_effectful_functions() and not _is_torch_internal_effect(op) and not _is_wait(op):
         ordered.append(("effect", _op_label(op)))

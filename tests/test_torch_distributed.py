@@ -203,3 +203,100 @@ def test_inplace_all_reduce_into_a_buffer_read_later_keeps_both_values():
         torch.testing.assert_close(g, r, **TOL)
     assert backend.report.matches == {"allreduce_add_rms_norm": 1}
     assert backend.before["aten.copy"] == 1 and "aten.copy" not in backend.after
+
+
+# ---- torch's compiled point-to-point (torch 2.13: enable_p2p_compilation) ------------------------------------------
+def compiled_p2p(rank: int, world_size: int, sizes: tuple[int, ...]):
+    """Rank 0 sends twice; rank 1 receives once into a buffer nobody reads (it must still arrive, exactly once: the
+    sends would otherwise wait forever) and once into a buffer it reads. Dynamic sizes: one graph serves each size."""
+    from fxpasses import compat
+
+    def step(x):
+        if rank == 0:
+            first = dist.isend(x * 2, dst=1)
+            first.wait()
+            second = dist.isend(x + 10, dst=1)
+            second.wait()
+            return x + 1
+        dead = torch.empty_like(x)
+        dist.irecv(dead, src=0).wait()
+        buf = torch.empty_like(x)
+        before = buf.sum() * 0  # a read of the buffer before the receive: must not see the received values
+        dist.irecv(buf, src=0).wait()
+        return buf * 3 + before
+
+    backend = RecordingBackend(fxpasses.Mapping(world_size, rank, 1, world_size))
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=backend, dynamic=True)
+    outs = []
+    with compat.p2p_compilation(), torch.no_grad():
+        for n in sizes:
+            outs.append(compiled(torch.arange(float(n))))
+    return outs, len(backend.records), [dict(r.after) for r in backend.records], [r.error for r in backend.report.errors]
+
+
+@pytest.mark.multirank
+@pytest.mark.skipif(fxpasses.compat.p2p_compilation() is None, reason="this torch cannot compile dist.isend/irecv")
+def test_compiled_isend_irecv_are_kept_once_and_in_order(pool2):
+    sizes = (4, 6, 9)
+    (outs0, graphs0, after0, errors0), (outs1, graphs1, after1, errors1) = pool2.run(compiled_p2p, sizes)
+    assert errors0 == [] and errors1 == []
+    assert graphs0 == graphs1 == 1  # dynamic sizes: one graph each
+    assert after0[0]["_c10d_functional.isend"] == 2 and after1[0]["_c10d_functional.irecv"] == 2
+    for n, o0, o1 in zip(sizes, outs0, outs1):
+        x = torch.arange(float(n))
+        assert torch.equal(o0, x + 1)
+        assert torch.equal(o1, (x + 10) * 3)  # the second send, not the first: order kept
+
+
+@pytest.mark.skipif(fxpasses.compat.p2p_compilation() is None, reason="this torch cannot compile dist.isend/irecv")
+def test_compiled_irecv_writes_its_buffer_for_every_pass():
+    """irecv's schema declares no write, but it fills its buffer: a read before it and the same read after it are two
+    values (CSE must not merge them), and a receive into a buffer nobody reads is kept (DCE)."""
+    from fxpasses import compat
+
+    def step(x):
+        dead = torch.empty_like(x)
+        dist.irecv(dead, src=0).wait()
+        buf = x * 1
+        before = buf.sum()
+        dist.irecv(buf, src=0).wait()
+        return before, buf.sum()
+
+    with fake_process_group(2, 1):
+        backend = RecordingBackend(fxpasses.Mapping(2, 1, 1, 2))
+        torch._dynamo.reset()
+        with compat.p2p_compilation(), torch.no_grad():
+            torch.compile(step, backend=backend, fullgraph=True)(torch.arange(4.0))
+    after = backend.after
+    assert after["_c10d_functional.irecv"] == 2
+    assert after["_c10d_functional.wait_tensor"] == backend.before["_c10d_functional.wait_tensor"] == 4
+    assert after["aten.sum"] == 2, backend.records[-1].code_after
+    assert backend.report.errors == []
+
+
+def test_with_effects_collective_is_a_collective():
+    """Ops registered as effectful reach graphs as ``with_effects(token, op, ...)``: the effect analysis sees the
+    collective inside, with its group, and dead-code elimination keeps it."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    from fxpasses import effects
+
+    op = torch.ops._c10d_functional.all_reduce.default
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch.library._register_effectful_op(op, torch.library.EffectType.ORDERED)
+    try:
+        with fake_process_group(2, 0) as world, torch.no_grad():
+            name = world.group_name
+            aot_function(lambda x: torch.ops._c10d_functional.wait_tensor(op(x, "sum", name)) + 1,
+                         fw_compiler=capture)(torch.randn(4))
+    finally:
+        torch.library._register_effectful_op(op, None)  # all_reduce's default: no effect token
+    (node,) = [n for n in graphs[0].graph.nodes if effects.is_with_effects(n)]
+    assert effects.underlying_op(node) is op and effects.is_impure(node)
+    assert effects.effect_signature(graphs[0].graph)[0] == [("comm", "all_reduce", name)]
