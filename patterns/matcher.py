@@ -145,6 +145,10 @@ def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompos
     return captured[0].graph
 
 
+class PatternTraceError(ValueError):
+    """A spelling traced to a graph the matcher cannot use."""
+
+
 def _to_pattern(graph: torch.fx.Graph, tensor_names: Sequence[str]) -> PatternGraph:
     mapping: dict[torch.fx.Node, PNode] = {}
     nodes: list[PNode] = []
@@ -153,7 +157,10 @@ def _to_pattern(graph: torch.fx.Graph, tensor_names: Sequence[str]) -> PatternGr
     outputs: list[PNode] = []
     for node in graph.nodes:
         if node.op == "placeholder":
-            name = next(placeholders)
+            name = next(placeholders, None)
+            if name is None:  # AOT threads an effect token through ops registered as effectful
+                raise PatternTraceError("the traced spelling has more inputs than its tensors (an effect token: an op "
+                                        "in it is registered as effectful), so it cannot be matched")
             p = PNode(name, wildcard=Wildcard(name, "tensor"))
             inputs.append(p)
         elif node.op == "call_function":

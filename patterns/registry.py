@@ -23,7 +23,7 @@ import torch
 import torch.fx
 
 from fxpasses import compat
-from fxpasses.patterns.matcher import Match, MatchFailure, PatternGraph, match, trace_pattern
+from fxpasses.patterns.matcher import Match, MatchFailure, PatternGraph, PatternTraceError, match, trace_pattern
 
 log = logging.getLogger("fxpasses.patterns")
 
@@ -117,7 +117,11 @@ def _trace(pattern: Pattern, decompositions: Decompositions | None) -> tuple[Pat
     seen: dict[str, PatternGraph] = {}
     for spelling in pattern.spellings():
         for dtype in pattern.trace_dtypes:
-            graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names, table)
+            try:
+                graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names, table)
+            except PatternTraceError as err:
+                log.warning("pattern %s: a spelling is skipped: %s", pattern.name, err)
+                continue
             seen.setdefault(graph.signature(), graph)
     return tuple(seen.values())
 

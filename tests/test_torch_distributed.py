@@ -281,6 +281,7 @@ def test_with_effects_collective_is_a_collective():
     from functorch.compile import aot_function, make_boxed_func
 
     from fxpasses import effects
+    from fxpasses.patterns.matcher import PatternTraceError, trace_pattern
 
     op = torch.ops._c10d_functional.all_reduce.default
     graphs = []
@@ -295,6 +296,10 @@ def test_with_effects_collective_is_a_collective():
             name = world.group_name
             aot_function(lambda x: torch.ops._c10d_functional.wait_tensor(op(x, "sum", name)) + 1,
                          fw_compiler=capture)(torch.randn(4))
+        # a pattern spelled with an effectful op cannot be traced into a matchable graph: refused clearly, not a crash
+        with pytest.raises(PatternTraceError, match="effect token"):
+            trace_pattern(lambda x: torch.ops._c10d_functional.wait_tensor(op(x, "sum", "g")),
+                          (torch.empty(4, device="meta"),), ("x",))
     finally:
         torch.library._register_effectful_op(op, None)  # all_reduce's default: no effect token
     (node,) = [n for n in graphs[0].graph.nodes if effects.is_with_effects(n)]
