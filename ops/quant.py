@@ -14,7 +14,7 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 
 
-def _check_scale(op: str, scale: torch.Tensor, x: torch.Tensor) -> None:
+def check_scale(op: str, scale: torch.Tensor, x: torch.Tensor) -> None:
     # a 0-d CPU scale would work with a CUDA x in plain torch, but not in a kernel that loads it: one device for all
     check_same_device(op, x=x, scale=scale)
     if scale.numel() != 1 or scale.dtype != torch.float32:
@@ -30,13 +30,13 @@ def quant_fp8_reference(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _quant_fp8(x, scale):
     check_float("quant_fp8", x=x)
-    _check_scale("quant_fp8", scale, x)
+    check_scale("quant_fp8", scale, x)
     return quant_fp8_reference(x, scale)
 
 
 def _quant_fp8_fake(x, scale):
     check_float("quant_fp8", x=x)
-    _check_scale("quant_fp8", scale, x)
+    check_scale("quant_fp8", scale, x)
     return torch.empty_like(x, dtype=FP8_DTYPE)
 
 
@@ -46,14 +46,14 @@ quant_fp8 = define_op("quant_fp8(Tensor x, Tensor scale) -> Tensor", _quant_fp8,
 def _rms_norm_quant_fp8(x, weight, eps, scale):
     check_float("rms_norm_quant_fp8", x=x, weight=weight)
     check_norm_shapes("rms_norm_quant_fp8", x, weight)
-    _check_scale("rms_norm_quant_fp8", scale, x)
+    check_scale("rms_norm_quant_fp8", scale, x)
     return quant_fp8_reference(rms_norm_reference(x, weight, eps), scale)
 
 
 def _rms_norm_quant_fp8_fake(x, weight, eps, scale):
     check_float("rms_norm_quant_fp8", x=x, weight=weight)
     check_norm_shapes("rms_norm_quant_fp8", x, weight)
-    _check_scale("rms_norm_quant_fp8", scale, x)
+    check_scale("rms_norm_quant_fp8", scale, x)
     return torch.empty_like(x, dtype=FP8_DTYPE)
 
 
@@ -67,7 +67,7 @@ rms_norm_quant_fp8 = define_op(
 def _add_rms_norm_quant_fp8(x, residual, weight, eps, scale):
     check_float("add_rms_norm_quant_fp8", x=x, residual=residual, weight=weight)
     check_norm_shapes("add_rms_norm_quant_fp8", x, weight, residual)
-    _check_scale("add_rms_norm_quant_fp8", scale, x)
+    check_scale("add_rms_norm_quant_fp8", scale, x)
     residual_out = x + residual
     return quant_fp8_reference(rms_norm_reference(residual_out, weight, eps), scale), residual_out
 
@@ -75,7 +75,7 @@ def _add_rms_norm_quant_fp8(x, residual, weight, eps, scale):
 def _add_rms_norm_quant_fp8_fake(x, residual, weight, eps, scale):
     check_float("add_rms_norm_quant_fp8", x=x, residual=residual, weight=weight)
     check_norm_shapes("add_rms_norm_quant_fp8", x, weight, residual)
-    _check_scale("add_rms_norm_quant_fp8", scale, x)
+    check_scale("add_rms_norm_quant_fp8", scale, x)
     return torch.empty_like(x, dtype=FP8_DTYPE), torch.empty_like(x)
 
 
@@ -90,7 +90,7 @@ add_rms_norm_quant_fp8 = define_op(
 def _check_allreduce_add_rms_norm_quant_fp8(x, residual, weight, scale):
     check_float("allreduce_add_rms_norm_quant_fp8", x=x, residual=residual, weight=weight)
     check_norm_shapes("allreduce_add_rms_norm_quant_fp8", x, weight, residual)
-    _check_scale("allreduce_add_rms_norm_quant_fp8", scale, x)
+    check_scale("allreduce_add_rms_norm_quant_fp8", scale, x)
 
 
 def _allreduce_add_rms_norm_quant_fp8(x, residual, weight, eps, scale, group_name):

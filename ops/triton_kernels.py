@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from fxpasses.ops.library import LIB, check_float, check_norm_shapes
-from fxpasses.ops.quant import FP8_DTYPE, FP8_MAX
+from fxpasses.ops.quant import FP8_DTYPE, FP8_MAX, check_scale
 from fxpasses.ops.triton_rounding import round_as
 
 
@@ -83,12 +83,14 @@ def add_rms_norm_cuda(x, residual, weight, eps):
 def rms_norm_quant_fp8_cuda(x, weight, eps, scale):
     check_float("rms_norm_quant_fp8", x=x, weight=weight)
     check_norm_shapes("rms_norm_quant_fp8", x, weight)
+    check_scale("rms_norm_quant_fp8", scale, x)
     return _launch(x, None, weight, eps, scale)
 
 
 def add_rms_norm_quant_fp8_cuda(x, residual, weight, eps, scale):
     check_float("add_rms_norm_quant_fp8", x=x, residual=residual, weight=weight)
     check_norm_shapes("add_rms_norm_quant_fp8", x, weight, residual)
+    check_scale("add_rms_norm_quant_fp8", scale, x)
     return _launch(x, residual, weight, eps, scale)
 
 

@@ -4,6 +4,8 @@ Eager torch rounds every intermediate to the tensor's dtype (``x * cos`` in bf16
 kernel that reproduces that with ``v.to(tl.bfloat16).to(tl.float32)`` is not safe: the compiler folded that round
 trip away (measured on an H200 with Triton 3.6: a quarter of RoPE outputs came out one bf16 step off eager). These
 helpers round with integer arithmetic on the bits instead, which nothing folds: round to nearest, ties to even.
+NaN passes through unchanged: the rounding add would carry NVIDIA's NaN (0x7FFFFFFF) into the sign bit and make it
+-0.0, so a row holding a NaN came out as zeros on CUDA where eager and the CPU op give NaN.
 """
 import triton
 import triton.language as tl
@@ -15,13 +17,13 @@ def round_as(x, DTYPE: tl.constexpr):
     if DTYPE == tl.bfloat16:
         b = x.to(tl.uint32, bitcast=True)
         b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
-        return b.to(tl.float32, bitcast=True)
+        return tl.where(x != x, x, b.to(tl.float32, bitcast=True))
     elif DTYPE == tl.float16:
         b = x.to(tl.uint32, bitcast=True)
         normal = ((b + 0xFFF + ((b >> 13) & 1)) & 0xFFFFE000).to(tl.float32, bitcast=True)
         # below 2**-14 fp16 is subnormal, with a fixed step of 2**-24: adding 0.75 puts x where float32's step
         # is 2**-24, so the add rounds it there (ties to even) and the subtraction is exact
         subnormal = (x + 0.75) - 0.75
-        return tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal)
+        return tl.where(x != x, x, tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal))
     else:
         return x

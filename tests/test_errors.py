@@ -43,12 +43,7 @@ OPS = {
 NORMS = [name for name, args in OPS.items() if "weight" in args]
 # every tensor argument after the first of every op, moved to meta in turn
 MOVED = [(name, arg) for name, args in OPS.items() for arg in [a for a in args if isinstance(a, str)][1:]]
-# The Triton wrappers of the two fused quant norms do not check the scale (ops/triton_kernels.py calls no
-# _check_scale): Triton's own "cannot be accessed from Triton (cpu tensor?)" error comes instead of ours.
-TRITON_UNCHECKED = {("rms_norm_quant_fp8", "scale"), ("add_rms_norm_quant_fp8", "scale")}
-MOVED_CUDA = [pytest.param(n, a, id=f"{n}-{a}", marks=[pytest.mark.xfail(
-    strict=True, reason="ops/triton_kernels.py does not check the scale's device")] if (n, a) in TRITON_UNCHECKED
-    else []) for n, a in MOVED]
+MOVED_CUDA = [pytest.param(n, a, id=f"{n}-{a}") for n, a in MOVED]
 
 
 def call(name, tensors, group_name):
