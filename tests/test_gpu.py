@@ -31,6 +31,19 @@ def test_kernels_are_registered():
     assert ops.GPU_KERNELS
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nan_and_inf_pass_through_the_kernels_as_on_cpu(dtype):
+    """A NaN must stay NaN: the kernels' bit rounding once carried it into the sign bit (-0.0, zeros on CUDA)."""
+    x, w = rand(4, 64, dtype=dtype), rand(64, dtype=dtype, seed=2)
+    x[1, 3], x[2, 5] = float("nan"), float("inf")
+    got, want = fxp.rms_norm(x, w, 1e-6).cpu(), fxp.rms_norm(x.cpu(), w.cpu(), 1e-6)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+    cos, sin = rand(4, 1, 64, dtype=dtype, seed=3), rand(4, 1, 64, dtype=dtype, seed=4)
+    q = x[:, None, :].contiguous()
+    got, want = fxp.rotary_embedding(q, cos, sin, False).cpu(), fxp.rotary_embedding(q.cpu(), cos.cpu(), sin.cpu(), False)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hidden", HIDDEN)
 def test_rms_norm_and_add_rms_norm(dtype, hidden):
