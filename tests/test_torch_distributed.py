@@ -305,3 +305,100 @@ def test_with_effects_collective_is_a_collective():
     (node,) = [n for n in graphs[0].graph.nodes if effects.is_with_effects(n)]
     assert effects.underlying_op(node) is op and effects.is_impure(node)
     assert effects.effect_signature(graphs[0].graph)[0] == [("comm", "all_reduce", name)]
+
+
+# ---- torch.distributed.pipelining: each stage one graph, compiled with our Backend --------------------------------
+class LlamaStage(torch.nn.Module):
+    """Layers ``layers`` of a transformers Llama as one pipeline stage: the first stage embeds the token ids, the
+    last applies the final norm and the LM head. Stages hand each other the hidden state."""
+
+    def __init__(self, model: torch.nn.Module, layers: range, first: bool, last: bool):
+        super().__init__()
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.layers = torch.nn.ModuleList(inner.layers[i] for i in layers)
+        self.rotary_emb = inner.rotary_emb
+        self.norm = inner.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x):
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x
+        positions = torch.arange(h.shape[1]).unsqueeze(0)
+        cos_sin = self.rotary_emb(h, positions)
+        for layer in self.layers:
+            h = layer(h, position_ids=positions, position_embeddings=cos_sin)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.lm_head(self.norm(h)) if self.lm_head is not None else h
+
+
+def stage_tp_plan() -> dict:
+    return {k.removeprefix("model."): v for k, v in torch_tp_plan().items()}
+
+
+def pipelined(rank: int, world_size: int, tp: int, schedule: str, microbatches: int):
+    """One rank of a TP x PP run: a ("pp", "tp") mesh, DTensor TP inside each stage, torch's pipelining schedule."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    pp = world_size // tp
+    mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
+    mapping = fxpasses.Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+    stage = LlamaStage(llama(), mapping.pp_layers(LAYERS), mapping.is_first_pp_rank, mapping.is_last_pp_rank)
+    if tp > 1:
+        parallelize_module(stage, mesh["tp"], stage_tp_plan())
+    backend = RecordingBackend(mapping)
+    torch._dynamo.reset()
+    compiled = torch.compile(stage, backend=backend, fullgraph=True)
+    pipe = PipelineStage(compiled, mapping.pp_rank, pp, torch.device("cpu"), group=mesh.get_group("pp"))
+    run = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule](pipe, n_microbatches=microbatches)
+    ids = torch.randint(0, CONFIG["vocab_size"], (microbatches, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = run.eval(ids) if mapping.is_first_pp_rank else run.eval()
+    after = backend.after
+    return (out if mapping.is_last_pp_rank else None, len(backend.records), dict(backend.report.matches),
+            {k: v for k, v in after.items() if k.startswith(("fxp.", "_c10d"))})
+
+
+def pipeline_reference(microbatches: int) -> torch.Tensor:
+    ids = torch.randint(0, CONFIG["vocab_size"], (microbatches, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        return llama()(ids).logits
+
+
+# Per stage, with the boundary after layer 0's last residual add: the first stage fuses its first norm and the
+# attention's all_reduce+add+norm; its MLP's all_reduce+add is the stage's output (no norm after it in this graph).
+# The second stage normalizes what it received, then fuses both all_reduce+add+norms (the last into the final norm).
+STAGE_FUSED_TP = [{"rms_norm": 1, "allreduce_add_rms_norm": 1}, {"rms_norm": 1, "allreduce_add_rms_norm": 2}]
+STAGE_FUSED_PP = [{"rms_norm": 1, "add_rms_norm": 1}, {"rms_norm": 1, "add_rms_norm": 2}]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_pp2_pipelining_schedules(pool2, schedule):
+    microbatches = 4
+    results = pool2.run(pipelined, 1, schedule, microbatches)
+    for rank, (_, graphs, matches, _) in enumerate(results):
+        assert graphs == 1, f"rank {rank}: one graph must serve every microbatch"
+        assert {k: matches.get(k, 0) for k in STAGE_FUSED_PP[rank]} == STAGE_FUSED_PP[rank], (rank, matches)
+    torch.testing.assert_close(results[-1][0], pipeline_reference(microbatches), **TOL)
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    with RankPool(4, timeout=300) as pool:
+        yield pool
+
+
+@pytest.mark.multirank
+def test_tp2_pp2_dtensor_inside_pipelining_stages(pool4):
+    microbatches = 2
+    results = pool4.run(pipelined, 2, "1f1b", microbatches)
+    reference = pipeline_reference(microbatches)
+    for rank, (logits, graphs, matches, ops) in enumerate(results):
+        expected = STAGE_FUSED_TP[rank // 2]
+        assert graphs == 1
+        assert {k: matches.get(k, 0) for k in expected} == expected, (rank, matches)
+        assert ops.get("_c10d_functional.all_reduce", 0) == (1 if rank < 2 else 0), (rank, ops)
+        if rank >= 2:
+            torch.testing.assert_close(logits, reference, **TOL)
