@@ -320,9 +320,8 @@ class Backend:
             graph = cache_key.describe_graph(gm, example_inputs)
         except cache_key.Unidentifiable as err:
             return None, str(err)
-        return cache_key.digest({"format": "fxpasses-graph-1", "backend": self._identity, "graph": graph,
-                                 "state": cache_key.global_state(), "cuda_graph_values": bool(self.cuda_graph_sizes)}), \
-            "no entry for this key"
+        key = cache_key.graph_key(self._identity, graph, cache_key.global_state(), bool(self.cuda_graph_sizes))
+        return key, "no entry for this key"
 
     def _serve(self, entry: GraphEntry, index: int) -> Callable[..., Any] | str:
         """The compiled callable for a cache entry, or why it cannot serve (then it is a miss)."""

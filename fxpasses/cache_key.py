@@ -36,6 +36,13 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def graph_key(backend: dict[str, Any], graph: dict[str, Any], state: dict[str, Any], with_values: bool) -> str:
+    """The key of one graph's entry: the backend's identity (``Backend.cache_identity()``), the graph's description
+    (``describe_graph``), the process state (``global_state``), and whether the entry keeps node values."""
+    return digest({"format": "fxpasses-graph-1", "backend": backend, "graph": graph, "state": state,
+                   "values": with_values})
+
+
 # ---- code identity -------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _file_digest(path: str, mtime_ns: int, size: int) -> str:
