@@ -10,8 +10,9 @@ CUDA graphs (``inductor_config={"triton.cudagraphs": True}``, what reduce-overhe
 each size's first call minus a warm call (Dynamo, AOT, passes, code generation, warm-up and capture: everything a
 server pays before its first fast step). Roofline: weight bytes plus the KV bytes a step reads, over the copy
 bandwidth measured in the same run. Every mode runs the same model code and the same ``fxp.attention`` op (its
-Triton kernel on CUDA). ``fxpasses+full-cudagraphs-cublas`` is full graphs without the ``linear`` pattern (every
-projection on cuBLAS), to measure what the small-token GEMM path (``fxp.linear``) changes in the same run. Prints a
+Triton kernel on CUDA). ``fxpasses+full-cudagraphs-cublas`` is full graphs without the ``linear`` patterns (every
+projection on cuBLAS, norms unfused), to measure what the small-token GEMM path (``fxp.linear``) changes in the
+same run; ``fxpasses+full-cudagraphs-nofuse`` keeps ``fxp.linear`` but not ``add_rms_norm_linear``. Prints a
 markdown table; saves decode_<model>.png in ``--out`` when matplotlib is there.
 
 ``--profile`` adds the kernel census of each mode (issue 14): the step replayed 5 times under the torch profiler
@@ -36,7 +37,8 @@ from fxpasses import patterns
 from fxpasses.models import Batch, LlamaConfig, build_model
 
 MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs",
-         "fxpasses+full-cudagraphs-cublas", "fxpasses+inductor", "fxpasses+inductor+cudagraphs"]
+         "fxpasses+full-cudagraphs-cublas", "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor",
+         "fxpasses+inductor+cudagraphs"]
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
 
 
@@ -54,7 +56,8 @@ def decode_batch(n: int, context: int, vocab: int) -> Batch:
 
 # kernel classes of the census, first match wins (lower-case substrings of the kernel name)
 KERNEL_CLASSES = [
-    ("GEMM (Triton fxp.linear)", ("_gemv_kernel", "_small_m_kernel")),
+    ("add + RMSNorm + GEMV (Triton)", ("_add_norm_gemv_kernel",)),  # before the GEMV class: its name contains it
+    ("GEMM (Triton fxp.linear)", ("_gemv_kernel", "_gemv_rows_kernel", "_small_m_kernel")),
     ("GEMM (cuBLAS)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "cublas")),
     ("attention", ("_attention_kernel",)),
     ("cache write", ("_cache_write_kernel",)),
@@ -132,7 +135,10 @@ def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]) -> tuple[Any, f
         "fxpasses+cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes),
         "fxpasses+full-cudagraphs": lambda: fxpasses.Backend(cuda_graph_sizes=sizes, splitting_ops=()),
         "fxpasses+full-cudagraphs-cublas": lambda: fxpasses.Backend(
-            cuda_graph_sizes=sizes, splitting_ops=(), patterns=[p for p in patterns.all() if not p.name.startswith("linear")]),
+            cuda_graph_sizes=sizes, splitting_ops=(), patterns=[p for p in patterns.all() if "linear" not in p.name]),
+        "fxpasses+full-cudagraphs-nofuse": lambda: fxpasses.Backend(
+            cuda_graph_sizes=sizes, splitting_ops=(),
+            patterns=[p for p in patterns.all() if p.name != "add_rms_norm_linear"]),
         "fxpasses+inductor": lambda: fxpasses.Backend(inductor=True),
         "fxpasses+inductor+cudagraphs": lambda: fxpasses.Backend(inductor=True,
                                                                  inductor_config={"triton.cudagraphs": True}),

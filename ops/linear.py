@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxpasses.ops.library import check_float, define_op
+from fxpasses.ops.library import check_float, check_norm_shapes, define_op
+from fxpasses.ops.norms import rms_norm_reference
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -48,3 +49,34 @@ def _linear_fake(x, weight, bias=None):
 
 
 linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", linear_reference, _linear_fake)
+
+
+# ---- add + RMSNorm folded into the following projection ------------------------------------------------------
+def _check_add_rms_norm_linear(x, residual, norm_weight, weight):
+    check_float("add_rms_norm_linear", x=x, residual=residual, norm_weight=norm_weight)
+    check_norm_shapes("add_rms_norm_linear", x, norm_weight, residual)
+    check_linear(x, weight, None)
+
+
+def add_rms_norm_linear_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h = x + residual``; ``(F.linear(rms_norm(h), weight), h)``: eager's ops, in eager's order."""
+    _check_add_rms_norm_linear(x, residual, norm_weight, weight)
+    h = x + residual
+    return F.linear(rms_norm_reference(h, norm_weight, eps), weight), h
+
+
+def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight):
+    _check_add_rms_norm_linear(x, residual, norm_weight, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(x)
+
+
+# The residual add and RMSNorm of a pre-norm decoder layer feeding its next projection (qkv or gate_up): on CUDA at
+# one token each GEMV program recomputes the row's norm from x and residual (a few KB from L2) and the first one
+# writes h, so the norm kernel disappears; elsewhere fxp.add_rms_norm then fxp.linear, as unfused.
+add_rms_norm_linear = define_op(
+    "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight)"
+    " -> (Tensor out, Tensor residual_out)",
+    add_rms_norm_linear_reference,
+    _add_rms_norm_linear_fake,
+)

@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from fxpasses.ops.library import LIB
-from fxpasses.ops.linear import check_linear
+from fxpasses.ops.linear import _check_add_rms_norm_linear, check_linear
+from fxpasses.ops.triton_rounding import round_as
 
 MAX_M = 32
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -231,5 +232,70 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return launch(x2, weight, bias, config).view(*x.shape[:-1], n)
 
 
+# ---- add + RMSNorm + GEMV (one token per program row) -----------------------------------------------------------
+MAX_NORM_K = 8192  # the whole row is held in registers
+
+
+@triton.jit
+def _add_norm_gemv_kernel(X, R, NW, W, OUT, ROUT, N, K, sx, sr, sro, swn, som, eps, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    """Program (n-block, row): h = x + r (rounded as eager's add), the row's RMSNorm in float32 rounded as
+    ops/triton_kernels.py rounds it, then the GEMV of that row with BLOCK_N weight rows. Program 0 writes h."""
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    kmask = rk < K
+    dt = X.dtype.element_ty
+    x = tl.load(X + m * sx + rk, mask=kmask, other=0.0)
+    r = tl.load(R + m * sr + rk, mask=kmask, other=0.0)
+    h = round_as(x.to(tl.float32) + r.to(tl.float32), dt)
+    if pid_n == 0:
+        tl.store(ROUT + m * sro + rk, h.to(ROUT.dtype.element_ty), mask=kmask)
+    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
+    nw = tl.load(NW + rk, mask=kmask, other=0.0)
+    a = round_as(nw.to(tl.float32) * round_as(h * rstd, dt), dt)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = tl.load(W + rn.to(tl.int64)[:, None] * swn + rk[None, :], mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
+    y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+    tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
+
+
+def launch_add_norm(x2, r2, norm_weight, eps, weight, block_n: int, num_warps: int):
+    """``x2``, ``r2`` [M, K] (last dim contiguous), ``weight`` [N, K] contiguous -> (out [M, N], h [M, K])."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    h = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
+    if m and n and k:
+        _add_norm_gemv_kernel[(triton.cdiv(n, block_n), m)](
+            x2, r2, norm_weight, weight, out, h, n, k, x2.stride(0), r2.stride(0), h.stride(0), weight.stride(0),
+            out.stride(0), eps, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps)
+    return out, h
+
+
+def add_rms_norm_linear_cuda(x, residual, norm_weight, eps, weight):
+    """One kernel where the projection's measured 1-token GEMV config applies (one token); otherwise the two
+    unfused ops (their own CUDA kernels), as before the fusion."""
+    _check_add_rms_norm_linear(x, residual, norm_weight, weight)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    m = x.numel() // k if k else 0
+    c = choose(m, n, k) if m == 1 else None
+    usable = (c is not None and c.block_m == 1 and x.dtype in _DTYPES and residual.dtype == x.dtype
+              and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1 and k <= MAX_NORM_K
+              and weight.stride(1) == 1 and weight.stride(0) == k)
+    if not usable:
+        normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
+        return torch.ops.fxp.linear.default(normed, weight, None), h
+    x2 = x.reshape(m, k)
+    r2 = residual.reshape(m, k)
+    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
+    r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
+    warps = 8 if k > 2048 else 4
+    out, h = launch_add_norm(x2, r2, norm_weight, eps, weight, c.block_n, warps)
+    return out.view(*x.shape[:-1], n), h.view(x.shape)
+
+
 def register() -> None:
     LIB.impl("linear", linear_cuda, "CUDA")
+    LIB.impl("add_rms_norm_linear", add_rms_norm_linear_cuda, "CUDA")

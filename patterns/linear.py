@@ -14,6 +14,11 @@ Where it applies, and why:
   ``[M, N]`` or ``[1, N]`` bias: left alone). ``addmm``'s ``beta``/``alpha`` are matched at their defaults only
   (the traced spelling has none).
 
+``add_rms_norm_linear`` goes one step further on the same terms: a residual add whose sum feeds an RMSNorm (any
+registered spelling) whose only reader is a projection becomes ``fxp.add_rms_norm_linear``, which at one token
+computes the norm inside the projection's GEMV (one kernel instead of two); the sum stays an output (the next
+residual). The norm is rounded exactly as ``fxp.add_rms_norm`` rounds it.
+
 The replacement changes the summation order of the matmul on CUDA where the Triton kernel runs (float32
 accumulation either way), so results equal eager within bf16 GEMM tolerance there; elsewhere it is cuBLAS as
 before.
@@ -26,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from fxpasses import ops
-from fxpasses.patterns.matcher import Match
+from fxpasses.patterns.matcher import EPS_SENTINEL, Match
+from fxpasses.patterns.norms import check_norm, check_residual, rms_norm_spellings
 from fxpasses.patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
@@ -97,3 +103,46 @@ def linear(b, x, weight, **_):
 def linear_bias(b, x, weight, bias, **_):
     """addmm(bias, x, t(weight)) -> fxp.linear(x, weight, bias)"""
     return b.call(fxp.linear.default, x, weight, bias)
+
+
+# ---- add + RMSNorm + projection -------------------------------------------------------------------------------
+def _add_norm_linear(spelling: Any) -> Any:
+    def fn(x, residual, weight, eps, proj_weight):
+        h = x + residual
+        return F.linear(spelling(h, weight, eps), proj_weight), h
+
+    return fn
+
+
+def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
+    x, w, p = _val(m, "x"), _val(m, "weight"), _val(m, "proj_weight")
+    if x is None or w is None or p is None:
+        return "the inputs carry no shape metadata (meta['val']); run fake-tensor propagation first"
+    if x.device.type != "cuda":
+        return f"x is on {x.device.type}; the fused kernel is for CUDA (on CPU the two ops are the same math)"
+    if x.dim() != 2:
+        return f"x is {tuple(x.shape)}, not [tokens, hidden]"
+    if w.dtype != x.dtype or p.dtype != x.dtype:
+        return f"x is {x.dtype}, the norm weight {w.dtype} and the projection {p.dtype}; they must be one dtype"
+    if p.dim() != 2 or p.shape[1] != x.shape[-1]:
+        return f"the projection weight {tuple(p.shape)} does not take the norm's {x.shape[-1]} features"
+    return None
+
+
+@pattern(
+    name="add_rms_norm_linear",
+    benefit=25,
+    spellings=lambda: [_add_norm_linear(s) for s in rms_norm_spellings()],
+    input_names=("x", "residual", "weight", "eps", "proj_weight"),
+    example_inputs=lambda dtype: (torch.empty(3, 8, dtype=dtype, device="meta"),
+                                  torch.empty(3, 8, dtype=dtype, device="meta"),
+                                  torch.empty(8, dtype=dtype, device="meta"), EPS_SENTINEL,
+                                  torch.empty(5, 8, dtype=dtype, device="meta")),
+    checks=(check_norm, check_residual, check_add_norm_linear),
+    applies=eager_only,
+    applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
+    explain_when_off=False,
+)
+def add_rms_norm_linear(b, x, residual, weight, eps, proj_weight, **_):
+    """h = x + residual; F.linear(rms_norm(h), proj_weight) and h -> fxp.add_rms_norm_linear (norm in the GEMV)"""
+    return b.outputs(b.call(fxp.add_rms_norm_linear.default, x, residual, weight, eps, proj_weight), 2)
