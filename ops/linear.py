@@ -71,9 +71,10 @@ def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight):
     return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(x)
 
 
-# The residual add and RMSNorm of a pre-norm decoder layer feeding its next projection (qkv or gate_up): on CUDA at
-# one token each GEMV program recomputes the row's norm from x and residual (a few KB from L2) and the first one
-# writes h, so the norm kernel disappears; elsewhere fxp.add_rms_norm then fxp.linear, as unfused.
+# The residual add and RMSNorm of a pre-norm decoder layer feeding its next projection (qkv or gate_up). The CUDA
+# kernel (ops/triton_linear.py) has each 1-token GEMV program recompute the row's norm from x and residual (a few KB
+# from L2), the first one writing h, so the norm kernel disappears; it runs only for the projections its measured
+# list names (none yet), elsewhere fxp.add_rms_norm then fxp.linear, as unfused.
 add_rms_norm_linear = define_op(
     "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight)"
     " -> (Tensor out, Tensor residual_out)",

@@ -15,8 +15,9 @@ Where it applies, and why:
   (the traced spelling has none).
 
 ``add_rms_norm_linear`` goes one step further on the same terms: a residual add whose sum feeds an RMSNorm (any
-registered spelling) whose only reader is a projection becomes ``fxp.add_rms_norm_linear``, which at one token
-computes the norm inside the projection's GEMV (one kernel instead of two); the sum stays an output (the next
+registered spelling) whose only reader is a projection becomes ``fxp.add_rms_norm_linear``, whose kernel computes
+the norm inside the projection's 1-token GEMV (one kernel instead of two; used only for the projections
+``ops/triton_linear.FUSED_SHAPES`` lists, none yet: not measured on a GPU); the sum stays an output (the next
 residual). The norm is rounded exactly as ``fxp.add_rms_norm`` rounds it.
 
 The replacement changes the summation order of the matmul on CUDA where the Triton kernel runs (float32

@@ -216,7 +216,7 @@ def test_add_norm_gemv_kernel_equals_the_unfused_ops(dtype, n, k):
     # the normalized row itself equals the norm kernel's: through an identity projection it comes out unchanged
     eye = torch.eye(k, dtype=dtype, device="cuda")
     assert torch.equal(triton_linear.launch_add_norm(x, r, nw, 1e-5, eye, 4, 4)[0], normed)
-    # the op: fused where the table has a 1-token GEMV for the shape, else the two unfused ops; same numbers
+    # the op: fused where triton_linear.FUSED_SHAPES lists the shape (at one token), else the two unfused ops
     y, h = fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)
     assert torch.equal(h, h_ref) and _ref_err(y, normed, w) < 5e-3
     y8, h8 = fxp.add_rms_norm_linear(x.expand(8, k).contiguous(), r.expand(8, k).contiguous(), nw, 1e-5, w)
