@@ -18,14 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fxpasses.ops.library import check_float, check_norm_shapes, define_op
+from fxpasses.ops.library import check_float, check_norm_shapes, check_same_device, define_op
 from fxpasses.ops.norms import rms_norm_reference
 
 
 def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise a ValueError naming the argument for shapes or dtypes ``F.linear`` would reject (or silently
     promote)."""
-    check_float("linear", x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
+    optional = {"bias": bias} if bias is not None else {}
+    check_float("linear", x=x, weight=weight, **optional)
+    check_same_device("linear", x=x, weight=weight, **optional)
     if weight.dim() != 2:
         raise ValueError(f"fxp.linear: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}.")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -54,6 +56,8 @@ linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor
 # ---- add + RMSNorm folded into the following projection ------------------------------------------------------
 def _check_add_rms_norm_linear(x, residual, norm_weight, weight):
     check_float("add_rms_norm_linear", x=x, residual=residual, norm_weight=norm_weight)
+    # by this op's own argument names, before the shape checks (which call the norm's weight "weight")
+    check_same_device("add_rms_norm_linear", x=x, residual=residual, norm_weight=norm_weight, weight=weight)
     check_norm_shapes("add_rms_norm_linear", x, norm_weight, residual)
     check_linear(x, weight, None)
 

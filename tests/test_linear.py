@@ -244,3 +244,19 @@ def test_compiled_llama_with_full_cuda_graphs_uses_fxp_linear_and_equals_eager()
     assert matches["add_rms_norm_linear"] == graphs * 2 * layers and "add_rms_norm" not in matches
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("op, args, moved", [
+    ("linear", ("x", "weight"), "weight"),
+    ("linear", ("x", "weight", "bias"), "bias"),
+    ("add_rms_norm_linear", ("x", "residual", "norm_weight", 1e-6, "weight"), "weight"),
+    ("add_rms_norm_linear", ("x", "residual", "norm_weight", 1e-6, "weight"), "norm_weight"),
+])
+def test_a_weight_on_another_device_is_refused(op, args, moved):
+    """A CPU input with a meta weight dispatches to the fake kernel: uninitialized memory, unless refused."""
+    tensors = {"x": torch.randn(3, 8), "residual": torch.randn(3, 8), "norm_weight": torch.rand(8) + 0.5,
+               "weight": torch.randn(5, 8), "bias": torch.randn(5)}
+    tensors[moved] = tensors[moved].to("meta")
+    call = [tensors[a] if isinstance(a, str) else a for a in args]
+    with pytest.raises(ValueError, match=rf"fxp\.{op}: argument '{moved}' is on device meta but 'x' is on cpu"):
+        getattr(torch.ops.fxp, op)(*call)

@@ -186,9 +186,9 @@ def test_near_miss_dtype_not_registered():
 
 def test_registry_lists_patterns_by_benefit_and_refuses_duplicates():
     names = [p.name for p in patterns.all()]
-    assert names == ["allreduce_add_rms_norm_quant_fp8", "allreduce_add_rms_norm", "add_rms_norm_quant_fp8",
-                     "add_rms_norm", "rms_norm_quant_fp8", "rms_norm", "rotary_embedding", "quant_fp8",
-                     "silu_and_mul"]
+    assert names == ["allreduce_add_rms_norm_quant_fp8", "allreduce_add_rms_norm", "add_rms_norm_linear",
+                     "add_rms_norm_quant_fp8", "add_rms_norm", "rms_norm_quant_fp8", "rms_norm", "rotary_embedding",
+                     "quant_fp8", "silu_and_mul", "linear_bias", "linear"]
     with pytest.raises(ValueError, match="a pattern named 'rms_norm' is already registered"):
         patterns.register(patterns.get("rms_norm"))
     with pytest.raises(KeyError, match="no pattern named 'nope'"):

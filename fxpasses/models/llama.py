@@ -63,11 +63,19 @@ class LlamaConfig:
         check_divisible("intermediate_size", self.intermediate_size, mapping.tp_size)
         mapping.pp_layers(self.num_layers)  # raises when there are more stages than layers
 
-    def predicted_matches(self, mapping: Mapping, inductor: bool = False) -> dict[str, int]:
+    def predicted_matches(self, mapping: Mapping, inductor: bool = False, cuda: bool = False) -> dict[str, int]:
+        """``cuda``: the graph's tensors are on CUDA, where (without Inductor) projections become ``fxp.linear``
+        (the small-token GEMM path) and an add+RMSNorm feeding one projection becomes ``add_rms_norm_linear``."""
         layers = mapping.pp_layers(self.num_layers)
         counts = predicted_matches(mapping, layers, extra_norms_per_layer=0)
         if not inductor:  # RoPE on q and k, one SwiGLU activation per layer
             counts.update(rotary_embedding=2 * len(layers), silu_and_mul=len(layers))
+        if cuda and not inductor:
+            # every norm feeds one projection (qkv, gate_up, the LM head); qkv, o, gate_up, down per layer
+            fused = counts.pop("add_rms_norm", 0)
+            projections = 4 * len(layers) + (1 if mapping.is_last_pp_rank else 0)
+            counts.update({"add_rms_norm_linear": fused, "linear": projections - fused} if fused else
+                          {"linear": projections})
         return counts
 
     # named real shapes, for benchmarks (random weights)
