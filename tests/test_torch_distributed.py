@@ -407,3 +407,87 @@ def test_tp2_pp2_dtensor_inside_pipelining_stages(pool4):
         assert ops.get("_c10d_functional.all_reduce", 0) == (1 if rank < 2 else 0), (rank, ops)
         for logits in outs if rank >= 2 else ():
             torch.testing.assert_close(logits, reference, **TOL)
+
+
+# ---- per-block compile (torchtitan's apply_compile) ------------------------------------------------------------------
+class HandoffBlock(torch.nn.Module):
+    """A transformers decoder layer that hands ``(partial, residual)`` to the next block: its MLP output stays a
+    partial sum (down_proj planned ``RowwiseParallel(output_layouts=Partial())``), and the next block all-reduces it,
+    adds the residual and normalizes, all in one graph, so that all_reduce+add+RMSNorm fuses across the block
+    boundary. The first block receives the embedding itself (``partial`` is None)."""
+
+    def __init__(self, layer: torch.nn.Module, mesh):
+        super().__init__()
+        self.layer, self.mesh = layer, mesh
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        return DTensor.from_local(partial, self.mesh, [Partial()]).redistribute(self.mesh, [Replicate()]).to_local()
+
+    def forward(self, partial, residual, cos, sin):
+        h = residual if partial is None else self.reduce(partial) + residual
+        x = self.layer.self_attn(self.layer.input_layernorm(h), position_embeddings=(cos, sin), attention_mask=None)[0]
+        h = h + x
+        return self.layer.mlp(self.layer.post_attention_layernorm(h)), h
+
+
+class HandoffHead(HandoffBlock):
+    """The last block's partial, reduced and added, then the final norm and the LM head."""
+
+    def __init__(self, model: torch.nn.Module, mesh):
+        torch.nn.Module.__init__(self)
+        self.norm, self.lm_head, self.mesh = model.model.norm, model.lm_head, mesh
+
+    def forward(self, partial, residual):
+        return self.lm_head(self.norm(self.reduce(partial) + residual))
+
+
+def per_block(rank: int, world_size: int, handoff: bool):
+    """TP2, each block compiled on its own (torchtitan's apply_compile): as transformers wrote the blocks, or as
+    blocks that hand (partial, residual) to the next one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    model, mesh = llama(), init_device_mesh("cpu", (world_size,))
+    plan = torch_tp_plan()
+    if handoff:
+        plan["model.layers.*.mlp.down_proj"] = RowwiseParallel(output_layouts=Partial())
+    parallelize_module(model, mesh, plan)
+    backend = RecordingBackend(fxpasses.Mapping.from_device_mesh(mesh))
+    torch._dynamo.reset()
+    ids = token_ids()
+    with torch.no_grad():
+        if not handoff:
+            for i, layer in enumerate(model.model.layers):  # apply_compile
+                model.model.layers.register_module(str(i), torch.compile(layer, backend=backend, fullgraph=True))
+            logits = model(ids).logits
+        else:
+            inner = model.model
+            blocks = [torch.compile(HandoffBlock(layer, mesh), backend=backend, fullgraph=True) for layer in inner.layers]
+            head = torch.compile(HandoffHead(model, mesh), backend=backend, fullgraph=True)
+            h = inner.embed_tokens(ids)
+            cos, sin = inner.rotary_emb(h, torch.arange(ids.shape[1]).unsqueeze(0))
+            partial, residual = None, h
+            for block in blocks:
+                partial, residual = block(partial, residual, cos, sin)
+            logits = head(partial, residual)
+    graphs = [{k: v for k, v in r.after.items() if k in ("fxp.allreduce_add_rms_norm", "fxp.rms_norm",
+                                                            "_c10d_functional.all_reduce")} for r in backend.records]
+    return logits, graphs
+
+
+@pytest.mark.multirank
+def test_per_block_compile_as_written_and_with_handoff(pool2, reference):
+    # as written: each block's graph fuses its attention all_reduce+add+norm; its MLP all_reduce+add feeds the next
+    # block's norm in another graph (and the final norm runs outside every graph): one graph per block.
+    for logits, graphs in pool2.run(per_block, False):
+        assert graphs == LAYERS * [{"fxp.allreduce_add_rms_norm": 1, "fxp.rms_norm": 1, "_c10d_functional.all_reduce": 1}]
+        torch.testing.assert_close(logits, reference, **TOL)
+    # handing (partial, residual) on: every all_reduce fuses, 4 + 1 over the graphs as in one whole-model graph
+    for logits, graphs in pool2.run(per_block, True):
+        assert graphs == [{"fxp.allreduce_add_rms_norm": 1, "fxp.rms_norm": 1},  # block 0: receives the embedding
+                          {"fxp.allreduce_add_rms_norm": 2},  # block 1
+                          {"fxp.allreduce_add_rms_norm": 1}], graphs  # head: final norm
+        torch.testing.assert_close(logits, reference, **TOL)
