@@ -11,6 +11,7 @@ import fxpasses
 from fxpasses.testing import RankPool, RecordingBackend, fake_process_group
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow
 
 LAYERS = 2
 CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=8,
