@@ -120,3 +120,222 @@ def test_aot_export_graph(world):
 def test_rewrite_rejects_other_objects():
     with pytest.raises(TypeError, match="expected a torch.export.ExportedProgram or a torch.fx.GraphModule, got function"):
         fxpasses.rewrite(lambda x: x)
+
+
+# ---- issue 11: in-place writes in captured graphs (make_fx and torch.export keep aten in-place ops) -------------
+import logging  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from fxpasses.cleanup import remove_noop_ops  # noqa: E402
+
+EPS = 1e-6
+FP8 = torch.float8_e4m3fn
+
+
+def _rms_written_between(x, w, cos, s):
+    """x is read by the variance and again by the scaling; the write between (through a view, so the captured
+    graph reads the same node x both times) means the norm is of two values."""
+    inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+    x[1:3].mul_(2)
+    return x * inv * w
+
+
+def _add_rms_written_after_add(x, w, cos, s):
+    r = x + cos
+    inv = torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + EPS)
+    x.mul_(2)  # the add read x before this write; a fusion placed at the norm must still read the old x
+    return r * inv * w, r
+
+
+def _silu_written_between(x, w, cos, s):
+    g = F.silu(x)
+    x.mul_(2)  # the issue's example: s = F.silu(g); g.mul_(2); return s * u
+    return g * cos
+
+
+def _rope_written_between(x, w, cos, s):
+    xc = x * cos
+    cos.mul_(2)  # cos is read once, before this write; sin (here w broadcast) after
+    x1, x2 = x.chunk(2, dim=-1)
+    return xc + torch.cat((-x2, x1), dim=-1) * (cos - 1)
+
+
+def _quant_written_between(x, w, cos, s):
+    d = x.float() / s
+    s.mul_(2)  # the scale is read by the division, before this write
+    return d.clamp(-448.0, 448.0).to(FP8).float()
+
+
+FAMILY_CASES = {  # program, the fusion expected on the canonical graph (None: the pattern is no longer there)
+    "rms_norm": (_rms_written_between, None),
+    "add_rms_norm": (_add_rms_written_after_add, "add_rms_norm"),
+    "silu_and_mul": (_silu_written_between, "silu_and_mul"),
+    "rotary_embedding": (_rope_written_between, "rotary_embedding"),
+    "quant_fp8": (_quant_written_between, "quant_fp8"),
+}
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(4, 8, generator=g), torch.randn(8, generator=g), torch.randn(4, 8, generator=g),
+            torch.tensor(0.02)]
+
+
+class _Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _capture(fn, how):
+    if how == "make_fx":
+        return make_fx(fn, tracing_mode="fake")(*_inputs())
+    return torch.export.export(_Fn(fn), tuple(_inputs()))
+
+
+def _assert_same_as_eager(gm, fn):
+    want_in, got_in = _inputs(), _inputs()
+    want, got = fn(*want_in), gm(*got_in)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_in, want_in):  # the inputs' final values (the writes) too
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["make_fx", "export"])
+@pytest.mark.parametrize("family", sorted(FAMILY_CASES))
+def test_no_fusion_reads_a_value_written_after_its_first_read(family, how):
+    fn, expected = FAMILY_CASES[family]
+    with torch.no_grad():
+        gm, report = fxpasses.rewrite(_capture(fn, how), strict=True)
+        _assert_same_as_eager(gm, fn)
+    assert not report.errors
+    if expected is None:
+        assert family not in report.matches  # x * inv reads the written x: not an RMSNorm of one value
+        return
+    assert report.matches.get(expected) == 1, report.matches
+    nodes = list(gm.graph.nodes)
+    fused = next(n for n in nodes if n.op == "call_function" and n.target._schema.name == f"fxp::{expected}")
+    writes = [n for n in nodes if n.op == "call_function" and n.target is torch.ops.aten.copy_.default]
+    assert writes, "the input write must survive"
+    # the fused op reads the inputs as they were: it runs before every write-back into them
+    assert all(nodes.index(fused) < nodes.index(w) for w in writes)
+
+
+@pytest.mark.parametrize("how", ["make_fx", "export"])
+def test_copy_into_an_input_after_another_in_place_op_is_kept(how):
+    def f(x, y):
+        y.add_(1)
+        y.copy_(x)
+        return x + 0
+
+    x, y = torch.randn(4), torch.randn(4)
+    with torch.no_grad():
+        captured = make_fx(f, tracing_mode="fake")(x, y.clone()) if how == "make_fx" else \
+            torch.export.export(_Fn(f), (x, y.clone()))
+        gm, report = fxpasses.rewrite(captured, strict=True)
+    y2 = y.clone()
+    gm(x, y2)
+    assert torch.equal(y2, x)  # not y + 1
+    assert count_ops(gm)["aten.copy_"] == 1
+
+
+def test_cleanup_alone_follows_in_place_results():
+    """On a graph nobody canonicalized, remove_noop_ops must see ``copy_(add_, x)`` as a write to y."""
+    def f(x, y):
+        y.add_(1)
+        y.copy_(x)
+        return x + 0
+
+    x, y = torch.randn(4), torch.randn(4)
+    gm = make_fx(f, tracing_mode="fake")(x, y.clone())
+    remove_noop_ops(gm)
+    gm.recompile()
+    assert count_ops(gm)["aten.copy_"] == 1
+    y2 = y.clone()
+    gm(x, y2)
+    assert torch.equal(y2, x)
+
+
+def test_make_fx_with_real_tensors_fuses_quietly(caplog):
+    def f(x, w):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * w
+
+    x, w = torch.randn(3, 8), torch.randn(8)
+    for example_inputs in ([x, w], None):  # the graph's own metadata (one fake mode per node) also does
+        with caplog.at_level(logging.INFO, logger="fxpasses"):
+            gm, report = fxpasses.rewrite(make_fx(f)(x, w), example_inputs=example_inputs)
+        assert report.matches == {"rms_norm": 1} and not report.errors
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        torch.testing.assert_close(gm(x, w), f(x, w))
+        caplog.clear()
+
+
+def test_rewrite_checks_mapping_and_example_inputs():
+    gm = make_fx(lambda x, w: x * w, tracing_mode="fake")(torch.randn(2, 8), torch.randn(8))
+    with pytest.raises(TypeError, match="rewrite: mapping must be a fxpasses.Mapping.*got str 'tp2'"):
+        fxpasses.rewrite(gm, mapping="tp2")
+    with pytest.raises(ValueError, match=r"example_inputs has 1 value\(s\) but the graph has 2 input\(s\) "
+                                         r"\(x_1, w_1\)"):
+        fxpasses.rewrite(gm, example_inputs=[torch.randn(2, 8)])
+    with pytest.raises(TypeError, match="example_inputs must be a list or tuple"):
+        fxpasses.rewrite(gm, example_inputs=torch.randn(2, 8))
+    real = make_fx(lambda x: x + 1)(torch.randn(3))
+    for n in real.graph.nodes:
+        n.meta.pop("val", None)
+    with pytest.raises(ValueError, match=r"carry no shape metadata.*pass example_inputs"):
+        fxpasses.rewrite(real)
+
+
+def test_graph_functionalization_refuses_is_returned_unchanged():
+    def f(x):
+        x.t_()  # changes an input's strides in place: no functional form keeps the caller's view of it
+        return x * 2
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(2, 3))
+    code = gm.code
+    gm, report = fxpasses.rewrite(gm, patterns=[double_to_add])
+    assert gm.code == code and report.errors and "not rewritten" in report.notes[0]
+    with pytest.raises(fxpasses.PassError, match="shape, strides or storage changed in place"):
+        fxpasses.rewrite(make_fx(f, tracing_mode="fake")(torch.randn(2, 3)), strict=True)
+
+
+def test_outputs_that_alias_a_written_input_still_alias_it():
+    def f(x):
+        x.add_(1)
+        return x, x[1], x * 2
+
+    gm, _ = fxpasses.rewrite(make_fx(f, tracing_mode="fake")(torch.randn(3, 4)), strict=True)
+    x = torch.randn(3, 4)
+    want = f(x.clone())
+    got = gm(x)
+    torch.testing.assert_close(list(got), list(want))
+    assert got[0] is x and got[1].data_ptr() == x[1].data_ptr()  # the caller sees the same aliasing as eager
+
+
+def test_export_buffer_written_in_forward_is_written_back():
+    class Cache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(4, 8))
+            self.w = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            self.cache[1:3].add_(x[:2])
+            h = self.cache * 1.0
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + EPS) * self.w
+
+    model, x = Cache().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        ep = torch.export.export(Cache().eval(), (x,))
+        ep.module().load_state_dict(model.state_dict())
+        gm, report = fxpasses.rewrite(ep, strict=True)
+        gm.load_state_dict(model.state_dict())
+        want = model(x)
+        got = gm(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(gm.cache, model.cache)  # the buffer write happened, once
+    assert report.matches == {"rms_norm": 1}
