@@ -336,9 +336,30 @@ def stage_tp_plan() -> dict:
     return {k.removeprefix("model."): v for k, v in torch_tp_plan().items()}
 
 
-def pipelined(rank: int, world_size: int, tp: int, microbatches: int):
+class HandoffStage(torch.nn.Module):
+    """A pipeline stage of HandoffBlocks: stages hand each other ``(partial, residual)``, the last MLP's partial sum
+    unreduced, so the receiving stage all-reduces it on its own TP group (the same sum) and fuses
+    all_reduce+add+RMSNorm; without TP (``mesh`` None) the partial is the whole value and the add fuses with the norm."""
+
+    def __init__(self, model: torch.nn.Module, layers: range, first: bool, last: bool, mesh):
+        super().__init__()
+        inner = model.model
+        self.embed_tokens = inner.embed_tokens if first else None
+        self.blocks = torch.nn.ModuleList(HandoffBlock(inner.layers[i], mesh) for i in layers)
+        self.rotary_emb = inner.rotary_emb
+        self.head = HandoffHead(model, mesh) if last else None
+
+    def forward(self, *args):
+        partial, residual = (None, self.embed_tokens(args[0])) if self.embed_tokens is not None else args
+        cos, sin = self.rotary_emb(residual, torch.arange(residual.shape[1]).unsqueeze(0))
+        for block in self.blocks:
+            partial, residual = block(partial, residual, cos, sin)
+        return self.head(partial, residual) if self.head is not None else (partial, residual)
+
+
+def pipelined(rank: int, world_size: int, tp: int, microbatches: int, handoff: bool = False):
     """One rank of a TP x PP run: a ("pp", "tp") mesh, DTensor TP inside each stage; the compiled stage runs under
-    GPipe, then under 1F1B (one compile serves both)."""
+    GPipe, then under 1F1B (one compile serves both). ``handoff``: stages of HandoffBlocks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     from torch.distributed.tensor.parallel import parallelize_module
@@ -346,9 +367,20 @@ def pipelined(rank: int, world_size: int, tp: int, microbatches: int):
     pp = world_size // tp
     mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
     mapping = fxpasses.Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
-    stage = LlamaStage(llama(), mapping.pp_layers(LAYERS), mapping.is_first_pp_rank, mapping.is_last_pp_rank)
+    where = (mapping.pp_layers(LAYERS), mapping.is_first_pp_rank, mapping.is_last_pp_rank)
+    plan = stage_tp_plan()
+    if handoff:
+        from torch.distributed.tensor import Partial
+        from torch.distributed.tensor.parallel import RowwiseParallel
+
+        stage = HandoffStage(llama(), *where, mesh["tp"] if tp > 1 else None)
+        plan = {k.replace("layers.", "blocks.").replace(".self_attn", ".layer.self_attn").replace(".mlp", ".layer.mlp"): v
+                for k, v in plan.items()}
+        plan["blocks.*.layer.mlp.down_proj"] = RowwiseParallel(output_layouts=Partial())
+    else:
+        stage = LlamaStage(llama(), *where)
     if tp > 1:
-        parallelize_module(stage, mesh["tp"], stage_tp_plan())
+        parallelize_module(stage, mesh["tp"], plan)
     backend = RecordingBackend(mapping)
     torch._dynamo.reset()
     compiled = torch.compile(stage, backend=backend, fullgraph=True)
@@ -371,11 +403,12 @@ def pipeline_reference(microbatches: int) -> torch.Tensor:
         return llama()(ids).logits
 
 
-# Per stage, with the boundary after layer 0's last residual add: the first stage fuses its first norm and the
-# attention's all_reduce+add+norm; its MLP's all_reduce+add is the stage's output (no norm after it in this graph).
-# The second stage normalizes what it received, then fuses both all_reduce+add+norms (the last into the final norm).
-STAGE_FUSED_TP = [{"rms_norm": 1, "allreduce_add_rms_norm": 1}, {"rms_norm": 1, "allreduce_add_rms_norm": 2}]
+# Per stage, with the boundary after layer 0's last residual add (as transformers' layers are written): the first
+# stage fuses its first norm and the attention's add+norm; its MLP's add is the stage's output (no norm after it
+# in this graph). The second stage normalizes what it received, then fuses both add+norms (the last, the final norm).
 STAGE_FUSED_PP = [{"rms_norm": 1, "add_rms_norm": 1}, {"rms_norm": 1, "add_rms_norm": 2}]
+# Stages handing (partial, residual) on: the second stage reduces, adds and normalizes what it received in one op.
+STAGE_FUSED_HANDOFF = [{"rms_norm": 1, "allreduce_add_rms_norm": 1}, {"rms_norm": 0, "allreduce_add_rms_norm": 3}]
 
 
 @pytest.mark.multirank
@@ -398,14 +431,16 @@ def pool4():
 
 @pytest.mark.multirank
 def test_tp2_pp2_dtensor_inside_pipelining_stages(pool4):
+    """Stages handing (partial, residual) on: 4 allreduce+add+RMSNorm and 1 RMSNorm on every TP rank's pipeline,
+    nothing left unfused, as in one whole-model graph."""
     microbatches = 2
-    results = pool4.run(pipelined, 2, microbatches)
+    results = pool4.run(pipelined, 2, microbatches, True)
     reference = pipeline_reference(microbatches)
     for rank, (outs, graphs, matches, ops) in enumerate(results):
-        expected = STAGE_FUSED_TP[rank // 2]
+        expected = STAGE_FUSED_HANDOFF[rank // 2]
         assert graphs == 1
         assert {k: matches.get(k, 0) for k in expected} == expected, (rank, matches)
-        assert ops.get("_c10d_functional.all_reduce", 0) == (1 if rank < 2 else 0), (rank, ops)
+        assert "_c10d_functional.all_reduce" not in ops, (rank, ops)
         for logits in outs if rank >= 2 else ():
             torch.testing.assert_close(logits, reference, **TOL)
 
