@@ -262,8 +262,14 @@ def pickle_graph_module(gm: torch.fx.GraphModule, keep_values: bool) -> bytes:
     ``meta['val']`` (fake tensors and SymInts: slow to load, needed by the CUDA-graph runner), else no metadata."""
     from torch.fx._graph_pickler import GraphPickler, Options
 
-    keep = (lambda key: key == "val") if keep_values else (lambda key: False)
-    return GraphPickler.dumps(gm, Options(ops_filter=None, node_metadata_key_filter=keep))
+    metas = {node: node.meta for node in gm.graph.nodes}  # metadata filtered here: 2.11's Options may lack the filter
+    try:
+        for node, meta in metas.items():
+            node.meta = {"val": meta["val"]} if keep_values and "val" in meta else {}
+        return GraphPickler.dumps(gm, Options(ops_filter=None))
+    finally:
+        for node, meta in metas.items():
+            node.meta = meta
 
 
 def unpickle_graph_module(data: bytes) -> torch.fx.GraphModule:

@@ -1,0 +1,136 @@
+"""Cold and warm start of a compiled model in fresh processes: what a restarted server waits for.
+
+    python benchmarks/warm_start.py --model tiny --device cpu          # CI machine
+    python benchmarks/warm_start.py --model 1b --device cuda            # GPU (8b too)
+
+For each mode, one empty cache directory (fxpasses' compile cache, Inductor's and Triton's caches all inside it),
+then ``--runs`` fresh processes one after another: the first is the cold start, the others warm. Each process
+builds the model (not timed), then times the start: the Backend, ``torch.compile`` and the first call at each
+token count of ``--tokens`` (compile plus, on CUDA with CUDA graphs, capture), the token dimension marked with
+``fxpasses.mark_token_dim`` (one graph for every count). Imports are reported apart (the same for every mode).
+Every process checks its outputs against eager (bit-equal for fxpasses without Inductor).
+
+Modes: ``fxpasses`` (no Inductor; on CUDA full CUDA graphs, ``splitting_ops=()``), ``fxpasses-nocache`` (the same
+with ``cache=False``: the cost the cache removes), and the stock comparison ``inductor`` (CPU) or
+``reduce-overhead`` (CUDA). The last line is ``warm/cold = X`` for ``fxpasses`` (median warm over cold).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+import fxpasses
+from fxpasses.models import Batch, LlamaConfig, build_model
+imports = time.perf_counter() - t0
+mode, model_name, device, tokens = sys.argv[1], sys.argv[2], sys.argv[3], [int(t) for t in sys.argv[4].split(",")]
+dtype = torch.float32 if device == "cpu" else torch.bfloat16
+slots = max(tokens)
+config = (LlamaConfig(max_slots=slots) if model_name == "tiny" else
+          {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}[model_name](max_slots=slots, max_len=64))
+import dataclasses; config = dataclasses.replace(config, dtype=dtype)
+with torch.device(device):
+    model = build_model("llama", config)
+    reference = build_model("llama", config)
+sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+def batch(n):
+    g = torch.Generator().manual_seed(n)
+    return Batch(torch.randint(0, config.vocab_size, (n,), generator=g).to(device),
+                 torch.full((n,), 3).to(device), torch.arange(n).to(device))
+
+t0 = time.perf_counter()
+backend = None
+if mode.startswith("fxpasses"):
+    kwargs = dict(cuda_graph_sizes=tokens, splitting_ops=()) if device == "cuda" else {}
+    backend = fxpasses.Backend(cache=mode == "fxpasses", **kwargs)
+    fn = torch.compile(model, backend=backend)
+elif mode == "inductor":
+    fn = torch.compile(model)
+else:
+    fn = torch.compile(model, mode="reduce-overhead")
+equal = True
+with torch.inference_mode():
+    for n in tokens:
+        b = batch(n)
+        fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
+        out = fn(b.input_ids, b.position_ids, b.slot_ids)
+        sync()
+    start = time.perf_counter() - t0
+    for n in tokens:  # numbers: a second call of each size against eager, on fresh caches of both models
+        b = batch(n)
+        fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
+        out = fn(b.input_ids, b.position_ids, b.slot_ids).clone()
+        ref = reference(b.input_ids, b.position_ids, b.slot_ids)
+        same = torch.equal(out, ref) if mode.startswith("fxpasses") and device == "cpu" else torch.allclose(
+            out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+        equal = equal and bool(same)
+events = [str(e) for e in backend.cache_events] if backend is not None else []
+print(json.dumps({"imports": imports, "start": start, "equal": equal, "events": events,
+                  "hits": sum(e.hit for e in backend.cache_events) if backend is not None else 0,
+                  "graphs": backend.report.graphs if backend is not None else None,
+                  "torch": torch.__version__}))
+"""
+
+
+def run_child(mode: str, args: argparse.Namespace, cache: Path) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               FXPASSES_CACHE_DIR=str(cache / "fxpasses"), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
+               TRITON_CACHE_DIR=str(cache / "triton"), FXPASSES_VERIFY="0")
+    env.pop("FXPASSES_CACHE", None)
+    out = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, args.device,
+                          ",".join(map(str, args.tokens))], capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{mode} process failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["tiny", "1b", "8b"], default="tiny")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--runs", type=int, default=3, help="processes per mode: one cold, the rest warm")
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="default: fxpasses fxpasses-nocache and inductor (cpu) or reduce-overhead (cuda)")
+    args = parser.parse_args()
+    modes = args.modes or ["fxpasses", "fxpasses-nocache", "inductor" if args.device == "cpu" else "reduce-overhead"]
+    results: dict[str, list[dict]] = {}
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix="warm_start_") as cache:
+            results[mode] = [run_child(mode, args, Path(cache)) for _ in range(args.runs)]
+    first = next(iter(results.values()))[0]
+    print(f"model {args.model}, device {args.device}, torch {first['torch']}, tokens {args.tokens}, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; start = Backend + torch.compile + first call at "
+          f"each token count (imports {first['imports']:.1f} s and model build not included)\n")
+    print("| mode | cold (s) | warm (s), each process | warm / cold | equal to eager | cache |")
+    print("|---|---|---|---|---|---|")
+    for mode, runs in results.items():
+        cold, warm = runs[0]["start"], [r["start"] for r in runs[1:]]
+        ratio = statistics.median(warm) / cold if warm else float("nan")
+        cache = f"hits {[r['hits'] for r in runs]}" if mode == "fxpasses" else "-"
+        print(f"| {mode} | {cold:.2f} | {', '.join(f'{w:.2f}' for w in warm)} | {ratio:.2f} | "
+              f"{all(r['equal'] for r in runs)} | {cache} |")
+    for mode, runs in results.items():
+        for i, r in enumerate(runs):
+            for e in r["events"]:
+                print(f"- {mode} process {i + 1}: {e}")
+    if "fxpasses" in results and len(results["fxpasses"]) > 1:
+        runs = results["fxpasses"]
+        print(f"\nwarm/cold = {statistics.median(r['start'] for r in runs[1:]) / runs[0]['start']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
