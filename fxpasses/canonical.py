@@ -35,8 +35,9 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.node import map_aggregate
 
 from fxpasses import compat
+from fxpasses.cleanup import aliased_argument
 from fxpasses.dependency import eliminate_dead_code
-from fxpasses.effects import AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2, is_hop, written_tensors
+from fxpasses.effects import AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2, is_hop, is_view, written_tensors
 from fxpasses.passes import PassResult
 
 log = logging.getLogger("fxpasses")
@@ -237,7 +238,7 @@ def _functional_trace(gm: torch.fx.GraphModule, inputs: GraphInputs, fakes: list
                     info.writebacks += 1
             for j, k in enumerate(sources):
                 if k in written:  # a view of an input written above: a view of the input after its write-back
-                    values[j] = _view_like(args[k], leaves[j])
+                    values[j] = _regenerate(out_leaves[j], k, args[k], leaves[j], run.env, inputs)
                     info.regenerated_aliases += 1
             return values
 
@@ -252,6 +253,34 @@ def _aliased_input(leaf: Any, fargs: list[Any]) -> int | None:
     if not compat.is_functional(leaf):
         return None
     return next((k for k, a in enumerate(fargs) if compat.is_functional(a) and compat.same_storage(a, leaf)), None)
+
+
+def _regenerate(out: Any, k: int, base: torch.Tensor, like: torch.Tensor, env: dict, inputs: GraphInputs) -> Any:
+    """The output ``out`` (a view of graph input ``k``), rebuilt on the input after its write-back: by replaying the
+    captured graph's own view ops when the output reaches the input through views and in-place results only (so it
+    follows the caller's strides, as eager does), else with ``as_strided`` to the traced layout."""
+    chain, node = [], out
+    while isinstance(node, torch.fx.Node) and node.op == "call_function":
+        if is_view(node):
+            chain.append(node)
+        node = aliased_argument(node)
+    if node is not None and _input_index(node, inputs) == k:
+        value = base
+        for view in reversed(chain):
+            value = view.target(value, *[env[a] if isinstance(a, torch.fx.Node) else a for a in view.args[1:]],
+                                **{n: env[a] if isinstance(a, torch.fx.Node) else a for n, a in view.kwargs.items()})
+        if value.shape == like.shape:
+            return value
+    return _view_like(base, like)
+
+
+def _input_index(node: torch.fx.Node, inputs: GraphInputs) -> int | None:
+    if node.op == "placeholder" and node in inputs.placeholders:
+        return inputs.placeholders.index(node)
+    if node.op == "get_attr":
+        return next((len(inputs.placeholders) + i for i, ts in enumerate(inputs.attr_targets) if node.target in ts),
+                    None)
+    return None
 
 
 def _view_like(base: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

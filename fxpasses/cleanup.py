@@ -42,7 +42,7 @@ def strip_asserts(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> P
 strip_asserts.name = "strip_asserts"  # type: ignore[attr-defined]
 
 
-def _aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
+def aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
     """The argument a node's single tensor result aliases (a view's base, an in-place op's ``self``), or None."""
     if node.op != "call_function" or is_hop(node):
         return None
@@ -63,7 +63,7 @@ def _aliased_argument(node: torch.fx.Node) -> torch.fx.Node | None:
 def storage_root(node: object) -> object:
     """The node that owns a value's storage: follows views and in-place results back to it."""
     while isinstance(node, torch.fx.Node):
-        source = _aliased_argument(node)
+        source = aliased_argument(node)
         if source is None:
             return node
         node = source

@@ -314,6 +314,9 @@ def test_outputs_that_alias_a_written_input_still_alias_it():
     got = gm(x)
     torch.testing.assert_close(list(got), list(want))
     assert got[0] is x and got[1].data_ptr() == x[1].data_ptr()  # the caller sees the same aliasing as eager
+    x = torch.randn(4, 3).t()  # a caller's strides the trace never saw: the view is x[1] of this x, as in eager
+    got = gm(x)
+    assert got[0] is x and torch.equal(got[1], x[1]) and got[1].data_ptr() == x[1].data_ptr()
 
 
 def test_export_buffer_written_in_forward_is_written_back():
