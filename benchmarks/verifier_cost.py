@@ -12,12 +12,14 @@ Each configuration is compiled with ``verify`` off and on. The pipeline itself t
 as the ``checks/invariants`` and ``checks/verifier`` rows of ``Backend.report`` (the pass rows exclude them), so
 both costs come from the compile that paid them. "Whole compile" is the first compiled call minus a warm call
 (Dynamo, AOT autograd, the pipeline). The row kept of ``--repeat`` runs is the one with the fastest whole compile.
+fxpasses' on-disk compile cache is turned off (``FXPASSES_CACHE=0``): a hit would skip the pipeline being measured.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime
+import os
 import platform
 import time
 from typing import Any, Callable
@@ -27,6 +29,8 @@ import torch
 import fxpasses
 from fxpasses.models import LlamaConfig, build_model, make_steps
 from fxpasses.testing import fake_process_group
+
+os.environ["FXPASSES_CACHE"] = "0"  # every compile must run the pipeline it measures
 
 
 class Layer(torch.nn.Module):
@@ -92,6 +96,8 @@ def compile_once(model_name: str, layers: int, verify: bool) -> Run:
         t0 = time.perf_counter()
         fn(*args)
         warm = time.perf_counter() - t0
+    if backend.report.pipeline_seconds == 0.0:
+        raise RuntimeError("the pipeline did not run (served from a cache?): nothing to measure")
     seconds = backend.report.pass_seconds()
     return Run(first - warm, backend.report.pipeline_seconds, seconds.get("checks/invariants", 0.0),
                seconds.get("checks/verifier", 0.0))
