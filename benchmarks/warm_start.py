@@ -12,7 +12,8 @@ Every process checks its outputs against eager (bit-equal for fxpasses without I
 
 Modes: ``fxpasses`` (no Inductor; on CUDA full CUDA graphs, ``splitting_ops=()``), ``fxpasses-nocache`` (the same
 with ``cache=False``: the cost the cache removes), and the stock comparison ``inductor`` (CPU) or
-``reduce-overhead`` (CUDA). The last line is ``warm/cold = X`` for ``fxpasses`` (median warm over cold).
+``reduce-overhead`` (CUDA). The last line is ``warm/cold = X`` for ``fxpasses`` (median warm over cold, wall
+clock). CPU time of each start is printed too: on a shared machine it varies less than wall time.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def batch(n):
     return Batch(torch.randint(0, config.vocab_size, (n,), generator=g).to(device),
                  torch.full((n,), 3).to(device), torch.arange(n).to(device))
 
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 backend = None
 if mode.startswith("fxpasses"):
     kwargs = dict(cuda_graph_sizes=tokens, splitting_ops=()) if device == "cuda" else {}
@@ -68,7 +69,7 @@ with torch.inference_mode():
         fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
         out = fn(b.input_ids, b.position_ids, b.slot_ids)
         sync()
-    start = time.perf_counter() - t0
+    start, cpu = time.perf_counter() - t0, time.process_time() - c0
     for n in tokens:  # numbers: a second call of each size against eager, on fresh caches of both models
         b = batch(n)
         fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
@@ -78,7 +79,7 @@ with torch.inference_mode():
             out.float(), ref.float(), rtol=2e-2, atol=2e-2)
         equal = equal and bool(same)
 events = [str(e) for e in backend.cache_events] if backend is not None else []
-print(json.dumps({"imports": imports, "start": start, "equal": equal, "events": events,
+print(json.dumps({"imports": imports, "start": start, "cpu": cpu, "equal": equal, "events": events,
                   "hits": sum(e.hit for e in backend.cache_events) if backend is not None else 0,
                   "graphs": backend.report.graphs if backend is not None else None,
                   "torch": torch.__version__}))
@@ -115,13 +116,15 @@ def main() -> None:
     print(f"model {args.model}, device {args.device}, torch {first['torch']}, tokens {args.tokens}, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; start = Backend + torch.compile + first call at "
           f"each token count (imports {first['imports']:.1f} s and model build not included)\n")
-    print("| mode | cold (s) | warm (s), each process | warm / cold | equal to eager | cache |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | cold (s) | warm (s), each process | warm / cold | CPU time cold / warm (s) | equal to eager | "
+          "cache hits |")
+    print("|---|---|---|---|---|---|---|")
     for mode, runs in results.items():
         cold, warm = runs[0]["start"], [r["start"] for r in runs[1:]]
         ratio = statistics.median(warm) / cold if warm else float("nan")
-        cache = f"hits {[r['hits'] for r in runs]}" if mode == "fxpasses" else "-"
-        print(f"| {mode} | {cold:.2f} | {', '.join(f'{w:.2f}' for w in warm)} | {ratio:.2f} | "
+        cpu = f"{runs[0]['cpu']:.2f} / " + ", ".join(f"{r['cpu']:.2f}" for r in runs[1:])
+        cache = str([r["hits"] for r in runs]) if mode == "fxpasses" else "-"
+        print(f"| {mode} | {cold:.2f} | {', '.join(f'{w:.2f}' for w in warm)} | {ratio:.2f} | {cpu} | "
               f"{all(r['equal'] for r in runs)} | {cache} |")
     for mode, runs in results.items():
         for i, r in enumerate(runs):
