@@ -76,7 +76,8 @@ def check_example_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any]
 
 # ---- when a graph is already canonical -------------------------------------------------------------------------
 def _is_writeback(node: torch.fx.Node) -> bool:
-    return (node.op == "call_function" and node.target is aten.copy_.default
+    """``copy_(input, new_value)``: an input's write-back (a copy of the input onto itself is no new value)."""
+    return (node.op == "call_function" and node.target is aten.copy_.default and node.args[1] is not node.args[0]
             and isinstance(node.args[0], torch.fx.Node) and node.args[0].op in ("placeholder", "get_attr"))
 
 

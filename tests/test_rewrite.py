@@ -342,3 +342,17 @@ def test_export_buffer_written_in_forward_is_written_back():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gm.cache, model.cache)  # the buffer write happened, once
     assert report.matches == {"rms_norm": 1}
+
+
+def test_copy_of_an_input_onto_itself_is_not_taken_for_a_write_back():
+    """Found by the property: make_fx records ``x.copy_(x)`` as a trailing ``copy_(x, x)``, which looked like an
+    AOT write-back epilogue; the graph was left as captured and the verifier saw the self-copy's write vanish."""
+    def f(x):
+        y = x * 0.5
+        x.copy_(x)
+        return y
+
+    gm, report = fxpasses.rewrite(make_fx(f, tracing_mode="fake")(torch.randn(4)), strict=True)
+    assert report.passes[0].counts.get("retraced") == 1 and not report.errors
+    x = torch.randn(4)
+    torch.testing.assert_close(gm(x.clone()), f(x.clone()))
