@@ -320,6 +320,9 @@ class Backend:
             graph = cache_key.describe_graph(gm, example_inputs)
         except cache_key.Unidentifiable as err:
             return None, str(err)
+        except Exception as err:  # noqa: BLE001  (never a crash: an input the description does not know is a miss)
+            log.warning("fxpasses compile cache: no key for this graph: %s: %s", type(err).__name__, err)
+            return None, f"no key for this graph ({type(err).__name__}: {err})"
         key = cache_key.graph_key(self._identity, graph, cache_key.global_state(), bool(self.cuda_graph_sizes))
         return key, "no entry for this key"
 
