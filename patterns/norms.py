@@ -155,6 +155,19 @@ def is_all_reduce(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_reduce.default
 
 
+def explain_all_reduce(node: torch.fx.Node) -> str | None:
+    """An all_reduce whose result is never added to anything cannot be an allreduce+add+RMSNorm: say so."""
+    waits = [u for u in node.users if u.op == "call_function" and u.target is torch.ops._c10d_functional.wait_tensor.default]
+    if len(waits) != 1:
+        return None
+    readers = list(waits[0].users)
+    if any(u.op == "call_function" and u.target is aten.add.Tensor for u in readers):
+        return None
+    return (f"its result ({waits[0].name}) is not added to a residual (it is read by "
+            f"{', '.join(u.name for u in readers) or 'nothing'}): allreduce_add_rms_norm fuses all_reduce, residual "
+            "add and RMSNorm (a norm straight after an all_reduce fuses as rms_norm alone)")
+
+
 def tp_enabled(mapping: Any, config: Any) -> bool:
     return mapping is not None and getattr(mapping, "tp_size", 1) > 1
 
@@ -220,6 +233,7 @@ def _allreduce_add_norm(spelling: Callable[..., Any]) -> Callable[..., Any]:
     applies=tp_enabled,
     applies_doc="mapping.tp_size > 1",
     hint=is_all_reduce,
+    explain=explain_all_reduce,
 )
 def allreduce_add_rms_norm(b, x, residual, weight, eps, group, **_):
     """functional all_reduce on the TP group -> residual add -> RMSNorm -> fxp.allreduce_add_rms_norm"""

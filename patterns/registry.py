@@ -58,6 +58,8 @@ class Pattern:
     # Report its hinted nodes as near misses when ``applies`` is false. Off for patterns that are off on purpose in
     # some configurations (the elementwise ones under Inductor), where there is nothing for a user to fix.
     explain_when_off: bool = True
+    # Why a hinted node reached by no spelling cannot match (None: the generic "register a spelling" advice).
+    explain: Callable[[torch.fx.Node], "str | None"] | None = None
 
 
 _REGISTRY: dict[str, Pattern] = {}
@@ -283,9 +285,10 @@ class PatternSet:
                 p = inactive[0]
                 out.append(NearMiss(node.name, p.name, f"the pattern is off for this configuration (needs {p.applies_doc})"))
             elif families:
-                out.append(NearMiss(node.name, families[0].name,
-                                    f"no spelling of {families[0].name} reached {_describe(node)}: the computation around it "
-                                    "has a different structure (register a spelling for it)"))
+                why = families[0].explain(node) if families[0].explain is not None else None
+                out.append(NearMiss(node.name, families[0].name, why or (
+                    f"no spelling of {families[0].name} reached {_describe(node)}: the computation around it "
+                    "has a different structure (register a spelling for it)")))
         return out
 
 

@@ -73,7 +73,8 @@ def tp_route(rank: int, world_size: int, route: str):
     assert fxpasses.Mapping.from_device_mesh(mesh) == mapping
     logits, backend = compile_tp(model, mapping)
     after = backend.after
-    return logits, dict(backend.report.matches), {k: v for k, v in after.items() if k.startswith(("fxp.", "_c10d"))}
+    return (logits, dict(backend.report.matches), {k: v for k, v in after.items() if k.startswith(("fxp.", "_c10d"))},
+            [m.reason for m in backend.report.near_misses])
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +92,13 @@ def reference():
 @pytest.mark.multirank
 @pytest.mark.parametrize("route", ["parallelize_module", "from_group", "transformers"])
 def test_tp2_routes_fuse_and_match_eager(pool2, reference, route):
-    for rank, (logits, matches, ops) in enumerate(pool2.run(tp_route, route)):
+    for rank, (logits, matches, ops, misses) in enumerate(pool2.run(tp_route, route)):
         assert {k: matches.get(k, 0) for k in FUSED} == FUSED, (rank, matches)
         assert ops["fxp.allreduce_add_rms_norm"] == 2 * LAYERS and ops["fxp.rms_norm"] == 1
         # what is left unfused: transformers' vocab-parallel embedding all-reduces into a norm with no residual add
         assert ops.get("_c10d_functional.all_reduce", 0) == (1 if route == "transformers" else 0), ops
+        if route == "transformers":
+            assert len(misses) == 1 and "is not added to a residual" in misses[0], misses
         torch.testing.assert_close(logits, reference, **TOL)
 
 
