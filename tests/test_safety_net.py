@@ -132,7 +132,7 @@ def eager():
 
 
 def compile_with(bad_pass, *, strict, verify=False):
-    backend = fxpasses.Backend(extra_passes=[bad_pass], strict=strict, verify=verify)
+    backend = fxpasses.Backend(extra_passes=[bad_pass], strict=strict, verify=verify, cache=False)  # run the pipeline
     torch._dynamo.reset()
     x, buf = make_inputs()
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_dynamic_shapes_compare_symbolically():
         return torch.sin(x) * 2
 
     for p, bad in ((clone_output, False), (doubled_output, True)):
-        backend = fxpasses.Backend(extra_passes=[p], verify=False)
+        backend = fxpasses.Backend(extra_passes=[p], verify=False, cache=False)
         torch._dynamo.reset()
         compiled = torch.compile(f, backend=backend, dynamic=True)
         with torch.no_grad():
