@@ -330,12 +330,30 @@ def _install(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule, inputs: Gra
         else:
             new = graph.node_copy(node, env.__getitem__)
         env[node] = new
+    _keep_input_checks(old, graph)
     # make_fx tracks an input through its write-back, so later reads name the copy_; they mean the input itself
     for node in graph.nodes:
         if _is_writeback(node):
             node.replace_all_uses_with(node.args[0])
     graph._codegen = old._codegen
     gm.graph = graph
+
+
+def _keep_input_checks(old: torch.fx.Graph, graph: torch.fx.Graph) -> None:
+    """Calls of submodules that only look at the inputs and return nothing (``ExportedProgram.module()``'s
+    ``_guards_fn``, which checks the input shapes) ran on fake values during the trace and left no node: put them
+    back, right after the placeholders, so the rewritten module still checks what it is given."""
+    by_name = {n.name: n for n in graph.nodes if n.op == "placeholder"}
+    checks = [n for n in old.nodes if n.op == "call_module" and not n.users
+              and all(a.op == "placeholder" and a.name in by_name for a in n.all_input_nodes)]
+    if not checks:
+        return
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for check in reversed(checks):
+        with graph.inserting_after(last):
+            new = graph.call_module(check.target, torch.fx.node.map_arg(check.args, lambda a: by_name[a.name]),
+                                    torch.fx.node.map_arg(check.kwargs, lambda a: by_name[a.name]))
+        new.meta.update(check.meta)
 
 
 def _free_attr_name(gm: torch.nn.Module, base: str) -> str:

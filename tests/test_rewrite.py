@@ -342,6 +342,9 @@ def test_export_buffer_written_in_forward_is_written_back():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(gm.cache, model.cache)  # the buffer write happened, once
     assert report.matches == {"rms_norm": 1}
+    # export's input checks are kept (2.13: a _guards_fn submodule in the graph; 2.11: a pre-forward hook)
+    with pytest.raises((AssertionError, RuntimeError, ValueError)):
+        gm(torch.randn(5, 8))
 
 
 def test_copy_of_an_input_onto_itself_is_not_taken_for_a_write_back():
