@@ -47,13 +47,23 @@ class GraphSnapshot:
     as it was); rebuilding, which only a failure needs, creates the nodes again. The rebuild reads nothing but
     these tuples, so it works whatever the failed pass left behind (cycles, erased or dangling nodes, another
     Graph object in ``gm.graph``): every node is created first and its arguments are wired second, so the order
-    of the snapshot does not matter either.
+    of the snapshot does not matter either. Attributes that get_attr/call_module nodes name are put back too if
+    the pass deleted or replaced them.
     """
 
     def __init__(self, graph: torch.fx.Graph) -> None:
         self.codegen = graph._codegen
         self.tracer_cls = graph._tracer_cls
         self.nodes = [(n, n.op, n.target, n.args, n.kwargs, n.name, n.type, dict(n.meta)) for n in graph.nodes]
+        # The objects that get_attr and call_module nodes name, in case the pass also deleted or replaced them.
+        self.attrs: list[tuple[str, object]] = []
+        root = graph.owning_module
+        if root is not None:
+            for op in ("get_attr", "call_module"):
+                for n in graph.find_nodes(op=op):
+                    obj = _resolve(root, n.target)
+                    if obj is not None:
+                        self.attrs.append((n.target, obj))
 
     def restore(self, gm: torch.fx.GraphModule) -> None:
         graph = torch.fx.Graph(owning_module=gm, tracer_cls=self.tracer_cls)
@@ -73,7 +83,28 @@ class GraphSnapshot:
             new.args = torch.fx.node.map_arg(args, lookup)
             new.kwargs = torch.fx.node.map_arg(kwargs, lookup)
         graph._codegen = self.codegen
+        for target, obj in self.attrs:
+            *path, leaf = target.split(".")
+            parent: object = gm
+            for atom in path:
+                if not hasattr(parent, atom):
+                    setattr(parent, atom, torch.nn.Module())
+                parent = getattr(parent, atom)
+            if getattr(parent, leaf, None) is not obj:
+                setattr(parent, leaf, obj)
         gm.graph = graph
+
+
+def _resolve(root: object, target: object) -> object:
+    """The attribute a dotted ``target`` names under ``root``, or None."""
+    if not isinstance(target, str):
+        return None
+    obj = root
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)
+        if obj is None:
+            return None
+    return obj
 
 
 @contextlib.contextmanager

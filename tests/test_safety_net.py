@@ -250,3 +250,41 @@ def test_input_graph_must_be_well_formed():
     nodes[0].append(nodes[-1])  # the last computation now comes first: used before defined, no cycle
     with pytest.raises(VerificationError, match=r"<input graph>.*uses .* before it is defined"):
         PassManager([]).run(gm, PassContext(config=PipelineConfig(verify=False)))
+
+
+class WithAttrs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.full((4,), 3.0))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def deletes_attributes(gm, ctx):
+    """Removes the submodule and the parameter the graph's call_module and get_attr nodes name (and returns)."""
+    del gm.lin
+    del gm.scale
+    return PassResult(modified=True)
+
+
+def deletes_attributes_and_raises(gm, ctx):
+    deletes_attributes(gm, ctx)
+    raise RuntimeError("gone")
+
+
+@pytest.mark.parametrize("bad_pass, reason", [
+    (deletes_attributes, r"call_module target 'lin' does not exist in the module"),
+    (deletes_attributes_and_raises, r"RuntimeError: gone"),
+])
+def test_rollback_puts_back_deleted_attributes(bad_pass, reason):
+    module = WithAttrs().eval()
+    gm = torch.fx.symbolic_trace(module)
+    assert {n.op for n in gm.graph.nodes} >= {"call_module", "get_attr"}
+    report = PassManager([Stage("user", [bad_pass])]).run(gm, PassContext(config=PipelineConfig(verify=False)))
+    (record,) = report.errors
+    assert re.search(reason, record.error), record.error
+    x = torch.randn(2, 4)
+    assert gm.lin is module.lin and gm.scale is module.scale
+    assert torch.equal(gm(x), module(x))
