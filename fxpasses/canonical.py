@@ -24,7 +24,6 @@ Assumption (the same as AOT autograd's when it compiles): graph inputs do not al
 from __future__ import annotations
 
 import contextlib
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -40,7 +39,6 @@ from fxpasses.dependency import eliminate_dead_code
 from fxpasses.effects import AUTO_FUNCTIONALIZED, AUTO_FUNCTIONALIZED_V2, is_hop, is_view, written_tensors
 from fxpasses.passes import PassResult
 
-log = logging.getLogger("fxpasses")
 aten = torch.ops.aten
 
 

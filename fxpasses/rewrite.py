@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx
 
+from fxpasses import compat
 from fxpasses.canonical import CanonicalizationError, canonicalize, check_example_inputs
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.pass_manager import PassError
@@ -100,8 +101,7 @@ def rewrite(
 
 
 def _fake_mode(gm: torch.fx.GraphModule) -> Any:
-    from fxpasses import compat
-
+    """The fake mode of the graph's metadata (one, after canonicalization), for passes that build new values."""
     for node in gm.graph.nodes:
         mode = compat.fake_tensor_mode_of(node.meta.get("val"))
         if mode is not None:
