@@ -7,7 +7,7 @@ Capture paths: ``make_fx`` with fake tensors, ``make_fx`` with real tensors (wit
 ``fxpasses.Backend()``. Programs interleave in-place writes between the reads a pattern makes (``s = silu(g);
 g.mul_(2); s * u``), which is where a rewrite of a non-functional graph goes wrong.
 
-CI runs 12 derandomized examples (the same ones every run); ``FXPASSES_PROPERTY_EXAMPLES=N`` runs N random ones
+CI runs 16 derandomized examples (the same ones every run); ``FXPASSES_PROPERTY_EXAMPLES=N`` runs N random ones
 (``--hypothesis-seed`` picks them), e.g. 2000 once, split over processes with different seeds. Fusions are
 counted, and the run fails if none happened (a vacuous property).
 """
@@ -24,7 +24,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxpasses
 
-EXAMPLES = int(os.environ.get("FXPASSES_PROPERTY_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("FXPASSES_PROPERTY_EXAMPLES", "16"))
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
 N_SLOTS_IN = 3  # a, b, c: the (4, 8) inputs; w (8,) and s () are the norm weight and quantization scale
