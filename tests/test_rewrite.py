@@ -1,10 +1,14 @@
 """fxpasses.rewrite on graphs captured without torch.compile: export, make_fx (functional or not), AOT export."""
+import logging
+
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxpasses
+from fxpasses.cleanup import remove_noop_ops
 from fxpasses.testing import count_ops, fake_process_group
 from test_backend import double_to_add
 
@@ -123,12 +127,6 @@ def test_rewrite_rejects_other_objects():
 
 
 # ---- issue 11: in-place writes in captured graphs (make_fx and torch.export keep aten in-place ops) -------------
-import logging  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from fxpasses.cleanup import remove_noop_ops  # noqa: E402
-
 EPS = 1e-6
 FP8 = torch.float8_e4m3fn
 
@@ -359,3 +357,44 @@ def test_copy_of_an_input_onto_itself_is_not_taken_for_a_write_back():
     assert report.passes[0].counts.get("retraced") == 1 and not report.errors
     x = torch.randn(4)
     torch.testing.assert_close(gm(x.clone()), f(x.clone()))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["v1", "v2"])
+def test_custom_mutating_ops_mixed_with_aten_writes(v2):
+    """Mutating custom ops (a receive, a scale through a slice, a list accumulate, a send) interleaved with aten
+    writes through views: the same values, the same sends once each, the same aliasing as eager."""
+    import fxptest_ops
+
+    from fxpasses import compat
+
+    fxt = torch.ops.fxptest
+
+    def prog(x, cache):
+        buf = torch.empty_like(x)
+        fxt.fill_next(buf)
+        view = cache[0]
+        cache[1].add_(buf)
+        s = fxt.scale_(cache[1:3], 2.0)
+        buf.mul_(3)
+        fxt.accumulate([buf, view], x)
+        sink = torch.zeros(())
+        fxt.emit(sink, buf * view)
+        return buf + view + s.sum(), view
+
+    x, cache = torch.randn(4), torch.randn(4, 4)
+    with compat.set_auto_functionalized_v2(v2):
+        gm, report = fxpasses.rewrite(make_fx(prog, tracing_mode="fake")(x, cache.clone()), strict=True)
+    assert report.passes[0].counts["auto_functionalized"] == 4
+    ops = count_ops(gm)
+    assert all(ops[f"fxptest.{op}"] == 1 for op in ("fill_next", "scale_", "accumulate", "emit"))
+    fxptest_ops.reset()
+    want_cache = cache.clone()
+    want = prog(x, want_cache)
+    want_log = list(fxptest_ops.LOG)
+    fxptest_ops.reset()
+    got_cache = cache.clone()
+    got = gm(x, got_cache)
+    torch.testing.assert_close(list(got), list(want))
+    torch.testing.assert_close(got_cache, want_cache)
+    assert len(fxptest_ops.LOG) == len(want_log) and all(torch.equal(a, b) for a, b in zip(fxptest_ops.LOG, want_log))
+    assert got[1].data_ptr() == got_cache[0].data_ptr()  # the returned view is still a view of the cache
