@@ -398,3 +398,32 @@ def test_custom_mutating_ops_mixed_with_aten_writes(v2):
     torch.testing.assert_close(got_cache, want_cache)
     assert len(fxptest_ops.LOG) == len(want_log) and all(torch.equal(a, b) for a, b in zip(fxptest_ops.LOG, want_log))
     assert got[1].data_ptr() == got_cache[0].data_ptr()  # the returned view is still a view of the cache
+
+
+def test_symbolic_shapes_make_fx_and_export():
+    """Graphs with symbolic token counts are re-traced symbolically: one rewritten graph serves every size."""
+    def f(g, u, w):
+        s = F.silu(g)
+        g.mul_(2)
+        n = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + EPS) * w
+        return s * u + n, g[0]
+
+    w = torch.randn(8)
+    sym = make_fx(f, tracing_mode="symbolic")(torch.randn(5, 8), torch.randn(5, 8), w)
+    tokens = torch.export.Dim("tokens", min=2)
+
+    class Three(torch.nn.Module):
+        def forward(self, g, u, w):
+            return f(g, u, w)
+
+    ep = torch.export.export(Three(), (torch.randn(5, 8), torch.randn(5, 8), w),
+                             dynamic_shapes=({0: tokens}, {0: tokens}, None))
+    for captured in (sym, ep):
+        gm, report = fxpasses.rewrite(captured, strict=True)
+        assert report.matches == {"silu_and_mul": 1, "rms_norm": 1}
+        for n in (3, 7):
+            g, u = torch.randn(n, 8), torch.randn(n, 8)
+            want_g, got_g = g.clone(), g.clone()
+            want, got = f(want_g, u, w), gm(got_g, u, w)
+            torch.testing.assert_close(list(got), list(want))
+            assert torch.equal(got_g, want_g) and got[1].data_ptr() == got_g.data_ptr()
