@@ -272,8 +272,16 @@ def match(pattern: PatternGraph, anchor: torch.fx.Node, max_retries: int = 8) ->
     ``allreduce(a) + allreduce(b)``, the all_reduce whose result has no other reader is the one the pattern takes).
     """
     forbidden: dict[tuple[int, torch.fx.Node], str] = {}
+    failure: MatchFailure | None = None
     for _ in range(max_retries + 1):
-        state = _match_node(pattern.anchor, anchor, _State({}, {}, {}, forbidden))
+        try:
+            state = _match_node(pattern.anchor, anchor, _State({}, {}, {}, forbidden))
+        except MatchFailure as retry:
+            if failure is None:
+                raise
+            # the retries found nothing better: the reason is the outside user that stopped the first match
+            failure.reached = max(failure.reached, retry.reached)
+            raise failure from None
         for out in pattern.outputs[1:]:  # further outputs must have been reached from the anchor
             if id(out) not in state.nodes:
                 raise _fail(lambda: f"output {out.describe()} is not part of the computation", state)
@@ -283,9 +291,10 @@ def match(pattern: PatternGraph, anchor: torch.fx.Node, max_retries: int = 8) ->
         p, g, user = blocked
         if (id(p), g) in forbidden:
             break
-        failure = _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside "
+        failure = failure or _fail(lambda: f"the output of {p.describe()} ({g.name}) has another user ({user.name}) outside "
                         "the pattern", state)
         forbidden = {**forbidden, (id(p), g): user.name}
+    assert failure is not None
     raise failure
 
 

@@ -180,33 +180,43 @@ def test_inplace_all_reduce_of_a_graph_input_keeps_the_write():
 
 
 def test_inplace_all_reduce_into_a_buffer_read_later_keeps_both_values():
-    """The buffer's value before the collective is read after it: the canonicalized graph still gives it."""
+    """The buffer's value before the collective is read after it (``before``, a clone): the canonicalized graph still
+    gives it, and the all_reduce fuses. A read of the reduced value elsewhere blocks the fusion instead (the fused
+    op does not return the reduced value alone), with a near miss naming that reader."""
 
     class Block(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, reads_reduced: bool):
             super().__init__()
             self.weight = torch.nn.Parameter(torch.rand(16) + 0.5)
+            self.reads_reduced = reads_reduced
 
         def forward(self, a, residual):
             y = a * 2
             before = y.clone()
             dist.all_reduce(y)
             h = y.view(2, 2, 16).view(4, 16) + residual
-            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight, h, before + y
+            extra = before + y if self.reads_reduced else before - a
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight, h, extra
 
     mapping = fxpasses.Mapping(2, 1, 2, 1)
     a, residual = torch.randn(4, 16), torch.randn(4, 16)
-    with fake_process_group(2, 1):
-        model = Block().eval()
-        backend = RecordingBackend(mapping)
-        torch._dynamo.reset()
-        with torch.no_grad():
-            got = torch.compile(model, backend=backend)(a, residual)
-            ref = model(a, residual)
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r, **TOL)
-    assert backend.report.matches == {"allreduce_add_rms_norm": 1}
-    assert backend.before["aten.copy"] == 1 and "aten.copy" not in backend.after
+    for reads_reduced in (False, True):
+        with fake_process_group(2, 1):
+            model = Block(reads_reduced).eval()
+            backend = RecordingBackend(mapping)
+            torch._dynamo.reset()
+            with torch.no_grad():
+                got = torch.compile(model, backend=backend)(a, residual)
+                ref = model(a, residual)
+        for g, r in zip(got, ref):
+            torch.testing.assert_close(g, r, **TOL)
+        assert backend.before["aten.copy"] == 1 and "aten.copy" not in backend.after
+        if not reads_reduced:
+            assert backend.report.matches == {"allreduce_add_rms_norm": 1}
+        else:
+            assert backend.report.matches == {"add_rms_norm": 1}
+            (miss,) = backend.report.near_misses
+            assert "wait_tensor" in miss.reason and "has another user" in miss.reason, miss.reason
 
 
 # ---- torch's compiled point-to-point (torch 2.13: enable_p2p_compilation) ------------------------------------------
