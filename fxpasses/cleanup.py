@@ -111,12 +111,39 @@ def _fold_intermediate_copy(graph: torch.fx.Graph, node: torch.fx.Node, writes: 
         return False
     if any(is_view(u) and any(position[w] > position[node] for w in u.users) for u in dst.users):
         return False
+    if _would_alias_an_output(dst, src, next(n for n in reversed(graph.nodes) if n.op == "output")):
+        return False
     for user in list(dst.users):
         if user is not node and position[user] > position[node]:
             user.replace_input_with(dst, src)
     node.replace_all_uses_with(src)
     graph.erase_node(node)
     return True
+
+
+def _returned(node: torch.fx.Node, output: torch.fx.Node) -> bool:
+    """Is ``node``, or a view of it (transitively), a graph output?"""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user is output:
+                return True
+            if is_view(user):
+                stack.append(user)
+    return False
+
+
+def _would_alias_an_output(node: torch.fx.Node, src: torch.fx.Node, output: torch.fx.Node) -> bool:
+    """Replacing ``node`` (a tensor of its own) by ``src`` makes whatever of ``node`` is returned share ``src``'s
+    storage: a caller who writes that output would write a graph input, or another output, which eager never did."""
+    if not _returned(node, output):
+        return False
+    root = storage_root(src)
+    return not isinstance(root, torch.fx.Node) or root.op in ("placeholder", "get_attr") or _returned(root, output)
 
 
 # Ops whose result, when it has the input's shape, dtype, device and strides, holds exactly the input's values.
@@ -157,8 +184,8 @@ def remove_noop_ops(gm: torch.fx.GraphModule, ctx: PassContext | None = None) ->
         src = _noop_input(node)
         if src is None or writes[storage_root(node)] or writes[storage_root(src)]:
             continue
-        if node in output.all_input_nodes and src.op == "placeholder":
-            continue  # returning an input itself would alias the caller's tensor
+        if not is_view(node) and _would_alias_an_output(node, src, output):
+            continue
         node.replace_all_uses_with(src)
         graph.erase_node(node)
         result.count(f"removed_{node.target._opname if hasattr(node.target, '_opname') else node.target}")

@@ -427,3 +427,21 @@ def test_symbolic_shapes_make_fx_and_export():
             want, got = f(want_g, u, w), gm(got_g, u, w)
             torch.testing.assert_close(list(got), list(want))
             assert torch.equal(got_g, want_g) and got[1].data_ptr() == got_g.data_ptr()
+
+
+def test_a_copy_into_a_returned_intermediate_is_not_folded_into_the_input():
+    """Found by the property: ``h = a * 0.5; h.view(4, 8).copy_(a); return h`` has h hold a's values, in h's own
+    storage. No-op removal replaced the functional copy by ``a``, so the output was the caller's input itself."""
+    def f(a):
+        h = a * 0.5
+        h.view(4, 8).copy_(a)
+        return h
+
+    gm, _ = fxpasses.rewrite(make_fx(f, tracing_mode="fake")(torch.randn(4, 8)), strict=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=fxpasses.Backend(strict=True), fullgraph=True)
+    for fn in (gm, compiled):
+        a = torch.randn(4, 8)
+        with torch.no_grad():
+            out = fn(a)
+        assert torch.equal(out, a) and out.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
