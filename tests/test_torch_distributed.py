@@ -540,3 +540,26 @@ def test_per_block_compile_as_written_and_with_handoff(pool2, reference):
                           {"fxp.allreduce_add_rms_norm": 2},  # block 1
                           {"fxp.allreduce_add_rms_norm": 1}], graphs  # head: final norm
         torch.testing.assert_close(logits, reference, **TOL)
+
+
+@pytest.mark.parametrize("tp, pp", [(2, 2), (4, 1)])
+def test_fp8_variant_fuses_on_a_mesh_group(tp, pp):
+    """The fp8 form checks its group the same way: a 2-D mesh's TP group, never registered with fxpasses, fuses
+    (and a (tp=4, pp=1) mesh's whole-world group does too); the fused op computes the model's exact fp8 bits."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pattern_helpers import compile_and_capture
+    from test_patterns_tp_fp8 import RowParallelBlock, fp8_bits
+
+    rank = 3
+    with fake_process_group(4, rank):
+        mesh = init_device_mesh("cpu", (pp, tp), mesh_dim_names=("pp", "tp"))
+        mapping = fxpasses.Mapping.from_device_mesh(mesh, tp_dim="tp", pp_dim="pp")
+        model = RowParallelBlock(16, mesh.get_group("tp").group_name, dtype=torch.bfloat16, fp8=True).eval()
+        args = (torch.randn(4, 16, dtype=torch.bfloat16), torch.randn(4, 16, dtype=torch.bfloat16))
+        (q, r), backend, _, after = compile_and_capture(model, args, mapping=mapping)
+        with torch.no_grad():
+            ref_q, ref_r = model(*args)
+    assert backend.report.matches == {"allreduce_add_rms_norm_quant_fp8": 1}
+    assert after["fxp.allreduce_add_rms_norm_quant_fp8"] == 1 and "_c10d_functional.all_reduce" not in after
+    assert torch.equal(fp8_bits(q), fp8_bits(ref_q)) and torch.equal(r, ref_r)
