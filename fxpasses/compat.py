@@ -300,8 +300,11 @@ def shape_env_facts(shape_env: Any) -> dict[str, Any]:
 
 def mark_dynamic_output_dims(t: torch.Tensor, dims: Any) -> None:
     """What AOT's runtime wrapper does to an output whose dims were dynamic: later compiles see them as dynamic."""
-    from torch._functorch._aot_autograd.runtime_wrappers import mark_dynamo_propagated_dynamic_indices
-
+    try:
+        from torch._functorch._aot_autograd.runtime_wrappers import mark_dynamo_propagated_dynamic_indices
+    except ImportError:  # torch 2.11 has no helper: set the attribute the helper sets (what Dynamo reads)
+        t._dynamo_propagated_dynamic_indices = set(dims) | getattr(t, "_dynamo_propagated_dynamic_indices", set())
+        return
     mark_dynamo_propagated_dynamic_indices(t, set(dims))
 
 
