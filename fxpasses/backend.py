@@ -83,7 +83,9 @@ class Backend:
             ``(gm) -> PassResult``, or Inductor's ``CustomGraphPass`` ``(graph) -> None`` (see fxpasses.user_passes).
         strict: raise when a pass fails instead of rolling it back and recording the error.
         dump_dir: write each graph before and after the pipeline there, as readable Python.
-        verify: run the verifier after every pass (default: the ``FXPASSES_VERIFY`` environment variable, off).
+        verify: run the full verifier (effects, ordering, buffer hazards) after every pass (default: the
+            ``FXPASSES_VERIFY`` environment variable, off). The cheap checks (a well-formed acyclic graph, outputs'
+            shape/dtype/stride, input writes kept) run after every pass regardless.
         token_inputs: input names that carry the token count, in order of preference.
         cuda_graph_sizes: token counts to capture piecewise CUDA graphs for (non-Inductor path, CUDA only); a
             batch is padded to the next size, larger ones run eagerly. A graph Dynamo specialized to one token
