@@ -108,9 +108,22 @@ def is_view(node: torch.fx.Node) -> bool:
     return ret is not None and not ret.is_write and first is not None and ret.before_set == first.before_set
 
 
+def returns_first_argument(node: torch.fx.Node) -> bool:
+    """A direct call whose single result aliases its first argument: a view, or an in-place op (``x.add_(1)``
+    returns ``x``)."""
+    if node.op != "call_function" or is_hop(node) or is_with_effects(node):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or len(schema.returns) != 1 or not schema.arguments:
+        return False
+    ret, first = schema.returns[0].alias_info, schema.arguments[0].alias_info
+    return ret is not None and first is not None and ret.before_set == first.before_set
+
+
 def base_of(node: Any) -> Any:
-    """Follow view ops back to the tensor that owns the storage."""
-    while isinstance(node, torch.fx.Node) and is_view(node):
+    """Follow views and in-place results back to the tensor that owns the storage: in ``y = x.add_(1); y.copy_(z)``
+    the copy writes ``x``."""
+    while isinstance(node, torch.fx.Node) and (is_view(node) or returns_first_argument(node)):
         node = node.args[0]
     return node
 

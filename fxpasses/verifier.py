@@ -190,11 +190,17 @@ def _writes(user: torch.fx.Node, value: torch.fx.Node) -> bool:
     return False
 
 
+def _is_self_copy(node: torch.fx.Node) -> bool:
+    return (node.target is torch.ops.aten.copy_.default and len(node.args) >= 2 and node.args[0] is node.args[1])
+
+
 def _written_through(value: torch.fx.Node, depth: int = 0) -> bool:
     """Whether some user writes ``value``, or a view of it (views followed through their first argument, as
     ``effects.base_of`` follows them back)."""
     for user in value.users:
         if user.op != "call_function":
+            continue
+        if _is_self_copy(user):  # copy_(x, x) writes x's own values back: no write (defunctionalize drops it)
             continue
         if _writes(user, value):
             return True
