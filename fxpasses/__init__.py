@@ -13,6 +13,7 @@ if not (_Path(__file__).parent / "ops").is_dir() and (_checkout / "ops" / "__ini
 from fxpasses import ops  # noqa: E402, F401  (registers torch.ops.fxp.*)
 
 from fxpasses.backend import Backend
+from fxpasses.canonical import canonicalize
 from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.mapping import Mapping, ProcessGroups, init_process_groups
 from fxpasses.pass_manager import PassError, PassManager, Stage
@@ -23,7 +24,7 @@ from fxpasses.tokens import TokenDim, find_token_dim, mark_token_dim
 from fxpasses.verifier import VerificationError
 
 __all__ = [
-    "Backend", "Mapping", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineConfig",
+    "Backend", "Mapping", "canonicalize", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineConfig",
     "ProcessGroups", "Report", "Stage", "TokenDim", "VerificationError", "defunctionalize", "find_token_dim",
     "functionalize", "init_process_groups", "mark_token_dim", "rewrite",
 ]

@@ -4,8 +4,9 @@
       → Inductor (the graph stays functional: Inductor re-inplaces HOPs itself)
       → or defunctionalize (+ DCE) → run the FX graph
 
-Graphs captured outside AOT (make_fx, export, hand-built) first go through ``functionalize`` so every stage sees
-the same canonical functional form.
+Graphs captured outside AOT (make_fx, export, hand-built) are first re-traced by ``fxpasses.canonical`` (what
+``rewrite`` does), so every stage sees the same functional form; ``canonicalize=True`` adds the lighter
+``functionalize`` stage for graphs whose only writes are mutating custom ops.
 """
 from __future__ import annotations
 
