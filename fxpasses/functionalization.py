@@ -360,50 +360,13 @@ def functionalize(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> P
     for node in list(graph.nodes):
         if node.op != "call_function" or not can_auto_functionalize(node.target):
             continue
-        op = node.target
-        values = node_args_by_name(node)
-        bases: list[torch.fx.Node] = []
-        hop_kwargs: dict[str, Any] = {}
-        problem = None
-        margs = mutable_args(op)
-        for m in margs:
-            encoded = _encode_arg(m, values.get(m.name), bases)
-            if isinstance(encoded, str):
-                problem = encoded
-                break
-            hop_kwargs.update(encoded)
-        if problem:
-            result.notes.append(f"left {node.name} ({op}) as a direct call: {problem}")
+        plan = _hop_arguments(node)
+        if isinstance(plan, str):
+            result.notes.append(f"left {node.name} ({node.target}) as a direct call: {plan}")
             continue
-        for a in op._schema.arguments:
-            if a.name in values and a.name not in {m.name for m in margs}:
-                hop_kwargs[a.name] = values[a.name]
-        hop_kwargs["_all_bases"] = bases
-        offset = _result_offset(op)
-        with graph.inserting_before(node):
-            hop = graph.call_function(AUTO_FUNCTIONALIZED_V2, (op,), hop_kwargs)
-            news = []
-            for k, base in enumerate(bases):
-                new = graph.call_function(operator.getitem, (hop, offset + k))
-                if "val" in base.meta:
-                    new.meta["val"] = base.meta["val"]
-                news.append(new)
-        for n in [hop, *news]:
-            position[n] = position[node]
-        _set_hop_meta(hop, node, op, bases)
-        nret = len(op._schema.returns)
-        if nret == 1:
-            with graph.inserting_after(hop):
-                ret = graph.call_function(operator.getitem, (hop, 0))
-            ret.meta.update(node.meta)
-            node.replace_all_uses_with(ret)
-        elif nret > 1:
-            for item in list(node.users):
-                with graph.inserting_after(hop):
-                    ret = graph.call_function(operator.getitem, (hop, item.args[1]))
-                ret.meta.update(item.meta)
-                item.replace_all_uses_with(ret)
-                graph.erase_node(item)
+        hop_kwargs, bases = plan
+        hop, news = _insert_hop(graph, node, hop_kwargs, bases, position)
+        _rewire_returns(graph, node, hop)
         for base, new in zip(bases, news):
             _rewire_after(graph, base, new, node, position)
             root = root_input.get(base)
@@ -413,12 +376,73 @@ def functionalize(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> P
         graph.erase_node(node)
         result.count("functionalized")
     if latest:
-        output = next(n for n in reversed(graph.nodes) if n.op == "output")
-        with graph.inserting_before(output):
-            for root, value in latest.items():
-                graph.call_function(aten.copy_.default, (root, value))
+        _write_back_inputs(graph, latest)
         result.count("input_writebacks", len(latest))
     return result
+
+
+def _hop_arguments(node: torch.fx.Node) -> tuple[dict[str, Any], list[torch.fx.Node]] | str:
+    """The auto_functionalized_v2 keyword arguments and bases for a direct call, or why it cannot be made one."""
+    op = node.target
+    values = node_args_by_name(node)
+    bases: list[torch.fx.Node] = []
+    hop_kwargs: dict[str, Any] = {}
+    margs = mutable_args(op)
+    for m in margs:
+        encoded = _encode_arg(m, values.get(m.name), bases)
+        if isinstance(encoded, str):
+            return encoded
+        hop_kwargs.update(encoded)
+    mutable_names = {m.name for m in margs}
+    for a in op._schema.arguments:
+        if a.name in values and a.name not in mutable_names:
+            hop_kwargs[a.name] = values[a.name]
+    hop_kwargs["_all_bases"] = bases
+    return hop_kwargs, bases
+
+
+def _insert_hop(graph: torch.fx.Graph, node: torch.fx.Node, hop_kwargs: dict[str, Any], bases: list[torch.fx.Node],
+                position: dict[torch.fx.Node, int]) -> tuple[torch.fx.Node, list[torch.fx.Node]]:
+    """The HOP in place of ``node``, and one getitem per base: the bases' new values."""
+    op = node.target
+    offset = _result_offset(op)
+    with graph.inserting_before(node):
+        hop = graph.call_function(AUTO_FUNCTIONALIZED_V2, (op,), hop_kwargs)
+        news = []
+        for k, base in enumerate(bases):
+            new = graph.call_function(operator.getitem, (hop, offset + k))
+            if "val" in base.meta:
+                new.meta["val"] = base.meta["val"]
+            news.append(new)
+    for n in [hop, *news]:
+        position[n] = position[node]
+    _set_hop_meta(hop, node, op, bases)
+    return hop, news
+
+
+def _rewire_returns(graph: torch.fx.Graph, node: torch.fx.Node, hop: torch.fx.Node) -> None:
+    """Readers of the op's own returns read the HOP's leading outputs instead."""
+    nret = len(node.target._schema.returns)
+    if nret == 1:
+        with graph.inserting_after(hop):
+            ret = graph.call_function(operator.getitem, (hop, 0))
+        ret.meta.update(node.meta)
+        node.replace_all_uses_with(ret)
+    elif nret > 1:
+        for item in list(node.users):
+            with graph.inserting_after(hop):
+                ret = graph.call_function(operator.getitem, (hop, item.args[1]))
+            ret.meta.update(item.meta)
+            item.replace_all_uses_with(ret)
+            graph.erase_node(item)
+
+
+def _write_back_inputs(graph: torch.fx.Graph, latest: dict[torch.fx.Node, torch.fx.Node]) -> None:
+    """Each written graph input gets its final value back, once, at the end (what AOT's epilogue does)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    with graph.inserting_before(output):
+        for root, value in latest.items():
+            graph.call_function(aten.copy_.default, (root, value))
 
 
 functionalize.name = "functionalize"  # type: ignore[attr-defined]
