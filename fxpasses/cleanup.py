@@ -21,7 +21,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpasses.effects import is_hop, is_impure, is_view, node_args_by_name, written_tensors
+from fxpasses.effects import is_hop, is_impure, is_view, node_args_by_name, written_buffers, written_tensors
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -82,16 +82,6 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (_same_shape(a, b) and a.dtype == b.dtype and a.device == b.device
             and all(statically_known_true(x == y) for x, y in zip(a.stride(), b.stride())))
-
-
-def _mutations(graph: torch.fx.Graph) -> Counter[torch.fx.Node]:
-    """How many nodes write each buffer (in place, or as a base of an auto_functionalized op)."""
-    out: Counter[torch.fx.Node] = Counter()
-    for node in graph.nodes:
-        out.update({storage_root(t) for t in written_tensors(node)})
-        if is_hop(node):
-            out.update({storage_root(a) for a in node.all_input_nodes})
-    return out
 
 
 def _fold_intermediate_copy(graph: torch.fx.Graph, node: torch.fx.Node, writes: Counter, position: dict) -> bool:
@@ -173,7 +163,7 @@ def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
 def remove_noop_ops(gm: torch.fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
     result = PassResult()
     graph = gm.graph
-    writes = _mutations(graph)
+    writes = written_buffers(graph, root=storage_root)
     position = {n: i for i, n in enumerate(graph.nodes)}
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     for node in list(graph.nodes):

@@ -29,7 +29,7 @@ import torch
 import torch.fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from fxpasses.effects import base_of, is_hop, written_tensors
+from fxpasses.effects import written_buffers
 from fxpasses.passes import PassContext, PassResult
 
 aten = torch.ops.aten
@@ -51,16 +51,6 @@ def _same_layout(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return all(statically_known_true(x == y) for x, y in zip((*a.shape, *a.stride()), (*b.shape, *b.stride())))
 
 
-def _written(graph: torch.fx.Graph) -> Counter[torch.fx.Node]:
-    """Buffers written in place, or handed to a functionalized mutating op (conservatively: every HOP input)."""
-    out: Counter[torch.fx.Node] = Counter()
-    for node in graph.nodes:
-        out.update({base_of(t) for t in written_tensors(node)})
-        if is_hop(node):
-            out.update({base_of(a) for a in node.all_input_nodes})
-    return out
-
-
 def collective_waits(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """``wait_tensor`` nodes completing an elementwise collective (all_reduce), in graph order."""
     return [n for n in graph.nodes
@@ -72,7 +62,7 @@ def canonicalize_collectives(gm: torch.fx.GraphModule, ctx: PassContext | None =
     """Rewrite in-place all_reduces (copy back, reshape round trips) into the functional form patterns match."""
     result = PassResult()
     graph = gm.graph
-    written = _written(graph)
+    written = written_buffers(graph)
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     for wait in collective_waits(graph):
         if written[wait]:

@@ -20,7 +20,8 @@ dead-code elimination keeps a receive into a buffer nobody reads.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator
+from collections import Counter
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 import torch.fx
@@ -126,6 +127,17 @@ def base_of(node: Any) -> Any:
     while isinstance(node, torch.fx.Node) and (is_view(node) or returns_first_argument(node)):
         node = node.args[0]
     return node
+
+
+def written_buffers(graph: torch.fx.Graph, root: Callable[[Any], Any] = base_of) -> Counter:
+    """How many nodes write each buffer (``root`` of what they write): in place, or handed to a functionalized
+    mutating op (conservatively, every input of a HOP)."""
+    out: Counter = Counter()
+    for node in graph.nodes:
+        out.update({root(t) for t in written_tensors(node)})
+        if is_hop(node):
+            out.update({root(a) for a in node.all_input_nodes})
+    return out
 
 
 def node_args_by_name(node: torch.fx.Node) -> dict[str, Any]:
