@@ -52,6 +52,11 @@ def batch(n):
     return Batch(torch.randint(0, config.vocab_size, (n,), generator=g).to(device),
                  torch.full((n,), 3).to(device), torch.arange(n).to(device))
 
+import os, cProfile, pstats, io
+profile_path = os.environ.get("WARM_START_PROFILE")
+profiler = cProfile.Profile() if profile_path else None
+if profiler:
+    profiler.enable()
 t0, c0 = time.perf_counter(), time.process_time()
 backend = None
 if mode.startswith("fxpasses"):
@@ -70,6 +75,13 @@ with torch.inference_mode():
         out = fn(b.input_ids, b.position_ids, b.slot_ids)
         sync()
     start, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if profiler:
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(70)
+        from fxpasses.compat import dynamo_compile_times
+        with open(profile_path, "w") as f:
+            f.write(f"start {start:.2f} s\n" + dynamo_compile_times() + "\n" + text.getvalue())
     for n in tokens:  # numbers: a second call of each size against eager, on fresh caches of both models
         b = batch(n)
         fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
@@ -86,8 +98,10 @@ print(json.dumps({"imports": imports, "start": start, "cpu": cpu, "equal": equal
 """
 
 
-def run_child(mode: str, args: argparse.Namespace, cache: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+def run_child(mode: str, args: argparse.Namespace, cache: Path, index: int) -> dict:
+    profile = ({"WARM_START_PROFILE": str(Path(args.profile_dir).resolve() / f"{mode}-{index}.txt")}
+               if args.profile_dir else {})
+    env = dict(os.environ, **profile, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                FXPASSES_CACHE_DIR=str(cache / "fxpasses"), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
                TRITON_CACHE_DIR=str(cache / "triton"), FXPASSES_VERIFY="0")
     env.pop("FXPASSES_CACHE", None)
@@ -106,12 +120,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="processes per mode: one cold, the rest warm")
     parser.add_argument("--modes", nargs="+", default=None,
                         help="default: fxpasses fxpasses-nocache and inductor (cpu) or reduce-overhead (cuda)")
+    parser.add_argument("--profile-dir", default=None,
+                        help="write a cProfile of each process's start (and Dynamo's phase times) into this folder")
     args = parser.parse_args()
+    if args.profile_dir:
+        Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
     modes = args.modes or ["fxpasses", "fxpasses-nocache", "inductor" if args.device == "cpu" else "reduce-overhead"]
     results: dict[str, list[dict]] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="warm_start_") as cache:
-            results[mode] = [run_child(mode, args, Path(cache)) for _ in range(args.runs)]
+            results[mode] = [run_child(mode, args, Path(cache), i) for i in range(args.runs)]
     first = next(iter(results.values()))[0]
     print(f"model {args.model}, device {args.device}, torch {first['torch']}, tokens {args.tokens}, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; start = Backend + torch.compile + first call at "

@@ -330,3 +330,10 @@ def p2p_compilation() -> Any:
     if not hasattr(dynamo_config, "enable_p2p_compilation"):
         return None
     return dynamo_config.patch(enable_p2p_compilation=True)
+
+
+def dynamo_compile_times() -> str:
+    """Dynamo's per-phase compile times of this process (``torch._dynamo.utils.compile_times``), as a table."""
+    from torch._dynamo.utils import compile_times
+
+    return str(compile_times(repr="str", aggregate=True))
