@@ -22,7 +22,9 @@ from fxpasses.mapping import Mapping
 def make_weight(seed: int, name: str, shape: Sequence[int], dtype: torch.dtype, std: float | None = None) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     std = std if std is not None else 1.0 / math.sqrt(shape[-1])
-    return (torch.randn(*shape, generator=g) * std).to(dtype)
+    # drawn on the CPU (the generator's device) so a model built under ``with torch.device("cuda")`` gets the same
+    # weights as one built on the CPU, then placed on the default device
+    return (torch.randn(*shape, generator=g, device="cpu") * std).to(device=torch.get_default_device(), dtype=dtype)
 
 
 def shard(t: torch.Tensor, dim: int, rank: int, parts: int) -> torch.Tensor:
