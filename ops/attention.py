@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from fxpasses.ops.library import check_float, check_same_device, define_op
+from fxpasses.ops.elementwise import rotary_embedding_reference
+from fxpasses.ops.library import LIB, check_float, check_same_device, define_op
 
 PAD_SLOT = -1
 
@@ -117,3 +118,55 @@ attention = define_op(
     _attention,
     _attention_fake,
 )
+
+
+# ---- fxp.attention.rope: q/k rotary embedding folded into the attention op ------------------------------------
+def _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast):
+    """``_check`` plus what the rotation needs; metadata only (the CUDA kernel runs it on every call)."""
+    check_float("attention.rope", cos=cos, sin=sin)
+    check_same_device("attention.rope", q=q, cos=cos, sin=sin)
+    _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
+    if q.shape[-1] % 2:
+        raise ValueError(f"fxp.attention.rope: the head_dim of q and k ({q.shape[-1]}) must be even to rotate halves.")
+    for name, table in (("cos", cos), ("sin", sin)):
+        for x_name, x in (("q", q), ("k", k)):
+            try:
+                shape = torch.broadcast_shapes(x.shape, table.shape)
+            except RuntimeError:
+                shape = None
+            if shape is None or tuple(shape) != tuple(x.shape):
+                raise ValueError(
+                    f"fxp.attention.rope: {name} {tuple(table.shape)} must broadcast to {x_name} {tuple(x.shape)} "
+                    f"without enlarging it (one row per token, e.g. [tokens, 1, head_dim]).")
+    if not upcast and (cos.dtype != q.dtype or sin.dtype != q.dtype or k.dtype != q.dtype):
+        raise ValueError(
+            f"fxp.attention.rope: without upcast the rotation is computed in the input dtype, so q ({q.dtype}), k "
+            f"({k.dtype}), cos ({cos.dtype}) and sin ({sin.dtype}) must share one dtype; pass upcast=True (the "
+            "rotation in float32) or cast the tables.")
+
+
+def rope_attention_reference(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast):
+    """Exactly ``rotary_embedding(q)``, ``rotary_embedding(k)`` (same upcast and rounding as that op), then
+    ``attention``: the pattern that puts this op in never changes a number on the CPU."""
+    _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast)
+    q = rotary_embedding_reference(q, cos, sin, upcast)
+    k = rotary_embedding_reference(k, cos, sin, upcast)
+    return _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale)
+
+
+def _rope_attention_fake(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast):
+    _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast)
+    return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+
+
+# An overload of fxp.attention rather than a new op name: the schema name stays ``fxp::attention``, so everything
+# that names the op by ``namespace.name`` (``Backend(splitting_ops=("fxp.attention",))``, the default piecewise
+# CUDA-graph split) treats both alike, while the default overload's schema, which patterns and tests use, is
+# unchanged. The caches keep their names and order, so the auto_functionalized outputs line up with the default's.
+LIB.define(
+    "attention.rope(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_ids,"
+    " Tensor position_ids, float scale, Tensor cos, Tensor sin, bool upcast) -> Tensor"
+)
+LIB.impl("attention.rope", rope_attention_reference, "CompositeExplicitAutograd")
+torch.library.register_fake("fxp::attention.rope", _rope_attention_fake, lib=LIB)
+rope_attention = torch.ops.fxp.attention.rope

@@ -18,41 +18,89 @@ import torch
 import triton
 import triton.language as tl
 
-from fxpasses.ops.attention import PAD_SLOT, _check
+from fxpasses.ops.attention import PAD_SLOT, _check, _check_rope
 from fxpasses.ops.library import LIB, TOKEN_PADDING
+from fxpasses.ops.triton_rounding import round_as
 
 
 @triton.jit
-def _cache_write_kernel(K, V, KC, VC, SLOT, POS, skt, skh, svt, svh, skc_s, skc_l, skc_h, svc_s, svc_l, svc_h,
-                        DK, DV, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1).to(tl.int64)
-    slot = tl.load(SLOT + t)
-    pos = tl.load(POS + t)
+def _rotated_row(X, COS, SIN, d, valid, DK, HALF, UPCAST: tl.constexpr):
+    """A row of ``X`` at columns ``d`` rotated as ``fxp.rotary_embedding`` rotates it, rounded to X's dtype.
+
+    Column ``d`` pairs with ``d + HALF`` (first half, negated) or ``d - HALF`` (second half), so the row is loaded
+    twice in a permuted order instead of split: ``x * cos + rotate_half(x) * sin`` element by element, with the
+    products and the sum rounded where the op rounds them. ``valid``: which rows exist (broadcast with ``d``)."""
+    first = d < HALF
+    partner = tl.where(first, d + HALF, d - HALF)
+    x = tl.load(X + d, mask=(d < DK) & valid, other=0.0)
+    xp = tl.load(X + partner, mask=(d < DK) & valid, other=0.0)
+    c = tl.load(COS + d, mask=d < DK, other=0.0)
+    s = tl.load(SIN + d, mask=d < DK, other=0.0)
+    xp = tl.where(first, -xp, xp)
+    if UPCAST:  # float32 throughout, one rounding at the end
+        r = x.to(tl.float32) * c.to(tl.float32) + xp.to(tl.float32) * s.to(tl.float32)
+    else:  # the input dtype: each product rounded to it, then the sum (rounded below)
+        dt = X.dtype.element_ty
+        r = round_as(x.to(tl.float32) * c.to(tl.float32), dt) + round_as(xp.to(tl.float32) * s.to(tl.float32), dt)
+    return r.to(X.dtype.element_ty)
+
+
+@triton.jit
+def _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h, svc_s,
+              svc_l, svc_h, DK, DV, HALF, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, ROPE: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """Token ``t``'s key and value of kv head ``h`` into the caches at (slot, pos); nothing for a padded token.
+    With ROPE the key is rotated first (cos/sin rows of the token)."""
     real = slot >= 0
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + t * skt + h * skh + dk, mask=dk < DK)
+    if ROPE:
+        k = _rotated_row(K + t * skt + h * skh, COS + t * sct, SIN + t * sst, dk, True, DK, HALF, UPCAST)
+    else:
+        k = tl.load(K + t * skt + h * skh + dk, mask=dk < DK)
     tl.store(KC + slot * skc_s + pos * skc_l + h * skc_h + dk, k.to(KC.dtype.element_ty), mask=(dk < DK) & real)
     v = tl.load(V + t * svt + h * svh + dv, mask=dv < DV)
     tl.store(VC + slot * svc_s + pos * svc_l + h * svc_h + dv, v.to(VC.dtype.element_ty), mask=(dv < DV) & real)
 
 
 @triton.jit
-def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s, svc_l, svc_h, sot, soh,
-                      GROUP, DK, DV, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-                      BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
+def _cache_write_kernel(K, V, KC, VC, SLOT, POS, COS, SIN, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h, svc_s,
+                        svc_l, svc_h, DK, DV, HALF, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        ROPE: tl.constexpr, UPCAST: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    _write_kv(K, V, KC, VC, COS, SIN, t, h, tl.load(SLOT + t), tl.load(POS + t), skt, skh, svt, svh, sct, sst,
+              skc_s, skc_l, skc_h, svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
+
+
+@triton.jit
+def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s, svc_l,
+                      svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, BLOCK_G: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr,
+                      ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     slot = tl.load(SLOT + t)
-    n_keys = tl.where(slot >= 0, tl.load(POS + t) + 1, 0)  # padded tokens read nothing
+    pos = tl.load(POS + t)
+    if WRITE:
+        # One launch for a one-token batch: this program writes the only token's key and value of its kv head,
+        # then reads them back with the rest of the slot. The barrier makes the block's global stores visible to
+        # all of its threads; no other program writes a row this one reads (one token, one writer per kv head).
+        _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h,
+                  svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
+        tl.debug_barrier()
+    n_keys = tl.where(slot >= 0, pos + 1, 0)  # padded tokens read nothing
     slot = tl.maximum(slot, 0)
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     heads = h * GROUP + g
-    q = tl.load(Q + t * sqt + heads[:, None] * sqh + dk[None, :], mask=(g[:, None] < GROUP) & (dk[None, :] < DK),
-                other=0.0).to(KC.dtype.element_ty)
+    if ROPE:
+        q = _rotated_row(Q + t * sqt + heads[:, None] * sqh, COS + t * sct, SIN + t * sst, dk[None, :],
+                         g[:, None] < GROUP, DK, HALF, UPCAST).to(KC.dtype.element_ty)
+    else:
+        q = tl.load(Q + t * sqt + heads[:, None] * sqh + dk[None, :],
+                    mask=(g[:, None] < GROUP) & (dk[None, :] < DK), other=0.0).to(KC.dtype.element_ty)
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
@@ -88,8 +136,12 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
-    _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
+def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tuple | None, fuse_write: bool):
+    """Both launches (cache write, then attention), or the attention launch alone writing the cache itself.
+
+    ``rope``: None, or ``(cos_rows, sin_rows, upcast)`` with one [tokens, head_dim] row per token.
+    ``fuse_write`` is decided from the shape alone (one token), never from values: no host sync, so the launch can
+    be captured in a CUDA graph, and a graph captured for one token always runs one token."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("fxp.attention: the caches' last dimension must be contiguous (they are written in place).")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -99,22 +151,54 @@ def attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
     out = q.new_empty(tokens, heads, dv)
     if tokens == 0:
         return out
+    cos, sin, upcast = rope if rope is not None else (q, q, False)  # unread without ROPE
+    sct, sst = (cos.stride(0), sin.stride(0)) if rope is not None else (0, 0)
     block_dk, block_dv = max(triton.next_power_of_2(dk), 16), max(triton.next_power_of_2(dv), 16)
-    _cache_write_kernel[(tokens, kv_heads)](
-        k, v, k_cache, v_cache, slot_ids, position_ids, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], dk, dv, BLOCK_DK=block_dk, BLOCK_DV=block_dv, num_warps=1,
-    )
+    common = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv, ROPE=rope is not None, UPCAST=bool(upcast))
+    if not fuse_write:
+        _cache_write_kernel[(tokens, kv_heads)](
+            k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), sct, sst, *k_cache.stride()[:3], *v_cache.stride()[:3], dk, dv, dk // 2, num_warps=1,
+            **common,
+        )
     group = heads // kv_heads
     block_n = 32 if max(block_dk, block_dv) <= 128 else 16
     _attention_kernel[(tokens, kv_heads)](
-        q, k_cache, v_cache, slot_ids, position_ids, out, float(scale), q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), group, dk, dv,
-        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, BLOCK_DK=block_dk, BLOCK_DV=block_dv,
-        IEEE=k_cache.dtype == torch.float32, num_warps=4,
+        q, k_cache, v_cache, slot_ids, position_ids, out, k, v, cos, sin, float(scale), q.stride(0), q.stride(1),
+        *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), sct, sst, group, dk, dv, dk // 2,
+        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32,
+        WRITE=fuse_write, num_warps=4, **common,
     )
     return out
 
 
+def attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
+    _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
+    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, None, q.shape[0] == 1)
+
+
+def _token_rows(table: torch.Tensor, tokens: int, dim: int) -> torch.Tensor | None:
+    """cos/sin as [tokens, dim] rows (last dim contiguous) when they hold one row per token shared by the heads."""
+    if table.dim() == 3 and table.shape[1] == 1:
+        table = table[:, 0]
+    if table.dim() == 2 and tuple(table.shape) == (tokens, dim) and table.stride(-1) == 1:
+        return table
+    return None
+
+
+def rope_attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast):
+    _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast)
+    c, s = _token_rows(cos, q.shape[0], q.shape[2]), _token_rows(sin, q.shape[0], q.shape[2])
+    if c is None or s is None:  # another layout of the tables: rotate separately (correct, not fused)
+        rq = torch.ops.fxp.rotary_embedding(q, cos, sin, upcast)
+        rk = torch.ops.fxp.rotary_embedding(k, cos, sin, upcast)
+        return attention_cuda(rq, rk, v, k_cache, v_cache, slot_ids, position_ids, scale)
+    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, (c, s, upcast), q.shape[0] == 1)
+
+
 def register() -> None:
     LIB.impl("attention", attention_cuda, "CUDA")
+    LIB.impl("attention.rope", rope_attention_cuda, "CUDA")
     TOKEN_PADDING[torch.ops.fxp.attention.default] = {"slot_ids": PAD_SLOT}
+    TOKEN_PADDING[torch.ops.fxp.attention.rope] = {"slot_ids": PAD_SLOT}
