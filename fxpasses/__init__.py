@@ -17,6 +17,7 @@ from fxpasses.canonical import canonicalize
 from fxpasses.functionalization import defunctionalize, functionalize
 from fxpasses.mapping import Mapping, ProcessGroups, init_process_groups
 from fxpasses.pass_manager import PassError, PassManager, Stage
+from fxpasses.precompile import Precompiled, PrecompileStatus, precompile
 from fxpasses.passes import PassContext, PassResult, PipelineConfig
 from fxpasses.report import PassRecord, Report
 from fxpasses.rewrite import rewrite
@@ -25,7 +26,7 @@ from fxpasses.verifier import VerificationError
 
 __all__ = [
     "Backend", "Mapping", "canonicalize", "PassContext", "PassError", "PassManager", "PassRecord", "PassResult", "PipelineConfig",
-    "ProcessGroups", "Report", "Stage", "TokenDim", "VerificationError", "defunctionalize", "find_token_dim",
-    "functionalize", "init_process_groups", "mark_token_dim", "rewrite",
+    "Precompiled", "PrecompileStatus", "ProcessGroups", "Report", "Stage", "TokenDim", "VerificationError", "defunctionalize", "find_token_dim",
+    "functionalize", "init_process_groups", "mark_token_dim", "precompile", "rewrite",
 ]
 __version__ = "0.1.0"

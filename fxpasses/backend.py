@@ -10,6 +10,7 @@ autograd's trace or the pipeline (docs/caching.md).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import inspect
@@ -20,12 +21,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import sympy
 import torch
 import torch.fx
 
 from fxpasses import cache_key, compat
 from fxpasses import patterns as pattern_registry
-from fxpasses.cache_graph import CachedGraph, dynamic_output_dims, mutated_inputs, refusal
+from fxpasses.cache_graph import (CachedGraph, PrecompileRefused, RuntimeSpec, SerializedGraph, dynamic_output_dims,
+                                  mutated_inputs, refusal)
 from fxpasses.compile_cache import CacheEvent, CacheStore, GraphEntry, ReportDelta, resolve_cache_dir
 from fxpasses.mapping import Mapping, cached_process_groups
 from fxpasses.passes import Pass, PassContext, PipelineConfig, pass_name
@@ -250,6 +253,13 @@ class Backend:
 
     def _compile_fx(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int) -> Callable[..., Any]:
         """AOT autograd and the pipeline, or the compile cache's entry for this graph."""
+        return self._compile_fx_entry(gm, example_inputs, index, need_entry=False)[0]
+
+    def _compile_fx_entry(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int,
+                          need_entry: bool) -> tuple[Callable[..., Any], GraphEntry | None, str]:
+        """The compiled graph, its self-contained entry (served from the cache or captured now; None when the graph
+        cannot be served without AOT's wrappers) and why there is no entry. ``need_entry`` captures one even with
+        the cache off (fxpasses.precompile saves it with Dynamo's artifact)."""
         key, why_not = self._cache_key(gm, example_inputs)
         if key is not None:
             t0 = time.perf_counter()
@@ -261,8 +271,8 @@ class Backend:
                 else:
                     self._cache_event(CacheEvent(index, True, "served from the compile cache", key,
                                                  seconds=time.perf_counter() - t0))
-                    return served
-        capture = _Capture() if key is not None else None
+                    return served, entry, "hit"
+        capture = _Capture() if key is not None or need_entry else None
         before = len(self.report.passes), dict(self.report.matches), len(self.report.near_misses), len(self.report.notes)
         facts = compat.shape_env_facts(getattr(compat.detect_fake_mode(example_inputs), "shape_env", None))
         compiled = compat.aot_module_simplified(
@@ -271,9 +281,9 @@ class Backend:
             fw_compiler=functools.partial(self._fx_compiler, index=index, capture=capture),
             keep_inference_input_mutations=True,
         )
-        if key is None or capture is None:
+        if capture is None:
             self._cache_event(CacheEvent(index, False, why_not))
-            return compiled
+            return compiled, None, why_not
         t0 = time.perf_counter()
         refused = capture.refused or refusal(capture.meta, capture.graph_inputs, len(example_inputs))
         if refused is None and compat.shape_env_facts(
@@ -281,15 +291,60 @@ class Backend:
             refused = "AOT autograd or a pass added shape guards, which a cache hit would not install"
         if refused is not None:
             self._cache_event(CacheEvent(index, False, f"{why_not}; not stored: {refused}", key))
-            return compiled
-        entry = GraphEntry(key=key, graph=capture.graph, has_values=bool(self.cuda_graph_sizes),
+            return compiled, None, refused
+        entry = GraphEntry(key=key or "", graph=capture.graph, has_values=bool(self.cuda_graph_sizes),
                            mutated_inputs=mutated_inputs(capture.meta),
                            dynamic_output_dims=dynamic_output_dims(capture.meta),
                            report=self._report_delta(before, index), torch_version=torch.__version__)
+        if key is None:
+            self._cache_event(CacheEvent(index, False, why_not))
+            return compiled, entry, ""
         failed = self.cache.store(entry)  # type: ignore[union-attr]
         self._cache_event(CacheEvent(index, False, why_not + (f"; not stored: {failed}" if failed else ""), key,
                                      stored=failed is None, seconds=time.perf_counter() - t0))
-        return compiled
+        return compiled, entry, ""
+
+    # ---- fxpasses.precompile: results Dynamo's AOT compile can save and load -------------------------------------
+    def compile_serializable(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> SerializedGraph:
+        """This Backend as the backend of Dynamo's AOT compile (fxpasses.precompile): the graph compiled as
+        ``__call__`` would (the compile cache included), returned as a ``SerializedGraph`` that can be saved.
+
+        Raises PrecompileRefused when the graph cannot be served without AOT autograd's runtime wrappers (see
+        cache_graph.refusal) or the Backend uses Inductor: the caller then compiles normally."""
+        if self.inductor:
+            raise PrecompileRefused("inductor=True: Inductor's result is not one fxpasses can save (use Inductor's "
+                                    "own caches)")
+        t0 = time.perf_counter()
+        index = self._graphs
+        self._graphs += 1
+        self.report.graphs += 1
+        token = find_token_dim(gm, self.token_inputs)
+        self.token_dims.append(token)
+        try:
+            with compat.plain_autograd_cache():
+                compiled, entry, why = self._compile_fx_entry(gm, example_inputs, index, need_entry=True)
+        finally:
+            self.report.compile_seconds += time.perf_counter() - t0
+        if entry is None:
+            raise PrecompileRefused(f"graph {index} cannot be served without AOT autograd's wrappers: {why}")
+        spec = RuntimeSpec(tuple(self.cuda_graph_sizes) if self.cuda_graph_sizes else None, self.splitting_ops,
+                           token.input_index if token is not None else None)
+        return SerializedGraph(entry, spec, run=compiled)
+
+    def adopt_serialized(self, graph: SerializedGraph) -> None:
+        """Bind a loaded ``SerializedGraph`` to this Backend: its report replayed here, its runner (CUDA graphs,
+        captured lazily) built with this Backend's settings."""
+        index = self._graphs
+        self._graphs += 1
+        self.report.graphs += 1
+        self.token_dims.append(None)
+
+        def runner(gm: torch.fx.GraphModule) -> Any:
+            self.token_dims[index] = _token_of_graph(gm, graph.spec.token_input)
+            return self._cuda_graphs(gm, index)
+
+        graph.build(runner)
+        self._replay(graph.entry.report, index)
 
     def _fx_compiler(self, gm: torch.fx.GraphModule, example_inputs: list[Any], index: int,
                      capture: "_Capture | None" = None) -> Callable[..., Any]:
@@ -335,15 +390,19 @@ class Backend:
         except Exception as err:  # noqa: BLE001
             return f"entry does not load ({type(err).__name__}), ignored"
         runner = self._cuda_graphs(gm, index)
-        delta = entry.report
+        self._replay(entry.report, index)
+        return CachedGraph(runner if runner is not None else compat.make_boxed(gm.forward), entry.mutated_inputs,
+                           entry.dynamic_output_dims)
+
+    def _replay(self, delta: ReportDelta, index: int) -> None:
+        """A cached graph's matches, pass records, near misses and notes, added to this Backend's report."""
         for record in delta.passes:
+            record = copy.copy(record)
             record.graph = index
             self.report.passes.append(record)
         self.report.add_matches(delta.matches)
         self.report.near_misses.extend(delta.near_misses)
         self.report.notes.extend(delta.notes)
-        return CachedGraph(runner if runner is not None else compat.make_boxed(gm.forward), entry.mutated_inputs,
-                           entry.dynamic_output_dims)
 
     def _report_delta(self, before: tuple[int, dict[str, int], int, int], index: int) -> ReportDelta:
         passes, matches, near, notes = before
@@ -386,6 +445,24 @@ class Backend:
         if new_hits > hits:
             self.report.note(f"graph {index}: served from Inductor's FX graph cache; the passes did not run again")
         return compiled
+
+
+def _token_of_graph(gm: torch.fx.GraphModule, input_index: int | None) -> TokenDim | None:
+    """The token dimension of a loaded graph: dim 0 of its input ``input_index`` (kept from the Dynamo graph)."""
+    if input_index is None:
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if input_index >= len(placeholders):
+        return None
+    node = placeholders[input_index]
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dim() == 0:
+        return None
+    size = val.shape[0]
+    expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+    symints = tuple(i for i, n in enumerate(placeholders) if isinstance(n.meta.get("val"), torch.SymInt)
+                    and not expr.is_number and n.meta["val"].node.expr == expr)
+    return TokenDim(node.name, node.name, input_index, expr, compat.symint_hint(size), symints)
 
 
 class _Capture:

@@ -11,6 +11,8 @@ outputs' dynamic dims for later compiles.
 """
 from __future__ import annotations
 
+import pickle
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -88,3 +90,62 @@ class CachedGraph:
             if isinstance(outs[i], torch.Tensor):
                 compat.mark_dynamic_output_dims(outs[i], dims)
         return outs
+
+
+class PrecompileRefused(Exception):
+    """A graph Dynamo's AOT save/load must not carry (fxpasses.precompile then falls back to torch.compile)."""
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How to rebuild a serialized graph's runner in a new process (CUDA graphs are a process's own: captured
+    again, lazily, on each size's first call)."""
+
+    cuda_graph_sizes: tuple[int, ...] | None
+    splitting_ops: tuple[str, ...]
+    token_input: int | None  # the graph input that carries the token count (its dim 0), when one was found
+
+
+class SerializedGraph(compat.serializable_callable_base()):  # type: ignore[misc]
+    """Our backend's result in a form Dynamo's AOT compile can save with its bytecode and guards
+    (``SerializableCallable``): the compile cache's self-contained ``GraphEntry`` plus how to rebuild the runner.
+
+    Freshly compiled, it calls the compiled graph it was given; loaded, it is bound to a Backend
+    (``Backend.adopt_serialized``: report replayed, CUDA-graph runner built with that Backend's settings), or, if
+    nobody binds it, builds a runner on its first call."""
+
+    def __init__(self, entry: Any, spec: RuntimeSpec, run: Callable[..., Any] | None = None) -> None:
+        self.entry = entry  # compile_cache.GraphEntry
+        self.spec = spec
+        self.run = run
+
+    @classmethod
+    def serialize_compile_artifacts(cls, fn: "SerializedGraph") -> bytes:
+        from fxpasses.compile_cache import FORMAT
+
+        return pickle.dumps((FORMAT, fn.entry, fn.spec), protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> "SerializedGraph":
+        from fxpasses.compile_cache import FORMAT
+
+        fmt, entry, spec = pickle.loads(data)
+        if fmt != FORMAT:
+            raise ValueError(f"fxpasses graph entry format {fmt}, this fxpasses reads {FORMAT}")
+        return cls(entry, spec)
+
+    def build(self, runner: Callable[[torch.fx.GraphModule], Any] | None = None) -> torch.fx.GraphModule:
+        """Load the graph and make it callable; ``runner(gm)`` gives the CUDA-graph runner (or None for none)."""
+        gm = compat.unpickle_graph_module(self.entry.graph)
+        boxed = runner(gm) if runner is not None else None
+        self.run = CachedGraph(boxed if boxed is not None else compat.make_boxed(gm.forward),
+                               self.entry.mutated_inputs, self.entry.dynamic_output_dims)
+        return gm
+
+    def __call__(self, *args: Any) -> Any:
+        if self.run is None:  # loaded outside fxpasses.precompile: no Backend bound it
+            from fxpasses.backend import Backend
+
+            Backend(cache=False, cuda_graph_sizes=self.spec.cuda_graph_sizes,
+                    splitting_ops=self.spec.splitting_ops, plugins=False, patterns=[]).adopt_serialized(self)
+        return self.run(*args)  # type: ignore[misc]

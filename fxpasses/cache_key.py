@@ -241,3 +241,38 @@ def _autocast_takes_device() -> bool:
         return True
     except TypeError:
         return False
+
+
+# ---- a whole model (fxpasses.precompile) ---------------------------------------------------------------------
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def module_identity(model: torch.nn.Module) -> dict[str, Any]:
+    """What a saved whole-model compile depends on in the model: each submodule's class (code and source files),
+    its plain attributes (sizes, flags, eps: Dynamo bakes them into the graph), and its parameters' and buffers'
+    specs. Not their values: the compiled function reads them at every call."""
+    modules = []
+    for name, module in model.named_modules():
+        cls = type(module)
+        attrs = {k: _plain_repr(v) for k, v in sorted(vars(module).items())
+                 if not k.startswith("_") and _plain_repr(v) is not None}
+        modules.append([name, f"{cls.__module__}.{cls.__qualname__}", source_digest(cls),
+                        _code_digest(getattr(cls, "forward", None)), attrs])
+    tensors = [[kind, name, str(t.dtype), list(t.shape), list(t.stride()), str(t.device), t.requires_grad]
+               for kind, items in (("param", model.named_parameters()), ("buffer", model.named_buffers()))
+               for name, t in items]
+    return {"modules": modules, "tensors": tensors}
+
+
+def _plain_repr(value: Any) -> str | None:
+    """A module attribute's value when it is plain data (what Dynamo may specialize on), else None."""
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, _PLAIN) for v in value):
+        return repr(value)
+    if hasattr(value, "__dataclass_fields__") and not isinstance(value, type):
+        try:
+            return repr(value)
+        except Exception:  # noqa: BLE001
+            return None
+    return None

@@ -337,3 +337,161 @@ def dynamo_compile_times() -> str:
     from torch._dynamo.utils import compile_times
 
     return str(compile_times(repr="str", aggregate=True))
+
+
+# ---- fxpasses.precompile: Dynamo's AOT compile (torch/_dynamo/aot_compile.py), saved and loaded without tracing ----
+def serializable_callable_base() -> type:
+    """The ABC a backend's result must implement for Dynamo's AOT save/load (``SerializableCallable``), or ``object``
+    on a torch without it (then fxpasses.precompile always falls back to torch.compile)."""
+    try:
+        from torch._dynamo.aot_compile_types import SerializableCallable
+    except ImportError:
+        return object
+    return SerializableCallable
+
+
+def aot_precompile_missing() -> str | None:
+    """Why this torch cannot AOT-compile a function and save it (None when it can)."""
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction, aot_compile_fullgraph  # noqa: F401
+        from torch._dynamo.aot_compile_types import SerializableCallable  # noqa: F401
+        from torch._dynamo.hooks import Hooks  # noqa: F401
+    except ImportError as err:
+        return f"torch {torch.__version__} has no Dynamo AOT compile ({err})"
+    return None
+
+
+def _restore_marked_guard_tensor(args: tuple[Any, ...], marks: dict[str, Any]) -> Any:
+    """Unpickles a guard's fake tensor with the dim marks (``mark_dynamic``/``mark_unbacked``) it was traced with."""
+    from torch._dynamo.guards import GuardsStatePickler
+
+    t = GuardsStatePickler._unpickle_tensor(*args)
+    for name, value in marks.items():
+        setattr(t, name, value)
+    return t
+
+
+def _dim_marks(t: torch.Tensor) -> dict[str, Any]:
+    attrs = getattr(t, "__dict__", None) or {}
+    return {k: v for k, v in attrs.items() if k.startswith("_dynamo_") or k == "_has_dynamo_dim_marking"}
+
+
+@contextlib.contextmanager
+def _portable_guards_pickler() -> Iterator[None]:
+    """Two fixes to Dynamo's guard pickler (2.11-2.13) while an AOT compile builds its guards:
+    - a module attribute that no guard reads is saved as "missing" by ``id``; a dtype or device is a singleton, so a
+      model holding ``self.dtype = torch.float32`` made every float32 in the guards (the parameters' meta tensors)
+      missing, and the load failed. These immutable singletons are pickled by value instead.
+    - a guard's tensor is pickled without its dim marks, so a loaded guard demanded unmarked inputs
+      ("_has_dynamo_dim_marking is present on runtime tensor but was absent at compile time"): marks are kept."""
+    import torch._dynamo.guards as guards
+
+    base = getattr(guards, "GuardsStatePickler", None)
+    if base is None or not hasattr(base, "reducer_override") or not hasattr(base, "_unpickle_tensor"):
+        yield
+        return
+
+    class PortableGuardsStatePickler(base):  # type: ignore[misc, valid-type]
+        def reducer_override(self, obj: Any) -> Any:
+            if isinstance(obj, (torch.dtype, torch.device, torch.layout, torch.memory_format)):
+                return NotImplemented
+            reduced = super().reducer_override(obj)
+            if (isinstance(obj, torch.Tensor) and isinstance(reduced, tuple) and len(reduced) == 2
+                    and reduced[0] == type(self)._unpickle_tensor):
+                marks = _dim_marks(obj)
+                if marks:
+                    return _restore_marked_guard_tensor, (reduced[1], marks)
+            return reduced
+
+    guards.GuardsStatePickler = PortableGuardsStatePickler
+    try:
+        yield
+    finally:
+        guards.GuardsStatePickler = base
+
+
+def aot_compile_fullgraph(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], backend: Any) -> Any:
+    """Dynamo's whole-graph AOT compile of ``fn`` (a bound method: its ``self`` becomes the first argument of the
+    result); ``backend`` must return a ``SerializableCallable``. Raises what Dynamo raises (graph breaks included)."""
+    from torch._dynamo.aot_compile import aot_compile_fullgraph as compile_fullgraph
+    from torch._dynamo.hooks import Hooks
+
+    with _portable_guards_pickler():
+        return compile_fullgraph(fn, (tuple(args), dict(kwargs)), hooks=Hooks(), backend=backend)
+
+
+@contextlib.contextmanager
+def plain_autograd_cache() -> Iterator[None]:
+    """AOT autograd's cache settings as outside an AOT compile: Dynamo's AOT compile forces and bundles AOT's cache
+    for Inductor; a backend with its own ``fw_compiler`` (ours) has nothing for that cache to hold."""
+    import torch._functorch.config as functorch_config
+
+    wanted = {"strict_autograd_cache": False, "force_autograd_cache": False, "bundled_autograd_cache": False,
+              "bypass_autograd_cache_key": False, "force_non_lazy_backward_lowering": False}
+    with functorch_config.patch({k: v for k, v in wanted.items() if hasattr(functorch_config, k)}):
+        yield
+
+
+def serialize_aot_compiled(compiled: Any) -> bytes:
+    """An ``AOTCompiledFunction`` as bytes (2.13 returns a result object holding them, older torch the bytes)."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    result = AOTCompiledFunction.serialize(compiled)
+    return getattr(result, "serialized_data", result)
+
+
+def deserialize_aot_compiled(data: bytes, f_globals: dict[str, Any] | None) -> Any:
+    """The ``AOTCompiledFunction`` ``serialize_aot_compiled`` wrote: bytecode, guards and backend result, no trace."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    return AOTCompiledFunction.deserialize(data, f_globals)
+
+
+def aot_compiled_parts(compiled: Any) -> tuple[Any, Any]:
+    """(the backend's callable, the compiled bytecode's function without its guard check) of an AOTCompiledFunction."""
+    return compiled._artifacts.compiled_fn, compiled.fn
+
+
+def aot_guard_failure(compiled: Any, *args: Any, **kwargs: Any) -> str | None:
+    """Why an AOTCompiledFunction's guards reject these arguments, or None when they pass."""
+    if compiled.guard_check(*args, **kwargs):
+        return None
+    try:
+        from torch._dynamo.aot_compile import bind_locals
+
+        f_locals = bind_locals(compiled._artifacts.signature, *args, **kwargs)
+        return str(compiled._artifacts.guard_manager.check_verbose(f_locals))
+    except Exception as err:  # noqa: BLE001  (the reason is for a log line only)
+        return f"guard check failed ({type(err).__name__})"
+
+
+def dynamo_frames_traced() -> int:
+    """How many graphs Dynamo traced in this process (its ``unique_graphs`` counter); a loaded AOT compile adds none."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def dynamo_config_digest() -> str:
+    """Dynamo's config (it changes what is traced and guarded), as a stable string."""
+    import torch._dynamo.config as dynamo_config
+
+    return repr(sorted((k, _stable_repr(v)) for k, v in dynamo_config.get_config_copy().items()))
+
+
+def _stable_repr(value: Any) -> str:
+    """``repr`` with sets sorted, so equal configs give equal strings in every process."""
+    if isinstance(value, (set, frozenset)):
+        return "{" + ", ".join(sorted(map(_stable_repr, value))) + "}"
+    if isinstance(value, (list, tuple)):
+        return type(value).__name__ + "(" + ", ".join(map(_stable_repr, value)) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(sorted(f"{_stable_repr(k)}: {_stable_repr(v)}" for k, v in value.items())) + "}"
+    return repr(value)
+
+
+def optimized_module_type() -> type:
+    """The module wrapper ``torch.compile(module)`` returns."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return OptimizedModule

@@ -121,17 +121,9 @@ class CacheStore:
 
     def load(self, key: str) -> tuple[GraphEntry | None, str]:
         """The entry for ``key``, or None and why not."""
-        path = self.path(key)
-        try:
-            blob = path.read_bytes()
-        except FileNotFoundError:
-            return None, "no entry for this key (first compile of this graph with these passes)"
-        except OSError as err:
-            return None, f"entry unreadable ({err.strerror})"
-        payload = blob[len(_MAGIC) + _DIGEST:]
-        if not blob.startswith(_MAGIC) or blob[len(_MAGIC):len(_MAGIC) + _DIGEST] != hashlib.sha256(payload).digest():
-            log.warning("fxpasses compile cache: %s is corrupt or truncated; ignored (it will be rewritten)", path)
-            return None, "corrupt entry (checksum mismatch), ignored"
+        payload, why = read_framed(self.path(key))
+        if payload is None:
+            return None, why
         try:
             entry = pickle.loads(payload)
         except Exception as err:  # noqa: BLE001  (an entry from another version of our classes)
@@ -144,28 +136,48 @@ class CacheStore:
 
     def store(self, entry: GraphEntry) -> str | None:
         """Write ``entry`` atomically; returns None, or why it was not written (the compile goes on regardless)."""
-        path = self.path(entry.key)
         try:
             payload = pickle.dumps(entry, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as err:  # noqa: BLE001
             return f"entry not picklable ({type(err).__name__}: {err})"
+        return write_framed(self.path(entry.key), payload)
+
+
+def read_framed(path: Path) -> tuple[bytes | None, str]:
+    """The payload ``write_framed`` wrote at ``path``, or None and why not (missing, unreadable, corrupt)."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None, "no entry for this key (first compile of this graph with these passes)"
+    except OSError as err:
+        return None, f"entry unreadable ({err.strerror})"
+    payload = blob[len(_MAGIC) + _DIGEST:]
+    if not blob.startswith(_MAGIC) or blob[len(_MAGIC):len(_MAGIC) + _DIGEST] != hashlib.sha256(payload).digest():
+        log.warning("fxpasses compile cache: %s is corrupt or truncated; ignored (it will be rewritten)", path)
+        return None, "corrupt entry (checksum mismatch), ignored"
+    return payload, "found"
+
+
+def write_framed(path: Path, payload: bytes) -> str | None:
+    """Write ``payload`` with a checksum, atomically (temporary file, fsync, ``os.replace``): a reader sees a whole
+    file or none. Returns None, or why it was not written."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_MAGIC + hashlib.sha256(payload).digest() + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
         tmp = None
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(prefix=f".{entry.key[:16]}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "wb") as f:
-                f.write(_MAGIC + hashlib.sha256(payload).digest() + payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-        except OSError as err:
-            log.warning("fxpasses compile cache: could not write %s: %s", path, err)
-            return f"could not write the entry ({err.strerror or err})"
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-        return None
+    except OSError as err:
+        log.warning("fxpasses compile cache: could not write %s: %s", path, err)
+        return f"could not write the entry ({err.strerror or err})"
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return None
