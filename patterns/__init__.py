@@ -4,6 +4,7 @@
 ``PatternSet`` from them for its Mapping. Depends on ``ops`` only.
 """
 from fxpasses.patterns import elementwise, linear, norms, quant  # noqa: F401  (registration happens on import)
+from fxpasses.patterns import attention  # noqa: F401  (rope_attention; registration happens on import)
 from fxpasses.patterns.matcher import Match, MatchFailure, PatternGraph
 from fxpasses.patterns.norms import rms_norm_spelling, rms_norm_spellings
 from fxpasses.patterns.registry import (
