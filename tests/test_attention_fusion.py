@@ -292,10 +292,10 @@ def _rotated_ref64(q, k, cos, sin, upcast):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("upcast", [True, False])
-@pytest.mark.parametrize("tokens, pad", [(1, 0), (12, 0), (12, 3)])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (8, 8, 128), (6, 2, 12)])
+@pytest.mark.parametrize("tokens, pad", [(1, 0), (12, 3)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (6, 2, 12)])
 def test_gpu_rope_kernels_match_the_reference(dtype, upcast, tokens, pad, heads, kv_heads, dim):
     q, k, v, kc, vc, slot, pos = attention_inputs(tokens, heads, kv_heads, dim, dim, slots=13, max_len=70,
                                                   dtype=dtype, device="cuda", pad=pad)
