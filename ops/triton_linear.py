@@ -19,6 +19,7 @@ weights and M above 32. Capture-safe: no host synchronization, no allocation but
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,13 @@ import triton
 import triton.language as tl
 
 from fxpasses.ops.library import LIB
-from fxpasses.ops.linear import _check_add_rms_norm_linear, check_linear
+from fxpasses.ops.linear import (
+    _check_add_rms_norm_linear,
+    _check_add_rms_norm_linear_silu_mul,
+    _check_rms_norm_linear,
+    check_linear,
+    check_silu_mul_weights,
+)
 from fxpasses.ops.triton_rounding import round_as
 
 MAX_M = 32
@@ -50,30 +57,88 @@ class Config:
 
 
 @triton.jit
-def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr):
+    """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
+
+    Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
+    ``w * a`` elementwise in float32 registers and summing once at the end.
+
+    ``NORM`` (prologue): ``a`` is the row's RMSNorm, not ``x``. A first pass over the whole row (``BLOCK_ROW`` =
+    K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then recomputes each
+    chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds it
+    (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
+    add) and program 0 of the row writes it to ``ROUT``.
+
+    ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
+    both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
+    dtype, as ``fxp.silu_and_mul``'s kernel does.
+    """
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
+    dt = X.dtype.element_ty
+    if NORM:
+        rr = tl.arange(0, BLOCK_ROW)
+        hrow = tl.load(X + m * sxm + rr, mask=rr < K, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            hrow = round_as(hrow + tl.load(R + m * srm + rr, mask=rr < K, other=0.0).to(tl.float32), dt)
+            if pid_n == 0:
+                tl.store(ROUT + m * srom + rr, hrow.to(ROUT.dtype.element_ty), mask=rr < K)
+        rstd = 1.0 / tl.sqrt(tl.sum(hrow * hrow, axis=0) / K + eps)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rn.to(tl.int64)[:, None] * swn + rk[None, :]
-    x_ptrs = X + m * sxm + rk
+    w2_ptrs = W2 + rn.to(tl.int64)[:, None] * swn + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + rk) < K
+        wmask = (rn[:, None] < N) & kmask[None, :]
         if EVEN:
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs + k0)
+            a = tl.load(X + m * sxm + k0 + rk).to(tl.float32)
         else:
-            kmask = (k0 + rk) < K
-            w = tl.load(w_ptrs, mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
-            x = tl.load(x_ptrs, mask=kmask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        w_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
+            w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
+            a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+        if NORM:
+            if HAS_RESIDUAL:
+                a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
+            nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+            a = round_as(nw * round_as(a * rstd, dt), dt)
+        acc += w.to(tl.float32) * a[None, :]
+        if SILU_MUL:
+            if EVEN:
+                w2 = tl.load(w2_ptrs + k0)
+            else:
+                w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
+            acc2 += w2.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if SILU_MUL:
+        gate = round_as(y, dt)
+        up = round_as(tl.sum(acc2, axis=1), dt)
+        y = round_as(gate / (1.0 + tl.exp(-gate)), dt) * up
     tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``fxp.linear`` at one token: the GEMV without prologue or epilogue."""
+    _gemv_body(X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som, 0.0, False, False, HAS_BIAS, False, EVEN,
+               BLOCK_N, BLOCK_K, 1)
+
+
+@triton.jit
+def _fused_gemv_kernel(X, R, NW, W, W2, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
+                       HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr):
+    """The fused ops at one token: the same GEMV with the norm prologue and/or the SiLU-and-mul epilogue (its own
+    name, so a profiler's kernel census tells the fused launches from plain ones)."""
+    _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, HAS_RESIDUAL, False,
+               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW)
 
 
 @triton.jit
@@ -148,22 +213,20 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
     b = bias if bias is not None else out  # never read when HAS_BIAS is false
     c = config
     even = (k % c.block_k == 0) and (n % c.block_n == 0)
+    common = dict(HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                  num_warps=c.num_warps, num_stages=c.num_stages)
     if c.block_m == 1:
-        _gemv_kernel[(triton.cdiv(n, c.block_n), m)](
-            x2, weight, b, out, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-            EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
-    elif c.block_m <= 8:
+        _gemv_kernel[(triton.cdiv(n, c.block_n), m)](x2, weight, b, out, n, k, x2.stride(0), weight.stride(0),
+                                                     out.stride(0), **common)
+        return out
+    if c.block_m <= 8:
         if m > c.block_m:
             raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
-        _gemv_rows_kernel[(triton.cdiv(n, c.block_n),)](
-            x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-            EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+        kernel, grid = _gemv_rows_kernel, (triton.cdiv(n, c.block_n),)
     else:
-        _small_m_kernel[(triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))](
-            x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-            EVEN=even, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+        kernel, grid = _small_m_kernel, (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
+    kernel[grid](x2, weight, b, out, m, n, k, x2.stride(0), weight.stride(0), out.stride(0), BLOCK_M=c.block_m,
+                 **common)
     return out
 
 
@@ -232,76 +295,170 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return launch(x2, weight, bias, config).view(*x.shape[:-1], n)
 
 
-# ---- add + RMSNorm + GEMV (one token per program row) -----------------------------------------------------------
-MAX_NORM_K = 8192  # the whole row is held in registers
-# Projections [N, K] where the fused add + RMSNorm + GEMV kernel was measured faster than the two kernels it
-# replaces. Empty: the kernel was written and checked under Triton's interpreter (the sum and the normalized row
-# bit-identical to fxp.add_rms_norm's, the product within bf16 tolerance) after the session's GPU time ran out, so
-# it is not yet used by default; tests/test_linear.py checks it on the GPU, and benchmarks/decode.py's
-# ``fxpasses+full-cudagraphs-nofuse`` mode measures the difference once entries are added here.
-FUSED_SHAPES: set[tuple[int, int]] = set()
+# ---- the fused ops: RMSNorm prologue and/or SiLU-and-mul epilogue (one token) -------------------------------
+MAX_NORM_K = 16384  # the norm prologue's first pass holds the whole row in registers
+# At one token the fused ops run their fused kernel for every projection of at most this many weight elements (the
+# largest decoder projection of the models measured, Llama-3-8B's gate_up, is 117M; every TP shard is smaller),
+# with the GEMV table's tile where it has one, else the default tile. Larger weights are LM heads (128256 x 2048 and
+# up), where cuBLAS already streams at the copy bandwidth and the kernel the fusion saves is under 3% of the call.
+MAX_FUSED_ELEMENTS = 1 << 27
+# (op, N, K) measured slower fused than unfused: they run the unfused ops. op is "norm" (rms_norm_linear,
+# add_rms_norm_linear) or "silu" (the two SiLU-and-mul ops, with N the activation width I). Empty: not yet measured.
+UNFUSED: set[tuple[str, int, int]] = set()
+ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # set to 1: every fused op runs its unfused composition (for A/B timings)
 
 
-@triton.jit
-def _add_norm_gemv_kernel(X, R, NW, W, OUT, ROUT, N, K, sx, sr, sro, swn, som, eps, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
-    """Program (n-block, row): h = x + r (rounded as eager's add), the row's RMSNorm in float32 rounded as
-    ops/triton_kernels.py rounds it, then the GEMV of that row with BLOCK_N weight rows. Program 0 writes h."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K)
-    kmask = rk < K
-    dt = X.dtype.element_ty
-    x = tl.load(X + m * sx + rk, mask=kmask, other=0.0)
-    r = tl.load(R + m * sr + rk, mask=kmask, other=0.0)
-    h = round_as(x.to(tl.float32) + r.to(tl.float32), dt)
-    if pid_n == 0:
-        tl.store(ROUT + m * sro + rk, h.to(ROUT.dtype.element_ty), mask=kmask)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / K + eps)
-    nw = tl.load(NW + rk, mask=kmask, other=0.0)
-    a = round_as(nw.to(tl.float32) * round_as(h * rstd, dt), dt)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    w = tl.load(W + rn.to(tl.int64)[:, None] * swn + rk[None, :], mask=(rn[:, None] < N) & kmask[None, :], other=0.0)
-    y = tl.sum(w.to(tl.float32) * a[None, :], axis=1)
-    tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
+def fused_config(m: int, n: int, k: int, silu_mul: bool) -> Config | None:
+    """The 1-token GEMV tile for a fused op whose output has ``n`` columns (``silu_mul``: the activation width; the
+    program then reads ``2 * block_n`` weight rows), or None for the unfused ops."""
+    if m != 1 or k < 1 or n < 1 or os.environ.get(ENV_OFF, "") not in ("", "0"):
+        return None
+    rows = 2 * n if silu_mul else n
+    if rows * k > MAX_FUSED_ELEMENTS or ("silu" if silu_mul else "norm", n, k) in UNFUSED:
+        return None
+    if silu_mul:
+        # the tile measured for the concatenated [2I, K] GEMV (or for one of its halves), with half the columns:
+        # the program reads as many weight rows, and holds as many accumulators, as that tile
+        c = TABLE.get((1, rows, k))
+        if c is not None and c.block_m == 1:
+            return dataclasses.replace(c, block_n=max(1, c.block_n // 2))
+    c = TABLE.get((1, n, k))
+    return c if c is not None and c.block_m == 1 else default_config(1, n, k)
 
 
-def launch_add_norm(x2, r2, norm_weight, eps, weight, block_n: int, num_warps: int):
-    """``x2``, ``r2`` [M, K] (last dim contiguous), ``weight`` [N, K] contiguous -> (out [M, N], h [M, K])."""
+def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm_weight: torch.Tensor | None = None,
+                 eps: float = 0.0, residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One launch of ``_fused_gemv_kernel`` on ``x2 [M, K]`` (last dim contiguous) -> ``(out [M, N], h [M, K] or
+    None)``. ``norm_weight``: the RMSNorm prologue (``residual``: with the add, ``h`` its sum). ``up_weight``
+    ``[N, K]``: the SiLU-and-mul epilogue, ``weight`` being the gate. Weights contiguous. Public for the tests
+    and the benchmark."""
     m, k = x2.shape
     n = weight.shape[0]
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    h = torch.empty((m, k), dtype=x2.dtype, device=x2.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    h = torch.empty((m, k), dtype=x2.dtype, device=x2.device) if residual is not None else None
+    norm = norm_weight is not None
     if m and n and k:
-        _add_norm_gemv_kernel[(triton.cdiv(n, block_n), m)](
-            x2, r2, norm_weight, weight, out, h, n, k, x2.stride(0), r2.stride(0), h.stride(0), weight.stride(0),
-            out.stride(0), eps, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(k), num_warps=num_warps)
+        c = config
+        r = residual if residual is not None else x2  # never read without HAS_RESIDUAL (nor the dummies below)
+        _fused_gemv_kernel[(triton.cdiv(n, c.block_n), m)](
+            x2, r, norm_weight if norm else x2, weight, up_weight if up_weight is not None else weight, out,
+            h if h is not None else out, n, k, x2.stride(0), r.stride(0), h.stride(0) if h is not None else 0,
+            weight.stride(0), out.stride(0), eps, NORM=norm, HAS_RESIDUAL=residual is not None,
+            SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, BLOCK_ROW=triton.next_power_of_2(k) if norm else 1, num_warps=c.num_warps,
+            num_stages=c.num_stages)
     return out, h
 
 
-def add_rms_norm_linear_cuda(x, residual, norm_weight, eps, weight):
-    """One kernel at one token where ``FUSED_SHAPES`` lists the projection (and the GEMV table has its tile);
-    otherwise the two unfused ops (their own CUDA kernels), as before the fusion."""
-    _check_add_rms_norm_linear(x, residual, norm_weight, weight)
+def _rows(t: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    t2 = t.reshape(m, k)
+    return t2 if t2.stride(1) == 1 else t2.contiguous()
+
+
+def _dense(*weights: torch.Tensor | None) -> bool:
+    return all(w is None or (w.stride(1) == 1 and w.stride(0) == w.shape[1]) for w in weights)
+
+
+def _split_silu_weights(weight: torch.Tensor, up_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gate and up ``[I, K]`` as views (the concatenated weight's two row blocks: no copy)."""
+    if up_weight is not None:
+        return weight, up_weight
+    width = weight.shape[0] // 2
+    return weight[:width], weight[width:]
+
+
+def _fusable(x, weight, up_weight, norm_weight, residual) -> bool:
+    """Whether the fused kernel can take these operands: bf16/fp16 throughout, dense weights, a unit-stride norm
+    weight and a row the prologue can hold."""
     k = x.shape[-1]
-    n = weight.shape[0]
-    m = x.numel() // k if k else 0
-    c = choose(m, n, k) if m == 1 else None
-    usable = (c is not None and c.block_m == 1 and (n, k) in FUSED_SHAPES and x.dtype in _DTYPES and residual.dtype == x.dtype
-              and norm_weight.dtype == x.dtype and norm_weight.stride(0) == 1 and k <= MAX_NORM_K
-              and weight.stride(1) == 1 and weight.stride(0) == k)
-    if not usable:
+    return (x.dtype in _DTYPES and all(t is None or t.dtype == x.dtype for t in (weight, up_weight, norm_weight, residual))
+            and _dense(weight, up_weight) and (norm_weight is None or (norm_weight.stride(0) == 1 and k <= MAX_NORM_K)))
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _norm_config(x, norm_weight, weight, residual=None) -> Config | None:
+    """The fused tile for this call, or None where it runs unfused."""
+    if not _fusable(x, weight, None, norm_weight, residual):
+        return None
+    return fused_config(_tokens(x), weight.shape[0], x.shape[-1], silu_mul=False)
+
+
+def rms_norm_linear_cuda(x, norm_weight, eps, weight):
+    """One kernel at one token (see ``fused_config``); otherwise ``fxp.rms_norm`` then ``fxp.linear``."""
+    _check_rms_norm_linear(x, norm_weight, weight)
+    c = _norm_config(x, norm_weight, weight)
+    if c is None:
+        return torch.ops.fxp.linear.default(torch.ops.fxp.rms_norm.default(x, norm_weight, eps), weight, None)
+    k, n = x.shape[-1], weight.shape[0]
+    out, _ = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps)
+    return out.view(*x.shape[:-1], n)
+
+
+def add_rms_norm_linear_cuda(x, residual, norm_weight, eps, weight):
+    """One kernel at one token (see ``fused_config``); otherwise ``fxp.add_rms_norm`` then ``fxp.linear``."""
+    _check_add_rms_norm_linear(x, residual, norm_weight, weight)
+    c = _norm_config(x, norm_weight, weight, residual)
+    if c is None:
         normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
         return torch.ops.fxp.linear.default(normed, weight, None), h
-    x2 = x.reshape(m, k)
-    r2 = residual.reshape(m, k)
-    x2 = x2 if x2.stride(1) == 1 else x2.contiguous()
-    r2 = r2 if r2.stride(1) == 1 else r2.contiguous()
-    warps = 8 if k > 2048 else 4
-    out, h = launch_add_norm(x2, r2, norm_weight, eps, weight, c.block_n, warps)
+    k, n = x.shape[-1], weight.shape[0]
+    out, h = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k))
     return out.view(*x.shape[:-1], n), h.view(x.shape)
+
+
+def _silu_config(x, weight, up_weight, norm_weight=None, residual=None) -> Config | None:
+    if not _fusable(x, weight, up_weight, norm_weight, residual):
+        return None
+    width = weight.shape[0] if up_weight is not None else weight.shape[0] // 2
+    return fused_config(_tokens(x), width, x.shape[-1], silu_mul=True)
+
+
+def _unfused_silu(normed: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None) -> torch.Tensor:
+    """``fxp.linear`` then ``fxp.silu_and_mul`` on the product's halves (or on the two products): the kernels the
+    unfused graph runs."""
+    lin, silu = torch.ops.fxp.linear.default, torch.ops.fxp.silu_and_mul.default
+    if up_weight is not None:
+        return silu(lin(normed, weight, None), lin(normed, up_weight, None))
+    y = lin(normed, weight, None)
+    width = weight.shape[0] // 2
+    return silu(y[..., :width], y[..., width:])
+
+
+def linear_silu_mul_cuda(x, weight, up_weight=None):
+    """One kernel at one token (see ``fused_config``); otherwise ``fxp.linear`` then ``fxp.silu_and_mul``."""
+    width = check_silu_mul_weights("linear_silu_mul", x, weight, up_weight)
+    c = _silu_config(x, weight, up_weight)
+    if c is None:
+        return _unfused_silu(x, weight, up_weight)
+    gate, up = _split_silu_weights(weight, up_weight)
+    k = x.shape[-1]
+    out, _ = launch_fused(_rows(x, 1, k), gate, c, up_weight=up)
+    return out.view(*x.shape[:-1], width)
+
+
+def add_rms_norm_linear_silu_mul_cuda(x, residual, norm_weight, eps, weight, up_weight=None):
+    """One kernel at one token (see ``fused_config``); otherwise ``fxp.add_rms_norm``, ``fxp.linear`` and
+    ``fxp.silu_and_mul``."""
+    width = _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_weight)
+    c = _silu_config(x, weight, up_weight, norm_weight, residual)
+    if c is None:
+        normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
+        return _unfused_silu(normed, weight, up_weight), h
+    gate, up = _split_silu_weights(weight, up_weight)
+    k = x.shape[-1]
+    out, h = launch_fused(_rows(x, 1, k), gate, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k),
+                          up_weight=up)
+    return out.view(*x.shape[:-1], width), h.view(x.shape)
 
 
 def register() -> None:
     LIB.impl("linear", linear_cuda, "CUDA")
+    LIB.impl("rms_norm_linear", rms_norm_linear_cuda, "CUDA")
     LIB.impl("add_rms_norm_linear", add_rms_norm_linear_cuda, "CUDA")
+    LIB.impl("linear_silu_mul", linear_silu_mul_cuda, "CUDA")
+    LIB.impl("add_rms_norm_linear_silu_mul", add_rms_norm_linear_silu_mul_cuda, "CUDA")

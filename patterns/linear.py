@@ -26,17 +26,19 @@ before.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fxpasses import ops
-from fxpasses.patterns.matcher import EPS_SENTINEL, Match
+from fxpasses.patterns.matcher import EPS_SENTINEL, SIZE_SENTINEL, Match
 from fxpasses.patterns.norms import check_norm, check_residual, rms_norm_spellings
 from fxpasses.patterns.registry import MatchContext, pattern
 
 fxp = torch.ops.fxp
+aten = torch.ops.aten
 
 
 def _val(m: Match, name: str) -> Any:
@@ -147,3 +149,154 @@ def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
 def add_rms_norm_linear(b, x, residual, weight, eps, proj_weight, **_):
     """h = x + residual; F.linear(rms_norm(h), proj_weight) and h -> fxp.add_rms_norm_linear (norm in the GEMV)"""
     return b.outputs(b.call(fxp.add_rms_norm_linear.default, x, residual, weight, eps, proj_weight), 2)
+
+
+# ---- plain RMSNorm + projection (the first layer's input norm) -----------------------------------------------
+def _norm_linear(spelling: Any) -> Any:
+    def fn(x, weight, eps, proj_weight):
+        return F.linear(spelling(x, weight, eps), proj_weight)
+
+    return fn
+
+
+@pattern(
+    name="rms_norm_linear",
+    benefit=12,  # below add_rms_norm_linear at the same anchor (the mm): a norm of x + residual takes the add too
+    spellings=lambda: [_norm_linear(s) for s in rms_norm_spellings()],
+    input_names=("x", "weight", "eps", "proj_weight"),
+    example_inputs=lambda dtype: (torch.empty(3, 8, dtype=dtype, device="meta"),
+                                  torch.empty(8, dtype=dtype, device="meta"), EPS_SENTINEL,
+                                  torch.empty(5, 8, dtype=dtype, device="meta")),
+    checks=(check_norm, check_add_norm_linear),
+    applies=eager_only,
+    applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
+    explain_when_off=False,
+)
+def rms_norm_linear(b, x, weight, eps, proj_weight, **_):
+    """F.linear(rms_norm(x), proj_weight) -> fxp.rms_norm_linear (norm in the GEMV)"""
+    return b.call(fxp.rms_norm_linear.default, x, weight, eps, proj_weight)
+
+
+# ---- gate/up projection + SiLU-and-mul (SwiGLU) ----------------------------------------------------------------
+def _split_halves(y):
+    return y.split([SIZE_SENTINEL, SIZE_SENTINEL], dim=-1)
+
+
+def _chunk_halves(y):
+    return y.chunk(2, dim=-1)
+
+
+def _swiglu_spellings(halves_fns: tuple, activations: tuple) -> list[Any]:
+    """``act(gate, up)`` of the halves of one fused projection (each way of taking halves), and transformers'
+    ``silu(gate_proj(x)) * up_proj(x)`` with two weights. Every spelling takes ``(x, weight, up_weight)``; the
+    fused forms leave ``up_weight`` unused (unbound: the replacement passes None)."""
+
+    def fused(halves, act):
+        def fn(x, weight, up_weight):
+            gate, up = halves(F.linear(x, weight))
+            return act(gate, up)
+
+        return fn
+
+    def pair(x, weight, up_weight):
+        return F.silu(F.linear(x, weight)) * F.linear(x, up_weight)
+
+    return [fused(h, a) for h in halves_fns for a in activations] + [pair]
+
+
+def _silu_mul(gate, up):
+    return F.silu(gate) * up
+
+
+def _fxp_silu_mul(gate, up):
+    return fxp.silu_and_mul(gate, up)
+
+
+def check_swiglu(m: Match, ctx: MatchContext) -> str | None:
+    """The halves are gate then up along the last dimension, of equal width; two weights have one shape."""
+    x, w = _val(m, "x"), _val(m, "proj_weight" if "proj_weight" in m.bindings else "weight")
+    if "up_weight" in m.bindings:
+        u = _val(m, "up_weight")
+        if u is None or w is None or u.shape != w.shape or u.dtype != w.dtype:
+            got = f"{tuple(u.shape)} {u.dtype}" if u is not None else "without metadata"
+            return f"the up projection's weight is {got}, not the gate's {tuple(w.shape)} {w.dtype}"
+        return None
+    if x is None or w is None:
+        return "the inputs carry no shape metadata (meta['val']); run fake-tensor propagation first"
+    if m.bindings.get("dim") != x.dim() - 1:
+        return f"the projection's output is split along dim {m.bindings.get('dim')}, not the last one"
+    if 2 * m.bindings.get("size", -1) != w.shape[0]:
+        return (f"the projection's {w.shape[0]} outputs are split at {m.bindings.get('size')}, not into two equal "
+                "halves (gate, up)")
+    return None
+
+
+def _is_swiglu_split(node: torch.fx.Node) -> bool:
+    """A split of a CUDA tensor whose first half goes through silu into a product with the second: where a failed
+    linear_silu_mul match is worth explaining (the split survives the smaller fusions that take the rest)."""
+    if node.op != "call_function" or node.target not in (aten.split_with_sizes.default, aten.split.Tensor):
+        return False
+    val = node.meta.get("val")
+    if not isinstance(val, (list, tuple)) or len(val) != 2 or val[0].device.type != "cuda":
+        return False
+    halves = {u.args[1]: u for u in node.users if u.target is operator.getitem}
+    if set(halves) != {0, 1}:
+        return False
+    # silu then the product, or fxp.silu_and_mul where that smaller pattern took them (the graph is explained last)
+    readers = {p for s in halves[0].users if s.target is aten.silu.default for p in s.users}
+    readers |= {s for s in halves[0].users if s.target is fxp.silu_and_mul.default and s.args[:2] == (halves[0], halves[1])}
+    return any(p in halves[1].users for p in readers)
+
+
+def _swiglu_inputs(dtype: torch.dtype, *, norm: bool) -> tuple:
+    x = torch.empty(3, 8, dtype=dtype, device="meta")
+    proj = (torch.empty(2 * SIZE_SENTINEL, 8, dtype=dtype, device="meta"),
+            torch.empty(2 * SIZE_SENTINEL, 8, dtype=dtype, device="meta"))
+    if not norm:
+        return (x, *proj)
+    return (x, torch.empty(3, 8, dtype=dtype, device="meta"), torch.empty(8, dtype=dtype, device="meta"),
+            EPS_SENTINEL, *proj)
+
+
+@pattern(
+    name="linear_silu_mul",
+    benefit=8,  # above silu_and_mul at the same anchor (the product): that one would take the activation alone
+    spellings=lambda: _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul)),
+    input_names=("x", "weight", "up_weight"),
+    example_inputs=lambda dtype: _swiglu_inputs(dtype, norm=False),
+    checks=(check_linear, check_swiglu),
+    applies=eager_only,
+    applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
+    explain_when_off=False,
+    hint=_is_swiglu_split,
+)
+def linear_silu_mul(b, x, weight, up_weight=None, **_):
+    """silu(gate) * up of F.linear(x, weight)'s halves (or of two projections) -> fxp.linear_silu_mul"""
+    return b.call(fxp.linear_silu_mul.default, x, weight, up_weight)
+
+
+def _add_norm_swiglu(spelling: Any, swiglu: Any) -> Any:
+    def fn(x, residual, weight, eps, proj_weight, up_weight):
+        h = x + residual
+        return swiglu(spelling(h, weight, eps), proj_weight, up_weight), h
+
+    return fn
+
+
+@pattern(
+    name="add_rms_norm_linear_silu_mul",
+    benefit=27,  # above linear_silu_mul at the same anchor (the product)
+    spellings=lambda: [_add_norm_swiglu(s, g) for s in rms_norm_spellings()
+                       for g in _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul,))],
+    input_names=("x", "residual", "weight", "eps", "proj_weight", "up_weight"),
+    example_inputs=lambda dtype: _swiglu_inputs(dtype, norm=True),
+    checks=(check_norm, check_residual, check_add_norm_linear, check_swiglu),
+    applies=eager_only,
+    applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
+    explain_when_off=False,
+    hint=_is_swiglu_split,
+)
+def add_rms_norm_linear_silu_mul(b, x, residual, weight, eps, proj_weight, up_weight=None, **_):
+    """h = x + residual; silu(gate) * up of F.linear(rms_norm(h), ...) and h -> fxp.add_rms_norm_linear_silu_mul"""
+    return b.outputs(b.call(fxp.add_rms_norm_linear_silu_mul.default, x, residual, weight, eps, proj_weight,
+                            up_weight), 2)

@@ -1,12 +1,21 @@
-"""fxp.linear (op, CPU reference, Triton kernels on CUDA) and the ``linear`` / ``linear_bias`` patterns.
+"""fxp.linear and the fused projection ops (RMSNorm prologue, SiLU-and-mul epilogue): ops, CPU references, Triton
+kernels on CUDA, and their patterns.
 
-CPU: the op is F.linear bit for bit; bad input gets errors naming the argument; the patterns replace what AOT
-makes of F.linear in graphs of CUDA tensors (traced with fake tensors, so no GPU is needed) and leave CPU graphs
-and the Inductor path alone; the rewritten graph computes exactly what the original did. GPU (marked): the Triton
-kernels against a float64 reference and cuBLAS at Llama-like and odd shapes, inside a CUDA graph, and a compiled
-Llama with full CUDA graphs equal to eager.
+CPU: the ops are their compositions bit for bit; bad input gets errors naming the argument; the patterns replace
+what AOT makes of the compositions in graphs of CUDA tensors (traced with fake tensors, so no GPU is needed, and
+run on CPU tensors afterwards: the rewritten graph computes exactly what the original did), refuse where a value
+has another reader (with a near miss), and leave CPU graphs and the Inductor path alone; a real Llama layer fuses
+as ``LlamaConfig.predicted_matches(cuda=True)`` counts. Triton's interpreter (where Triton is installed: run with
+``PYTHONPATH=<site with triton>``) checks the fused kernel's prologue and epilogue on CPU. GPU (marked): the
+kernels against a float64 reference, cuBLAS and the unfused kernels at Llama and odd shapes, inside a CUDA graph,
+and compiled Llamas with full CUDA graphs equal to eager and to the unfused path.
 """
 import dataclasses
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +27,7 @@ import fxpasses
 from fxpasses import patterns
 from fxpasses.patterns import rms_norm_spellings
 from fxpasses.passes import PipelineConfig
+from fxpasses.testing import fake_process_group
 
 fxp = torch.ops.fxp
 gpu = pytest.mark.gpu
@@ -139,6 +149,266 @@ def test_add_rms_norm_linear_pattern_on_cuda_graphs_computes_the_same():
     assert targets.count("fxp.add_rms_norm_linear.default") == 1 and "aten.rsqrt.default" not in targets
     args = [rand(*s, seed=i) for i, s in enumerate(shapes)]
     assert torch.equal(gm(*args), _residual_block(*args))  # on CPU the fused op is the same ops: bit for bit
+
+
+# ---- the fused ops on CPU: their compositions, bit for bit ----------------------------------------------------
+def _swiglu(y, up=None):
+    gate, up = (y.split([y.shape[-1] // 2] * 2, dim=-1) if up is None else (y, up))
+    return F.silu(gate) * up
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 64), (5, 64), (2, 3, 64)])
+def test_cpu_fused_ops_are_their_compositions_bit_for_bit(dtype, shape):
+    x, r = rand(*shape, dtype=dtype), rand(*shape, dtype=dtype, seed=1)
+    nw, w, wu = rand(64, dtype=dtype, seed=2), rand(48, 64, dtype=dtype, seed=3), rand(24, 64, dtype=dtype, seed=4)
+    normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
+    # concatenated [gate; up] and two separate weights, each against the eager ops it replaces
+    assert torch.equal(fxp.linear_silu_mul(x, w), _swiglu(F.linear(x, w)))
+    assert torch.equal(fxp.linear_silu_mul(x, w[:24], wu), F.silu(F.linear(x, w[:24])) * F.linear(x, wu))
+    assert torch.equal(fxp.linear_silu_mul(x, w), fxp.silu_and_mul(*F.linear(x, w).split([24, 24], dim=-1)))
+    y, h = fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)
+    assert torch.equal(h, h_ref) and torch.equal(y, _swiglu(F.linear(normed, w)))
+    y, h = fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w[:24], wu)
+    assert torch.equal(h, h_ref) and torch.equal(y, _swiglu(F.linear(normed, w[:24]), F.linear(normed, wu)))
+    assert torch.equal(fxp.rms_norm_linear(x, nw, 1e-5, w), F.linear(fxp.rms_norm(x, nw, 1e-5), w))
+    meta = [t.to("meta") for t in (x, r, nw, w)]
+    assert fxp.linear_silu_mul(meta[0], meta[3]).shape == (*shape[:-1], 24)
+    out, h = fxp.add_rms_norm_linear_silu_mul(*meta[:3], 1e-5, meta[3])
+    assert out.shape == (*shape[:-1], 24) and h.shape == shape and out.dtype == dtype
+    assert fxp.rms_norm_linear(meta[0], meta[2], 1e-5, meta[3]).shape == (*shape[:-1], 48)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: fxp.linear_silu_mul(rand(2, 8), rand(5, 8)), "weight has 5 rows; with no up_weight it must be"),
+    (lambda: fxp.linear_silu_mul(rand(2, 8), rand(4, 8), rand(3, 8)), r"up_weight is \(3, 8\) but the gate weight"),
+    (lambda: fxp.linear_silu_mul(rand(2, 8), rand(4, 8), rand(4, 8, dtype=torch.float16)), "up_weight is torch.float16"),
+    (lambda: fxp.linear_silu_mul(rand(2, 8), rand(4, 9)), r"linear_silu_mul: x \(2, 8\) must end in in_features"),
+    (lambda: fxp.linear_silu_mul(rand(2, 8), rand(4, 8).to(torch.int32)), "argument 'weight' has dtype torch.int32"),
+    (lambda: fxp.add_rms_norm_linear_silu_mul(rand(2, 8), rand(2, 7), rand(8), 1e-5, rand(4, 8)), "residual is"),
+    (lambda: fxp.add_rms_norm_linear_silu_mul(rand(2, 8), rand(2, 8), rand(8), 1e-5, rand(4, 8), rand(2, 8)),
+     "up_weight is"),
+    (lambda: fxp.rms_norm_linear(rand(2, 8), rand(7), 1e-5, rand(4, 8)), "weight has shape"),
+    (lambda: fxp.rms_norm_linear(rand(2, 8), rand(8), 1e-5, rand(4, 6)), "rms_norm_linear: x"),
+])
+def test_fused_ops_name_the_bad_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---- the fused patterns, on graphs of (fake) CUDA tensors ----------------------------------------------------
+def _mlp_block(x, r, nw, wgu, wd):
+    """Post-attention half of a Llama layer: residual add, RMSNorm, gate_up split in halves, SiLU-and-mul, down."""
+    h = x + r
+    gate, up = F.linear(rms_norm_spellings()[0](h, nw, 1e-5), wgu).split([32, 32], dim=-1)
+    return F.linear(F.silu(gate) * up, wd) + h
+
+
+def _mlp_block_chunk(x, r, nw, wgu, wd):
+    h = x + r
+    gate, up = F.linear(rms_norm_spellings()[1](h, nw, 1e-5), wgu).chunk(2, dim=-1)
+    return F.linear(up * F.silu(gate), wd) + h
+
+
+def _hf_mlp(x, nw, wg, wu, wd):
+    """transformers' LlamaMLP after a plain RMSNorm: separate gate and up projections (no residual add here)."""
+    n = rms_norm_spellings()[0](x, nw, 1e-5)
+    return F.linear(F.silu(F.linear(n, wg)) * F.linear(n, wu), wd)
+
+
+def _hf_mlp_residual(x, r, nw, wg, wu, wd):
+    h = x + r
+    n = rms_norm_spellings()[1](h, nw, 1e-5)
+    return F.linear(F.silu(F.linear(n, wg)) * F.linear(n, wu), wd), h
+
+
+def _gate_read_twice(x, wgu, wd):
+    gate, up = F.linear(x, wgu).split([32, 32], dim=-1)
+    return F.linear(F.silu(gate) * up, wd), gate
+
+
+def _product_read_twice(x, wgu, wd):
+    y = F.linear(x, wgu)
+    gate, up = y.chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, wd), y.sum()
+
+
+def _norm_read_twice(x, r, nw, wgu, wd):
+    h = x + r
+    n = rms_norm_spellings()[0](h, nw, 1e-5)
+    gate, up = F.linear(n, wgu).split([32, 32], dim=-1)
+    return F.linear(F.silu(gate) * up, wd) + h, n
+
+
+def _halves_swapped(x, wgu, wd):
+    up, gate = F.linear(x, wgu).split([32, 32], dim=-1)  # silu of the second half: not [gate; up]
+    return F.linear(F.silu(gate) * up, wd)
+
+
+def _rewritten(fn, shapes, device="cuda"):
+    with FakeTensorMode():
+        gm = make_fx(fn, tracing_mode="fake")(*[torch.empty(*s, device=device, dtype=torch.bfloat16) for s in shapes])
+    return fxpasses.rewrite(gm)
+
+
+def _same(got, want):
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    return len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+H, I2 = (2, 16), (64, 16)  # x [tokens, hidden], gate_up [2I, hidden] with I = 32
+CASES = {  # name: (fn, input shapes, expected matches, expected near-miss substring or None)
+    "split": (_mlp_block, [H, H, (16,), I2, (16, 32)], {"add_rms_norm_linear_silu_mul": 1, "linear": 1}, None),
+    "chunk": (_mlp_block_chunk, [H, H, (16,), I2, (16, 32)], {"add_rms_norm_linear_silu_mul": 1, "linear": 1}, None),
+    "hf": (_hf_mlp, [H, (16,), (32, 16), (32, 16), (16, 32)], {"rms_norm": 1, "linear_silu_mul": 1, "linear": 1}, None),
+    "hf_residual": (_hf_mlp_residual, [H, H, (16,), (32, 16), (32, 16), (16, 32)],
+                    {"add_rms_norm_linear_silu_mul": 1, "linear": 1}, None),
+    "gate_read_twice": (_gate_read_twice, [H, I2, (16, 32)], {"linear": 2, "silu_and_mul": 1},
+                        "the output of getitem (getitem) has another user (output)"),
+    "product_read_twice": (_product_read_twice, [H, I2, (16, 32)], {"linear": 2, "silu_and_mul": 1},
+                           "has another user (sum"),
+    "norm_read_twice": (_norm_read_twice, [H, H, (16,), I2, (16, 32)],
+                        {"add_rms_norm": 1, "linear_silu_mul": 1, "linear": 1}, None),
+    "halves_swapped": (_halves_swapped, [H, I2, (16, 32)], {"linear": 2, "silu_and_mul": 1}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_swiglu_patterns_fuse_only_where_safe_and_compute_the_same(case):
+    fn, shapes, expected, near = CASES[case]
+    gm, report = _rewritten(fn, shapes)
+    assert report.matches == expected
+    misses = [str(m) for m in report.near_misses]
+    assert (any(near in m for m in misses) if near else misses == []), misses
+    targets = _targets(gm)
+    fused = sum(t in ("fxp.linear_silu_mul.default", "fxp.add_rms_norm_linear_silu_mul.default") for t in targets)
+    assert fused == expected.get("linear_silu_mul", 0) + expected.get("add_rms_norm_linear_silu_mul", 0)
+    if fused:
+        assert "aten.silu.default" not in targets and "fxp.silu_and_mul.default" not in targets
+    # the graph carries no device: on CPU tensors the fused ops are their compositions, so bit for bit
+    args = [rand(*s, seed=i) * (0.2 if len(s) == 2 and s[0] > 2 else 1) for i, s in enumerate(shapes)]
+    assert _same(gm(*args), fn(*args))
+
+
+def test_swiglu_patterns_leave_cpu_graphs_alone_without_near_misses():
+    _, report = _rewritten(_mlp_block, [H, H, (16,), I2, (16, 32)], device="cpu")
+    assert report.matches == {"add_rms_norm": 1, "silu_and_mul": 1} and report.near_misses == []
+    for name in ("linear_silu_mul", "add_rms_norm_linear_silu_mul", "rms_norm_linear"):
+        p = patterns.get(name)
+        assert p.applies(fxpasses.Mapping(), PipelineConfig(defunctionalize=True))
+        assert not p.applies(fxpasses.Mapping(), PipelineConfig(defunctionalize=False))  # the Inductor path
+
+
+def test_rms_norm_linear_pattern():
+    def first_layer(x, nw, w, w2):
+        return F.linear(torch.relu(F.linear(rms_norm_spellings()[1](x, nw, 1e-5), w)), w2)
+
+    shapes = [H, (16,), (32, 16), (8, 32)]
+    gm, report = _rewritten(first_layer, shapes)
+    assert report.matches == {"rms_norm_linear": 1, "linear": 1}
+    args = [rand(*s, seed=i) for i, s in enumerate(shapes)]
+    assert torch.equal(gm(*args), first_layer(*args))
+
+
+def _layer_matches(tp: int, first: bool) -> dict[str, int]:
+    """One real Llama decoder layer (rank 0 of ``tp``), traced on fake CUDA tensors, through the registry."""
+    from torch.func import functional_call
+
+    from fxpasses.mapping import cached_process_groups
+    from fxpasses.models import LlamaConfig, build_model
+
+    config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16, num_layers=1)
+    mapping = fxpasses.Mapping(world_size=tp, rank=0, tp_size=tp)
+    with fake_process_group(tp, 0):
+        if tp > 1:
+            fxpasses.init_process_groups(mapping)
+        layer = build_model("llama", config, mapping).layers[0]
+        state = dict(itertools.chain(layer.named_parameters(), layer.named_buffers()))
+        with FakeTensorMode():
+            fake = {k: torch.empty(v.shape, dtype=v.dtype, device="cuda") for k, v in state.items()}
+            hidden = torch.empty(1, config.hidden_size, dtype=torch.bfloat16, device="cuda")
+            ids = torch.zeros(1, dtype=torch.long, device="cuda")
+            rope = torch.empty(1, 1, config.head_dim, dtype=torch.float32, device="cuda")
+
+            def step(params, hidden, residual, ids, cos, sin):
+                return functional_call(layer, params, (hidden, residual, ids, ids, (cos, sin)))
+
+            gm = make_fx(step, tracing_mode="fake")(fake, hidden, None if first else hidden.clone(), ids, rope,
+                                                    rope.clone())
+        groups = cached_process_groups(mapping)
+        ctx = patterns.MatchContext(mapping, PipelineConfig(), groups.tp.group_name if groups else None)
+        return patterns.PatternSet(patterns.all(), mapping, PipelineConfig()).apply(gm, ctx).counts
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_llama_layer_on_cuda_fuses_every_norm_and_the_activation(tp):
+    """What predicted_matches(cuda=True) counts per layer: the first layer's plain norm into qkv, a later
+    layer's add + norm into qkv (after the previous down projection's all_reduce under TP), the post-attention
+    add + norm + gate_up + SiLU-and-mul into one op; o and down stay linear."""
+    common = {"add_rms_norm_linear_silu_mul": 1, "linear": 2, "rotary_embedding": 2}
+    assert _layer_matches(tp, first=True) == {"rms_norm_linear": 1, **common}
+    assert _layer_matches(tp, first=False) == {"add_rms_norm_linear": 1, **common}
+
+
+def test_predicted_matches_on_cuda_count_every_stage_role():
+    from fxpasses.models import LlamaConfig
+
+    config = LlamaConfig(num_layers=4)
+    one = config.predicted_matches(fxpasses.Mapping(), cuda=True)
+    assert one == {"rms_norm_linear": 1, "add_rms_norm_linear": 4, "add_rms_norm_linear_silu_mul": 4, "linear": 8,
+                   "rotary_embedding": 8}
+    assert config.predicted_matches(fxpasses.Mapping(2, 0, 2, 1), cuda=True) == one  # TP: the same ops per rank
+    first, last = (config.predicted_matches(fxpasses.Mapping(2, r, 1, 2), cuda=True) for r in (0, 1))
+    assert first == {"rms_norm_linear": 1, "add_rms_norm_linear": 1, "add_rms_norm_linear_silu_mul": 2, "linear": 4,
+                     "rotary_embedding": 4}
+    assert last == {"add_rms_norm_linear": 3, "add_rms_norm_linear_silu_mul": 2, "linear": 4, "rotary_embedding": 4}
+
+
+# ---- Triton's interpreter (CPU): the fused kernel's prologue and epilogue ---------------------------------------
+def interpreter_checks() -> None:
+    """Run by the test below in a process with TRITON_INTERPRET=1 (the interpreter must be on when the kernels are
+    defined). The interpreter casts float32 to bfloat16 by truncation, not rounding, so the exact checks are the
+    ones whose roundings the kernel makes itself (round_as) or in float16 (rounded like torch)."""
+    from fxpasses.ops import triton_linear as tl_lin
+
+    for dtype, (n, k), config in [(torch.float16, (13, 37), tl_lin.Config(1, 4, 16, 1, 1)),
+                                  (torch.bfloat16, (10, 100), tl_lin.Config(1, 8, 64, 2, 1)),
+                                  (torch.float16, (24, 64), tl_lin.Config(1, 1, 64, 1, 1))]:
+        x, r = rand(1, k, dtype=dtype), rand(1, k, dtype=dtype, seed=1)
+        nw = (1 + 0.1 * rand(k, dtype=torch.float32, seed=2)).to(dtype)
+        gate, up = (rand(n, k, dtype=dtype, seed=s) * 0.1 for s in (3, 4))
+        normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
+        eye = torch.eye(k, dtype=dtype)
+        # the normalized row through an identity projection: exactly fxp.add_rms_norm's / fxp.rms_norm's
+        y, h = tl_lin.launch_fused(x, eye, config, norm_weight=nw, eps=1e-5, residual=r)
+        assert torch.equal(h, h_ref) and torch.equal(y, normed), (dtype, n, k)
+        assert torch.equal(tl_lin.launch_fused(x, eye, config, norm_weight=nw, eps=1e-5)[0], fxp.rms_norm(x, nw, 1e-5))
+        # the epilogue: silu(gate) * up of the products the same tile computes, as fxp.silu_and_mul rounds it
+        for prologue in ({}, {"norm_weight": nw, "eps": 1e-5, "residual": r}):
+            g, u = (tl_lin.launch_fused(x, w, config, out=torch.empty(1, n), **prologue)[0].to(dtype)
+                    for w in (gate, up))
+            y, _ = tl_lin.launch_fused(x, gate, config, up_weight=up, **prologue)
+            want = fxp.silu_and_mul(g, u)
+            if dtype == torch.float16:
+                assert torch.equal(y, want), (prologue.keys(), n, k)
+            else:  # the final store truncates here: within one bf16 step
+                torch.testing.assert_close(y, want, rtol=2 ** -7, atol=1e-6)
+            ref = F.silu(F.linear(normed if prologue else x, gate, None).double()) * F.linear(
+                normed if prologue else x, up).double()
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+_TRITON_SITE = os.environ.get("FXPASSES_TRITON_SITE", "")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
+                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+def test_fused_kernel_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p))
+    code = "import tests.test_linear as t; t.interpreter_checks(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------

@@ -64,18 +64,25 @@ class LlamaConfig:
         mapping.pp_layers(self.num_layers)  # raises when there are more stages than layers
 
     def predicted_matches(self, mapping: Mapping, inductor: bool = False, cuda: bool = False) -> dict[str, int]:
-        """``cuda``: the graph's tensors are on CUDA, where (without Inductor) projections become ``fxp.linear``
-        (the small-token GEMM path) and an add+RMSNorm feeding one projection becomes ``add_rms_norm_linear``."""
+        """``cuda``: the graph's tensors are on CUDA, where (without Inductor) every projection becomes one of the
+        small-token GEMM ops: each RMSNorm is folded into the projection it feeds (the stage's first norm without
+        a residual add into ``rms_norm_linear``, the others with their add into ``add_rms_norm_linear``: qkv and
+        the LM head), the post-attention one together with gate_up and its SiLU-and-mul
+        (``add_rms_norm_linear_silu_mul``); o and down stay ``linear``. Under TP the norms' residual adds follow
+        an all_reduce, which stays on its own: the fused linear ops take the add and norm (one kernel fewer than
+        ``allreduce_add_rms_norm`` and a projection, on a GPU where that op is NCCL plus the norm kernel)."""
         layers = mapping.pp_layers(self.num_layers)
         counts = predicted_matches(mapping, layers, extra_norms_per_layer=0)
         if not inductor:  # RoPE on q and k, one SwiGLU activation per layer
             counts.update(rotary_embedding=2 * len(layers), silu_and_mul=len(layers))
         if cuda and not inductor:
-            # every norm feeds one projection (qkv, gate_up, the LM head); qkv, o, gate_up, down per layer
-            fused = counts.pop("add_rms_norm", 0)
-            projections = 4 * len(layers) + (1 if mapping.is_last_pp_rank else 0)
-            counts.update({"add_rms_norm_linear": fused, "linear": projections - fused} if fused else
-                          {"linear": projections})
+            n = len(layers)
+            last = 1 if mapping.is_last_pp_rank else 0
+            counts = {"rotary_embedding": 2 * n, "linear": 2 * n, "add_rms_norm_linear_silu_mul": n}
+            # qkv of layers 1.. and the LM head; the first layer's qkv on a later stage norms the received pair
+            with_add = (n - 1) + last + (0 if mapping.is_first_pp_rank else 1)
+            counts.update({k: v for k, v in (("add_rms_norm_linear", with_add),
+                                             ("rms_norm_linear", 1 if mapping.is_first_pp_rank else 0)) if v})
         return counts
 
     # named real shapes, for benchmarks (random weights)
