@@ -10,10 +10,14 @@ token count of ``--tokens`` (compile plus, on CUDA with CUDA graphs, capture), t
 ``fxpasses.mark_token_dim`` (one graph for every count). Imports are reported apart (the same for every mode).
 Every process checks its outputs against eager (bit-equal for fxpasses without Inductor).
 
-Modes: ``fxpasses`` (no Inductor; on CUDA full CUDA graphs, ``splitting_ops=()``), ``fxpasses-nocache`` (the same
-with ``cache=False``: the cost the cache removes), and the stock comparison ``inductor`` (CPU) or
-``reduce-overhead`` (CUDA). The last line is ``warm/cold = X`` for ``fxpasses`` (median warm over cold, wall
-clock). CPU time of each start is printed too: on a shared machine it varies less than wall time.
+Modes: ``fxpasses-precompiled`` (``fxpasses.precompile``: the cold process compiles and saves Dynamo's compile
+with our graph, a warm one loads it without a Dynamo trace), ``fxpasses`` (``torch.compile`` with the compile
+cache: Dynamo traces in every process; on CUDA both use full CUDA graphs, ``splitting_ops=()``),
+``fxpasses-nocache`` (``cache=False``: the cost the cache removes), and the stock comparison ``inductor`` (CPU) or
+``reduce-overhead`` (CUDA). The last line is ``warm/cold = X`` for ``fxpasses-precompiled`` when it ran, else for
+``fxpasses`` (median warm over cold, wall clock); on CUDA, lines before it compare each fxpasses mode's warm and
+cold start with reduce-overhead's. CPU time of each start is printed too: on a shared machine it varies less than
+wall time. The last column counts the graphs Dynamo traced in each process (0 for a loaded precompile).
 """
 from __future__ import annotations
 
@@ -58,17 +62,21 @@ profiler = cProfile.Profile() if profile_path else None
 if profiler:
     profiler.enable()
 t0, c0 = time.perf_counter(), time.process_time()
-backend = None
+backend = status = None
 if mode.startswith("fxpasses"):
     kwargs = dict(cuda_graph_sizes=tokens, splitting_ops=()) if device == "cuda" else {}
-    backend = fxpasses.Backend(cache=mode == "fxpasses", **kwargs)
-    fn = torch.compile(model, backend=backend)
+    backend = fxpasses.Backend(cache=mode != "fxpasses-nocache", **kwargs)
+    fn = torch.compile(model, backend=backend) if mode != "fxpasses-precompiled" else None
 elif mode == "inductor":
     fn = torch.compile(model)
 else:
     fn = torch.compile(model, mode="reduce-overhead")
 equal = True
 with torch.inference_mode():
+    if mode == "fxpasses-precompiled":  # a saved Dynamo compile in FXPASSES_CACHE_DIR: loaded, or compiled and saved
+        b = batch(tokens[0])
+        fn = fxpasses.precompile(model, (b.input_ids, b.position_ids, b.slot_ids), backend=backend)
+        status = fn.status
     for n in tokens:
         b = batch(n)
         fxpasses.mark_token_dim(b.input_ids, b.position_ids, b.slot_ids)
@@ -90,9 +98,13 @@ with torch.inference_mode():
         same = torch.equal(out, ref) if mode.startswith("fxpasses") and device == "cpu" else torch.allclose(
             out.float(), ref.float(), rtol=2e-2, atol=2e-2)
         equal = equal and bool(same)
-events = [str(e) for e in backend.cache_events] if backend is not None else []
+from fxpasses.compat import dynamo_frames_traced
+events = ([str(status)] if status is not None else []) + (
+    [str(e) for e in backend.cache_events] if backend is not None else [])
+hits = (int(status.loaded) if status is not None else
+        sum(e.hit for e in backend.cache_events) if backend is not None else 0)
 print(json.dumps({"imports": imports, "start": start, "cpu": cpu, "equal": equal, "events": events,
-                  "hits": sum(e.hit for e in backend.cache_events) if backend is not None else 0,
+                  "hits": hits, "traced": dynamo_frames_traced(),
                   "graphs": backend.report.graphs if backend is not None else None,
                   "torch": torch.__version__}))
 """
@@ -125,7 +137,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile_dir:
         Path(args.profile_dir).mkdir(parents=True, exist_ok=True)
-    modes = args.modes or ["fxpasses", "fxpasses-nocache", "inductor" if args.device == "cpu" else "reduce-overhead"]
+    stock = "inductor" if args.device == "cpu" else "reduce-overhead"
+    modes = args.modes or ["fxpasses-precompiled", "fxpasses", "fxpasses-nocache", stock]
+    unknown = sorted(set(modes) - {"fxpasses-precompiled", "fxpasses", "fxpasses-nocache", "inductor",
+                                   "reduce-overhead"})
+    if unknown:
+        parser.error(f"unknown --modes {unknown}; choose from fxpasses-precompiled fxpasses fxpasses-nocache "
+                     "inductor reduce-overhead")
     results: dict[str, list[dict]] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="warm_start_") as cache:
@@ -135,22 +153,30 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; start = Backend + torch.compile + first call at "
           f"each token count (imports {first['imports']:.1f} s and model build not included)\n")
     print("| mode | cold (s) | warm (s), each process | warm / cold | CPU time cold / warm (s) | equal to eager | "
-          "cache hits |")
-    print("|---|---|---|---|---|---|---|")
+          "cache hits (loads) | Dynamo traces |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode, runs in results.items():
         cold, warm = runs[0]["start"], [r["start"] for r in runs[1:]]
         ratio = statistics.median(warm) / cold if warm else float("nan")
         cpu = f"{runs[0]['cpu']:.2f} / " + ", ".join(f"{r['cpu']:.2f}" for r in runs[1:])
-        cache = str([r["hits"] for r in runs]) if mode == "fxpasses" else "-"
+        cache = str([r["hits"] for r in runs]) if mode in ("fxpasses", "fxpasses-precompiled") else "-"
         print(f"| {mode} | {cold:.2f} | {', '.join(f'{w:.2f}' for w in warm)} | {ratio:.2f} | {cpu} | "
-              f"{all(r['equal'] for r in runs)} | {cache} |")
+              f"{all(r['equal'] for r in runs)} | {cache} | {[r['traced'] for r in runs]} |")
     for mode, runs in results.items():
         for i, r in enumerate(runs):
             for e in r["events"]:
                 print(f"- {mode} process {i + 1}: {e}")
-    if "fxpasses" in results and len(results["fxpasses"]) > 1:
-        runs = results["fxpasses"]
-        print(f"\nwarm/cold = {statistics.median(r['start'] for r in runs[1:]) / runs[0]['start']:.2f}")
+    def warm(mode: str) -> float:
+        return statistics.median(r["start"] for r in results[mode][1:])
+
+    ours = [m for m in ("fxpasses", "fxpasses-precompiled") if m in results and len(results[m]) > 1]
+    if stock in results and len(results[stock]) > 1:
+        for mode in ours:
+            print(f"\n{mode} warm / {stock} warm = {warm(mode) / warm(stock):.2f}, "
+                  f"{mode} cold / {stock} cold = {results[mode][0]['start'] / results[stock][0]['start']:.2f}")
+    for i, mode in enumerate(ours):  # the last line is the best route: precompiled when it ran
+        label = "warm/cold" if i == len(ours) - 1 else f"warm/cold ({mode})"
+        print(f"\n{label} = {warm(mode) / results[mode][0]['start']:.2f}")
 
 
 if __name__ == "__main__":
