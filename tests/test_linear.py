@@ -470,50 +470,154 @@ def test_op_on_cuda_picks_per_size_and_replays_in_a_cuda_graph():
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(3072, 2048), (1000, 300), (6144, 4096)])
-def test_add_norm_gemv_kernel_equals_the_unfused_ops(dtype, n, k):
+@pytest.mark.parametrize("n,k", [(3072, 2048), (8192, 2048), (1000, 300), (7168, 4096), (37, 4104)])
+def test_fused_gemv_kernel_equals_the_unfused_kernels(dtype, n, k):
+    """Prologue and epilogue against the kernels they replace, at 1B/8B shapes (qkv; gate_up's halves; 8B gate_up
+    at TP 4) and odd ones (N not a multiple of the tile, K not a multiple of 16)."""
     from fxpasses.ops import triton_linear
 
     x, r = rand(1, k, dtype=dtype, device="cuda"), rand(1, k, dtype=dtype, seed=1, device="cuda")
     nw = (1 + 0.1 * rand(k, dtype=torch.float32, seed=2)).to(dtype).cuda()
-    w = rand(n, k, dtype=dtype, seed=3, device="cuda") * 0.05
+    gate, up = (rand(n, k, dtype=dtype, seed=s, device="cuda") * 0.05 for s in (3, 4))
     normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
-    for block_n in (1, 4, 8):
-        y, h = triton_linear.launch_add_norm(x, r, nw, 1e-5, w, block_n, 8 if k > 2048 else 4)
-        assert torch.equal(h, h_ref)
-        assert _ref_err(y, normed, w) < 5e-3
-        torch.testing.assert_close(y, F.linear(normed, w), rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
-    # the normalized row itself equals the norm kernel's: through an identity projection it comes out unchanged
     eye = torch.eye(k, dtype=dtype, device="cuda")
-    assert torch.equal(triton_linear.launch_add_norm(x, r, nw, 1e-5, eye, 4, 4)[0], normed)
-    # the op: fused where triton_linear.FUSED_SHAPES lists the shape (at one token), else the two unfused ops
-    y, h = fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)
-    assert torch.equal(h, h_ref) and _ref_err(y, normed, w) < 5e-3
-    y8, h8 = fxp.add_rms_norm_linear(x.expand(8, k).contiguous(), r.expand(8, k).contiguous(), nw, 1e-5, w)
-    assert torch.equal(y8[3], fxp.linear(normed.expand(8, k).contiguous(), w)[3]) and torch.equal(h8[5], h_ref[0])
+    configs = {triton_linear.fused_config(1, n, k, silu_mul=False), triton_linear.fused_config(1, n, k, silu_mul=True),
+               triton_linear.Config(1, 1, 256, 2, 1), triton_linear.Config(1, 8, 1024, 8, 1)} - {None}
+    assert len(configs) >= 3
+    for c in configs:
+        poisoned = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")  # every element must be written
+        y, h = triton_linear.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, out=poisoned)
+        assert torch.equal(h, h_ref), c  # the residual sum: elementwise, bit for bit
+        assert _ref_err(y, normed, gate) < 5e-3, c
+        torch.testing.assert_close(y, F.linear(normed, gate), rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+        # the normalized row itself, through an identity projection: the norm kernel's, up to the float32 sum of
+        # squares (summed in another order with other warps: at most one step of the dtype, rarely)
+        row = triton_linear.launch_fused(x, eye, c, norm_weight=nw, eps=1e-5, residual=r)[0]
+        assert (row != normed).float().mean().item() < 0.01, c
+        torch.testing.assert_close(row, normed, rtol=2 ** -7, atol=0)
+        row = triton_linear.launch_fused(x, eye, c, norm_weight=nw, eps=1e-5)[0]
+        torch.testing.assert_close(row, fxp.rms_norm(x, nw, 1e-5), rtol=2 ** -7, atol=0)
+        # the epilogue: exactly fxp.silu_and_mul's kernel on the products the same tile computes
+        for prologue in ({}, {"norm_weight": nw, "eps": 1e-5, "residual": r}):
+            g, u = (triton_linear.launch_fused(x, w, c, **prologue)[0] for w in (gate, up))
+            y, _ = triton_linear.launch_fused(x, gate, c, up_weight=up, **prologue)
+            assert torch.equal(y, fxp.silu_and_mul(g, u)), (c, list(prologue))
+            a = normed if prologue else x
+            eager = F.silu(F.linear(a, gate)) * F.linear(a, up)
+            torch.testing.assert_close(y, eager, rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @gpu
 @needs_cuda
-def test_compiled_llama_with_full_cuda_graphs_uses_fxp_linear_and_equals_eager():
-    from fxpasses.models import LlamaConfig, build_model, make_steps, run_steps
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_ops_pick_the_fused_kernel_at_one_token_and_replay_in_a_cuda_graph(dtype):
+    """1B shapes: fused at one token (within GEMM tolerance of the unfused kernels); at 8 tokens, and in float32,
+    the unfused kernels themselves, bit for bit; captured in a CUDA graph, replays equal fresh calls."""
+    from fxpasses.ops import triton_linear
+
+    k, i = 2048, 8192
+    nw = (1 + 0.1 * rand(k, dtype=torch.float32, seed=2)).to(dtype).cuda()
+    wqkv = rand(3072, k, dtype=dtype, seed=3, device="cuda") * 0.05
+    wgu = rand(2 * i, k, dtype=dtype, seed=4, device="cuda") * 0.05
+    lin, silu = fxp.linear, fxp.silu_and_mul
+    for m in (1, 8):
+        x, r = rand(m, k, dtype=dtype, seed=m, device="cuda"), rand(m, k, dtype=dtype, seed=m + 1, device="cuda")
+        normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
+        unfused = {
+            "rms_norm_linear": (lin(fxp.rms_norm(x, nw, 1e-5), wqkv),),
+            "add_rms_norm_linear": (lin(normed, wqkv), h_ref),
+            "linear_silu_mul": (silu(*lin(x, wgu).split([i, i], dim=-1)),),
+            "add_rms_norm_linear_silu_mul": (silu(*lin(normed, wgu).split([i, i], dim=-1)), h_ref),
+        }
+        got = {
+            "rms_norm_linear": (fxp.rms_norm_linear(x, nw, 1e-5, wqkv),),
+            "add_rms_norm_linear": fxp.add_rms_norm_linear(x, r, nw, 1e-5, wqkv),
+            "linear_silu_mul": (fxp.linear_silu_mul(x, wgu),),
+            "add_rms_norm_linear_silu_mul": fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, wgu),
+        }
+        fused = m == 1 and dtype != torch.float32
+        assert (triton_linear.fused_config(m, i, k, silu_mul=True) is not None) == (m == 1)
+        for name, want in unfused.items():
+            if fused:
+                for g, w in zip(got[name], want):
+                    torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
+                if len(want) == 2:
+                    assert torch.equal(got[name][1], want[1])
+            else:
+                assert all(torch.equal(g, w) for g, w in zip(got[name], want)), (name, m)
+    # two separate weights (transformers' gate_proj / up_proj): the same numbers as the concatenated one
+    x = rand(1, k, dtype=dtype, device="cuda")
+    pair, concatenated = fxp.linear_silu_mul(x, wgu[:i], wgu[i:]), fxp.linear_silu_mul(x, wgu)
+    if dtype == torch.float32:  # cuBLAS: products of 8192 and of 16384 columns may sum in different orders
+        torch.testing.assert_close(pair, concatenated)
+    else:  # one fused launch either way
+        assert torch.equal(pair, concatenated)
+    static_x, static_r = rand(1, k, dtype=dtype, device="cuda"), rand(1, k, dtype=dtype, seed=9, device="cuda")
+    fxp.add_rms_norm_linear_silu_mul(static_x, static_r, nw, 1e-5, wgu)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, h = fxp.add_rms_norm_linear_silu_mul(static_x, static_r, nw, 1e-5, wgu)
+    for seed in (5, 6):
+        new_x, new_r = rand(1, k, dtype=dtype, seed=seed, device="cuda"), rand(1, k, dtype=dtype, seed=seed + 10,
+                                                                               device="cuda")
+        static_x.copy_(new_x)
+        static_r.copy_(new_r)
+        graph.replay()
+        want = fxp.add_rms_norm_linear_silu_mul(new_x, new_r, nw, 1e-5, wgu)
+        assert torch.equal(out, want[0]) and torch.equal(h, want[1])
+
+
+FUSED_PATTERNS = ("rms_norm_linear", "add_rms_norm_linear", "linear_silu_mul", "add_rms_norm_linear_silu_mul")
+
+
+def _cuda_steps(config, **kw):
+    from fxpasses.models import make_steps
+
+    return [dataclasses.replace(b, **{k: getattr(b, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
+            for b in make_steps(config.vocab_size, **kw)]
+
+
+@gpu
+@needs_cuda
+def test_compiled_llama_with_full_cuda_graphs_uses_the_fused_ops_and_equals_eager():
+    from fxpasses.models import LlamaConfig, build_model, run_steps
 
     config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16)
-    steps = [dataclasses.replace(b, **{k: getattr(b, k).cuda() for k in ("input_ids", "position_ids", "slot_ids")})
-             for b in make_steps(config.vocab_size)]
+    steps = _cuda_steps(config) + _cuda_steps(config, prompt_lens=(4,), decode_steps=3)  # 2-token, then 1-token decode
     expected = run_steps(build_model("llama", config).cuda(), steps)
     model = build_model("llama", config).cuda()
     backend = fxpasses.Backend(cuda_graph_sizes=[1, 2, 4, 8], splitting_ops=())
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    # per graph: the first layer's qkv (after a plain rms_norm), o and down of every layer are linear; every other
-    # qkv, every gate_up and the LM head follow an add + RMSNorm: add_rms_norm_linear
-    matches, layers = backend.report.matches, config.num_layers
-    graphs = matches["linear"] // (2 * layers + 1)
-    assert graphs >= 1 and matches["linear"] == graphs * (2 * layers + 1)
-    assert matches["add_rms_norm_linear"] == graphs * 2 * layers and "add_rms_norm" not in matches
+    predicted = config.predicted_matches(fxpasses.Mapping(), cuda=True)
+    graphs = backend.report.matches["linear"] // predicted["linear"]
+    assert graphs >= 1 and backend.report.matches == {k: graphs * v for k, v in predicted.items()}
     for g, e in zip(got, expected):
         torch.testing.assert_close(g.float(), e.float(), rtol=5e-2, atol=5e-2)
+
+
+@gpu
+@needs_cuda
+def test_llama_1b_shaped_layers_fused_equal_unfused_and_eager():
+    """Two layers of Llama-3.2-1B's shapes (small vocabulary), bf16, 1-token decode steps in full CUDA graphs:
+    the fused ops (norms in qkv / gate_up GEMVs, SiLU-and-mul in gate_up's) against the same Backend without
+    the fused patterns, and against eager."""
+    from fxpasses.models import LlamaConfig, build_model, run_steps
+
+    config = LlamaConfig.llama_3_2_1b(num_layers=2, vocab_size=1024, dtype=torch.bfloat16, max_len=64)
+    steps = _cuda_steps(config, prompt_lens=(6,), decode_steps=4)  # one sequence: 1-token decode steps
+    expected = run_steps(build_model("llama", config).cuda(), steps)
+    results = {}
+    for name, chosen in (("fused", None), ("unfused", [p for p in patterns.all() if p.name not in FUSED_PATTERNS])):
+        model = build_model("llama", config).cuda()
+        backend = fxpasses.Backend(cuda_graph_sizes=[1, 2, 4, 8], splitting_ops=(), patterns=chosen)
+        torch._dynamo.reset()
+        results[name] = (run_steps(model, steps, torch.compile(model, backend=backend)), backend.report.matches)
+    assert not set(FUSED_PATTERNS) & set(results["unfused"][1])
+    assert results["fused"][1]["add_rms_norm_linear_silu_mul"] >= 2
+    for f, u, e in zip(results["fused"][0], results["unfused"][0], expected):
+        torch.testing.assert_close(f.float(), u.float(), rtol=5e-2, atol=5e-2)
+        torch.testing.assert_close(f.float(), e.float(), rtol=5e-2, atol=5e-2)
 
 
 @pytest.mark.parametrize("op, args, moved", [
@@ -521,11 +625,15 @@ def test_compiled_llama_with_full_cuda_graphs_uses_fxp_linear_and_equals_eager()
     ("linear", ("x", "weight", "bias"), "bias"),
     ("add_rms_norm_linear", ("x", "residual", "norm_weight", 1e-6, "weight"), "weight"),
     ("add_rms_norm_linear", ("x", "residual", "norm_weight", 1e-6, "weight"), "norm_weight"),
+    ("rms_norm_linear", ("x", "norm_weight", 1e-6, "weight"), "weight"),
+    ("linear_silu_mul", ("x", "weight"), "weight"),
+    ("linear_silu_mul", ("x", "weight", "up_weight"), "up_weight"),
+    ("add_rms_norm_linear_silu_mul", ("x", "residual", "norm_weight", 1e-6, "weight", "up_weight"), "up_weight"),
 ])
 def test_a_weight_on_another_device_is_refused(op, args, moved):
     """A CPU input with a meta weight dispatches to the fake kernel: uninitialized memory, unless refused."""
     tensors = {"x": torch.randn(3, 8), "residual": torch.randn(3, 8), "norm_weight": torch.rand(8) + 0.5,
-               "weight": torch.randn(5, 8), "bias": torch.randn(5)}
+               "weight": torch.randn(6, 8), "bias": torch.randn(6), "up_weight": torch.randn(6, 8)}
     tensors[moved] = tensors[moved].to("meta")
     call = [tensors[a] if isinstance(a, str) else a for a in args]
     with pytest.raises(ValueError, match=rf"fxp\.{op}: argument '{moved}' is on device meta but 'x' is on cpu"):
