@@ -246,6 +246,32 @@ def test_bad_arguments_are_named():
         fxpasses.precompile(model, _inputs(2), backend=fxpasses.Backend(cache=False, patterns=[]), dynamic=[5])
 
 
+def test_cuda_graph_runner_is_rebuilt_after_load_on_cpu(tmp_path):
+    """The runner of ``cuda_graph_sizes`` is a process's own: a load builds it again from the saved graph (here
+    without CUDA: each size's first call is its warm-up, run eagerly), with the token input found again."""
+    import dataclasses
+
+    from fxpasses.models import LlamaConfig, build_model
+    from fxpasses.testing import warmup_cuda_graph_backend
+
+    config = dataclasses.replace(LlamaConfig(max_slots=32), num_layers=1)
+    statuses = []
+    for _ in range(2):
+        model, eager = build_model("llama", config), build_model("llama", config)
+        backend = warmup_cuda_graph_backend([1, 32], patterns=[])
+        with torch.inference_mode():
+            example = (torch.arange(4), torch.zeros(4, dtype=torch.long), torch.arange(4))
+            compiled = fxpasses.precompile(model, example, backend=backend, path=tmp_path)
+            for n in (1, 32):
+                args = (torch.arange(n) % config.vocab_size, torch.full((n,), 2), torch.arange(n))
+                fxpasses.mark_token_dim(*args)
+                assert torch.equal(compiled(*args), eager(*args)), f"{n} tokens differ from eager"
+        assert len(backend.runners) == 1 and backend.runners[0].sizes == [1, 32]
+        assert backend.token_dims[0] is not None and backend.token_dims[0].is_dynamic
+        statuses.append(compiled.status)
+    assert statuses[0].saved and statuses[1].loaded, (str(statuses[0]), str(statuses[1]))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graphs_are_rebuilt_after_load(tmp_path):
