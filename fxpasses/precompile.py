@@ -84,7 +84,7 @@ class Precompiled:
         self._compiled = compiled  # an AOTCompiledFunction, or None when falling back
         self._forward = compat.aot_compiled_parts(compiled)[1] if compiled is not None else None
         self._fallback: Callable[..., Any] | None = None
-        self._guard_failures = 0
+        self.guard_misses = 0  # calls the saved guards rejected (they ran through torch.compile)
 
     @property
     def fallback(self) -> Callable[..., Any]:
@@ -98,10 +98,10 @@ class Precompiled:
             return self.fallback(*args, **kwargs)
         why = compat.aot_guard_failure(self._compiled, self.model, *args, **kwargs)
         if why is not None:  # inputs the saved guards do not cover: Dynamo compiles them, as torch.compile would
-            if self._guard_failures == 0:
+            if self.guard_misses == 0:
                 log.warning("fxpasses precompile: the saved guards reject this call (%s); it runs through "
                             "torch.compile instead", why)
-            self._guard_failures += 1
+            self.guard_misses += 1
             return self.fallback(*args, **kwargs)
         return self._forward(self.model, *args, **kwargs)
 

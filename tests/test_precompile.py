@@ -203,7 +203,8 @@ class Breaks(Cached):
 def test_graph_break_falls_back_to_torch_compile(tmp_path, caplog):
     model, eager = _pair(Breaks)
     with torch.inference_mode():
-        compiled = fxpasses.precompile(model, _inputs(4), backend=fxpasses.Backend(cache=False), path=tmp_path)
+        compiled = fxpasses.precompile(model, _inputs(4), backend=fxpasses.Backend(cache=False, patterns=[]),
+                                       path=tmp_path)
         assert compiled.status.fallback and not compiled.status.saved
         assert "whole-graph AOT compile failed" in compiled.status.reason
         assert torch.equal(compiled(*_inputs(4)), eager(*_inputs(4)))
@@ -214,7 +215,8 @@ def test_graph_break_falls_back_to_torch_compile(tmp_path, caplog):
 def test_graph_needing_aot_wrappers_is_refused_and_falls_back(tmp_path):
     """With grad on, the parameters require grad: a training graph, whose AOT wrapper does work. Never saved."""
     model, eager = _pair()
-    compiled = fxpasses.precompile(model, _inputs(4), backend=fxpasses.Backend(cache=False), path=tmp_path)
+    compiled = fxpasses.precompile(model, _inputs(4), backend=fxpasses.Backend(cache=False, patterns=[]),
+                                   path=tmp_path)
     assert compiled.status.fallback and "cannot be served without AOT autograd's wrappers" in compiled.status.reason
     out = compiled(*_inputs(4))
     torch.testing.assert_close(out, eager(*_inputs(4)), rtol=0, atol=0)
@@ -230,6 +232,7 @@ def test_inputs_the_guards_reject_run_through_torch_compile(tmp_path):
         model.double(), eager.double()
         out = compiled(x, torch.arange(3))
         assert torch.equal(out, eager(x, torch.arange(3)))
+    assert compiled.guard_misses == 1 and compiled.status.saved
 
 
 def test_bad_arguments_are_named():
