@@ -1,20 +1,29 @@
-"""Triton kernels for ``fxp.linear`` at small token counts (M <= 32), bf16/fp16, weight ``[N, K]`` row-major.
+"""Triton kernels for ``fxp.linear`` at small token counts (M <= 32), bf16/fp16, weight ``[N, K]`` row-major, and
+for the fused decode ops built on its 1-token GEMV.
 
-At these sizes a projection reads its whole weight to do 2*M FLOPs per element: bandwidth is everything. Two
-kernels, neither splits K (so there is no second reduction launch and no workspace):
+At these sizes a projection reads its whole weight to do 2*M FLOPs per element: bandwidth is everything. None of
+the kernels splits K (so there is no second reduction launch and no workspace):
 
-- ``_gemv_kernel`` (M = 1): each program owns ``BLOCK_N`` output columns and walks the whole K in
-  ``BLOCK_K`` steps, accumulating ``w * x`` elementwise in float32 registers and summing once at the end. Small
-  ``BLOCK_N`` gives enough programs to cover every SM even at N = 2048 (and K-contiguous loads of 16 bytes).
+- ``_gemv_body`` (M = 1), launched as ``_gemv_kernel`` (plain) or ``_fused_gemv_kernel`` (the fused ops): each
+  program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating ``w * x``
+  elementwise in float32 registers and summing once at the end. Small ``BLOCK_N`` gives enough programs to cover
+  every SM even at N = 2048 (and K-contiguous loads of 16 bytes). Constexpr flags add an RMSNorm prologue (with or
+  without the residual add) and a SiLU-and-mul epilogue (the program also walks the matching rows of the up
+  projection), so one kernel body serves ``linear``, ``rms_norm_linear``, ``add_rms_norm_linear``,
+  ``linear_silu_mul`` and ``add_rms_norm_linear_silu_mul``.
+- ``_gemv_rows_kernel`` (2 <= M <= 8): each weight tile multiplied with every row.
 - ``_small_m_kernel`` (2 <= M <= 32): the same walk with ``tl.dot`` on an ``[BLOCK_M, BLOCK_K] x [BLOCK_K,
   BLOCK_N]`` tile (tokens padded to 16 or 32 rows, which costs no bandwidth), so the weight is still read once.
 
-Both accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
-a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit.
+All accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
+a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit. The prologue and epilogue
+round every intermediate where the unfused kernels round it (``round_as``), so the fused ops differ from the
+unfused sequence only by that summation order.
 
 Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a table measured on an H200
 (``benchmarks/gemm.py --sweep``); shapes and token counts it does not name go to cuBLAS, as do fp32, strided
-weights and M above 32. Capture-safe: no host synchronization, no allocation but the output.
+weights and M above 32. The fused ops run their kernel at one token (``fused_config``), else their unfused
+composition. Capture-safe: no host synchronization, no allocation but the outputs.
 """
 from __future__ import annotations
 
@@ -296,7 +305,7 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 # ---- the fused ops: RMSNorm prologue and/or SiLU-and-mul epilogue (one token) -------------------------------
-MAX_NORM_K = 16384  # the norm prologue's first pass holds the whole row in registers
+MAX_NORM_K = 8192  # the norm prologue's first pass holds the whole row in registers
 # At one token the fused ops run their fused kernel for every projection of at most this many weight elements (the
 # largest decoder projection of the models measured, Llama-3-8B's gate_up, is 117M; every TP shard is smaller),
 # with the GEMV table's tile where it has one, else the default tile. Larger weights are LM heads (128256 x 2048 and
@@ -316,14 +325,11 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool) -> Config | None:
     rows = 2 * n if silu_mul else n
     if rows * k > MAX_FUSED_ELEMENTS or ("silu" if silu_mul else "norm", n, k) in UNFUSED:
         return None
-    if silu_mul:
-        # the tile measured for the concatenated [2I, K] GEMV (or for one of its halves), with half the columns:
-        # the program reads as many weight rows, and holds as many accumulators, as that tile
-        c = TABLE.get((1, rows, k))
-        if c is not None and c.block_m == 1:
-            return dataclasses.replace(c, block_n=max(1, c.block_n // 2))
-    c = TABLE.get((1, n, k))
-    return c if c is not None and c.block_m == 1 else default_config(1, n, k)
+    c = TABLE.get((1, rows, k)) or TABLE.get((1, n, k))
+    c = c if c is not None and c.block_m == 1 else default_config(1, n, k)
+    # SiLU-and-mul: half the columns of the tile measured for the concatenated [2I, K] GEMV (or for one half, or
+    # the default), so the program reads as many weight rows, and holds as many accumulators, as that tile
+    return dataclasses.replace(c, block_n=max(1, c.block_n // 2)) if silu_mul else c
 
 
 def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm_weight: torch.Tensor | None = None,

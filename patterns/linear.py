@@ -14,11 +14,27 @@ Where it applies, and why:
   ``[M, N]`` or ``[1, N]`` bias: left alone). ``addmm``'s ``beta``/``alpha`` are matched at their defaults only
   (the traced spelling has none).
 
-``add_rms_norm_linear`` goes one step further on the same terms: a residual add whose sum feeds an RMSNorm (any
-registered spelling) whose only reader is a projection becomes ``fxp.add_rms_norm_linear``, whose kernel computes
-the norm inside the projection's 1-token GEMV (one kernel instead of two; used only for the projections
-``ops/triton_linear.FUSED_SHAPES`` lists, none yet: not measured on a GPU); the sum stays an output (the next
-residual). The norm is rounded exactly as ``fxp.add_rms_norm`` rounds it.
+The fused patterns go further on the same terms (CUDA, not under Inductor), each into one op whose 1-token kernel
+does the work of two or three (``ops/triton_linear.fused_config`` says where it runs fused):
+
+- ``add_rms_norm_linear``: a residual add whose sum feeds an RMSNorm (any registered spelling) whose only reader
+  is a projection (qkv, the LM head); the sum stays an output (the next residual). ``rms_norm_linear``: the same
+  without the add (the first layer's input norm). The norm is rounded exactly as ``fxp.add_rms_norm`` rounds it.
+- ``linear_silu_mul``: ``silu(gate) * up`` of a projection's two halves (``split`` into equal halves or
+  ``chunk(2)``, gate first, along the last dim; also after ``silu_and_mul`` took the activation), or of two
+  projections of the same ``x`` (transformers' ``gate_proj`` / ``up_proj``: the op takes both weights, nothing is
+  copied). ``add_rms_norm_linear_silu_mul``: with the residual add and RMSNorm before it (a Llama layer's
+  post-attention norm). At the product, both are tried before ``silu_and_mul`` (larger benefit), so the
+  activation is taken with its projection wherever the whole chain has no other reader.
+- Any value inside a chain with another reader (the norm's output, the product, gate or up) stops that fusion;
+  the smaller patterns then take the parts (e.g. ``add_rms_norm`` + ``linear_silu_mul``), and a SwiGLU split that
+  did not fuse is reported as a near miss with the reader's name (the split survives the smaller fusions, so it
+  carries the explanation; a norm whose output has another reader is not reported: its nodes are gone by then).
+- Under TP the add before a norm follows the previous projection's all_reduce, which stays on its own: the fused
+  ops take the add and the norm where ``allreduce_add_rms_norm`` would (on a GPU that op is NCCL plus the norm
+  kernel, so the fused form runs one kernel fewer).
+- Transformers-style 3-D activations (``[batch, seq, hidden]``, a view around the ``mm``) are not matched, as
+  for ``linear``.
 
 The replacement changes the summation order of the matmul on CUDA where the Triton kernel runs (float32
 accumulation either way), so results equal eager within bf16 GEMM tolerance there; elsewhere it is cuBLAS as
