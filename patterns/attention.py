@@ -2,12 +2,15 @@
 ``fxp.attention.rope``, whose CUDA kernels rotate k while writing the cache and q while loading it (two RoPE
 launches fewer per layer; at one token, one launch for the whole attention).
 
-What it matches: a rotation of k (any spelling the ``rotary_embedding`` pattern knows, or the fused
-``fxp.rotary_embedding`` it leaves) whose one reader is the functionalized attention call
-(``auto_functionalized`` / ``auto_functionalized_v2`` of ``fxp.attention.default``) as its ``k``, and whose ``q``
-is a rotation of the same kind (same ``cos`` and ``sin`` nodes, same float32-or-input-dtype rounding) read by
-nothing else. The rotation of q may be the anchor too: whichever of the two comes later in the graph is visited
-first by the bottom-up driver.
+What it matches: an ``fxp.rotary_embedding`` (what the ``rotary_embedding`` pattern makes of every RoPE spelling it
+knows, a round earlier) whose one reader is the functionalized attention call (``auto_functionalized`` /
+``auto_functionalized_v2`` of ``fxp.attention.default``) as its ``q`` or ``k``, where the other of the two is a
+rotation too (the op, or a spelling the rotary pattern accepts) with the same ``cos`` and ``sin`` nodes and the same
+float32-or-input-dtype rounding, read by nothing else. Whichever rotation comes later in the graph is the anchor.
+
+Why it anchors at the fused op and not at a spelled chain: the rotary pattern's near misses (a chain that is not
+a rotation after all) stay that pattern's to explain, and a graph keeps one path: spelling -> rotary op ->
+attention op. With ``Backend(patterns=...)`` naming this pattern, name ``rotary_embedding`` too.
 
 Why it is anchored at a rotation and not at the attention call: the matcher walks the operands of ATen-style ops,
 and a higher-order op's keyword arguments (every operand of ``auto_functionalized``) are not operands it sees, so a
@@ -31,7 +34,7 @@ import torch
 import torch.fx
 
 from fxpasses import compat, ops
-from fxpasses.patterns.elementwise import _rotary_inputs, _rotate_chunk, _rotate_slice, _upcast, _in_dtype, check_rotary
+from fxpasses.patterns.elementwise import _rotary_inputs, check_rotary
 from fxpasses.patterns.matcher import Match, MatchFailure, match
 from fxpasses.patterns.registry import MatchContext, pattern, traced_variants
 
@@ -204,9 +207,8 @@ def _why_not(node: torch.fx.Node) -> str | None:
 
 @pattern(
     name="rope_attention",
-    benefit=12,  # above rotary_embedding (10): tried first at the same anchor, which it would otherwise take
-    spellings=lambda: [f(r) for f in (_upcast, _in_dtype) for r in (_rotate_chunk, _rotate_slice)]
-    + [_fused(True), _fused(False)],
+    benefit=12,  # the only pattern anchored at fxp.rotary_embedding: orders nothing today
+    spellings=lambda: [_fused(True), _fused(False)],
     input_names=("x", "cos", "sin"),
     example_inputs=_rotary_inputs,
     checks=(check_rope_attention,),
