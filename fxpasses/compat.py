@@ -442,14 +442,19 @@ def serialize_aot_compiled(compiled: Any) -> bytes:
 
 def deserialize_aot_compiled(data: bytes, f_globals: dict[str, Any] | None) -> Any:
     """The ``AOTCompiledFunction`` ``serialize_aot_compiled`` wrote: bytecode, guards and backend result, no trace."""
+    import inspect
+
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
-    return AOTCompiledFunction.deserialize(data, f_globals)
+    if "f_globals" in inspect.signature(AOTCompiledFunction.deserialize).parameters:
+        return AOTCompiledFunction.deserialize(data, f_globals)
+    return AOTCompiledFunction.deserialize(data)  # older torch: the bytecode's module globals
 
 
 def aot_compiled_parts(compiled: Any) -> tuple[Any, Any]:
-    """(the backend's callable, the compiled bytecode's function without its guard check) of an AOTCompiledFunction."""
-    return compiled._artifacts.compiled_fn, compiled.fn
+    """(the backend's callable, the compiled bytecode's function without its guard check) of an AOTCompiledFunction
+    (where a torch keeps no such function, the AOTCompiledFunction itself, which checks its guards again)."""
+    return compiled._artifacts.compiled_fn, getattr(compiled, "fn", compiled)
 
 
 def aot_guard_failure(compiled: Any, *args: Any, **kwargs: Any) -> str | None:
