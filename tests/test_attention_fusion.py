@@ -17,7 +17,7 @@ import torch
 
 import fxpasses
 from attention_ref import attention_inputs, attention_ref64
-from fxpasses import ops
+from fxpasses import compat, ops
 from fxpasses.models import DeepSeekConfig, LlamaConfig, build_model, make_steps, run_steps
 from fxpasses.testing import RecordingBackend, warmup_cuda_graph_backend
 from pattern_helpers import compile_and_capture
@@ -142,6 +142,53 @@ def test_every_rope_spelling_fuses_and_equals_eager(spelling, dtype):
     assert "fxp.rotary_embedding" not in after and "aten.cat" not in after and "aten.neg" not in after
     assert torch.equal(got, want)  # CPU: the op is the composition, the same functions in the same order
     assert torch.equal(c.kc, e.kc) and torch.equal(c.vc, e.vc)  # and the caches are written the same
+
+
+@pytest.mark.parametrize("v2", [True, False], ids=["auto_functionalized_v2", "auto_functionalized"])
+def test_both_functionalized_forms_fuse_and_caches_are_views(v2):
+    """The attention call reaches the pattern as auto_functionalized (v1) or _v2, whichever torch's switch picks;
+    here the caches are one slot of larger buffers (views: v2 encodes them as slices of a base), and the fused
+    call keeps that encoding, so the writes land in the right slot."""
+    dtype = torch.bfloat16
+    fn = SPELLINGS["slice, float32"][0]
+
+    class Sliced(Attention):
+        def __init__(self):
+            super().__init__(fn, dtype)
+            self.register_buffer("kc", torch.zeros(2, 4, 16, 2, 8, dtype=dtype))
+            self.register_buffer("vc", torch.zeros(2, 4, 16, 2, 8, dtype=dtype))
+
+        def forward(self, q, k, v, slot, pos, cos, sin):
+            return fxp.attention(fn(q, cos, sin), fn(k, cos, sin), v, self.kc[1], self.vc[1], slot, pos, 0.3)
+
+    q, k, v, _, _, slot, pos, cos, sin = case(dtype=dtype)
+    with compat.set_auto_functionalized_v2(v2):
+        got, want, backend, before, after, (e, c) = run_both(Sliced, dtype, (q, k, v, slot, pos, cos, sin))
+    hop = "auto_functionalized_v2" if v2 else "auto_functionalized"
+    assert before[f"{hop}(fxp.attention)"] == 1
+    assert backend.report.matches == {"rotary_embedding": 2, "rope_attention": 1}
+    assert after["fxp.attention.rope"] == 1 and "fxp.attention" not in after
+    assert torch.equal(got, want) and torch.equal(c.kc, e.kc) and torch.equal(c.vc, e.vc) and c.kc[1].any()
+
+
+def test_a_model_calling_the_fused_op_compiles_and_equals_eager():
+    """The op's schema declares both cache writes, so AOT functionalizes a direct call and the Backend puts the
+    in-place call back (defunctionalize), like fxp.attention."""
+
+    class Direct(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("kc", torch.zeros(4, 16, 2, 8))
+            self.register_buffer("vc", torch.zeros(4, 16, 2, 8))
+
+        def forward(self, q, k, v, slot, pos, cos, sin):
+            out = fxp.attention.rope(q, k, v, self.kc, self.vc, slot, pos, 0.3, cos, sin, True)
+            return out, self.kc.sum()
+
+    q, k, v, _, _, slot, pos, cos, sin = case()
+    got, want, backend, before, after, (e, c) = run_both(Direct, torch.float32, (q, k, v, slot, pos, cos, sin))
+    assert before["auto_functionalized_v2(fxp.attention.rope)"] == 1 and after["fxp.attention.rope"] == 1
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(c.kc, e.kc)
 
 
 @pytest.mark.parametrize("case_name, reason", [
