@@ -57,6 +57,11 @@ fxp = torch.ops.fxp
 aten = torch.ops.aten
 
 
+# The patterns that fold a norm or the SwiGLU activation into a projection (benchmarks/decode.py's "nofuse" mode
+# runs without them, to measure what they change).
+FUSED_PATTERNS = ("rms_norm_linear", "add_rms_norm_linear", "linear_silu_mul", "add_rms_norm_linear_silu_mul")
+
+
 def _val(m: Match, name: str) -> Any:
     v = m.bindings.get(name)
     return v.meta.get("val") if isinstance(v, torch.fx.Node) else None
