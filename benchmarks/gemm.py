@@ -131,63 +131,73 @@ def save(out: str | None, copy: float, rows: list[Row], table: dict) -> None:
                              for (bm, n, k), (t, c) in table.items()]}, f, indent=1)
 
 
-def fused_rows(models: list[str], copy: float, tiles: bool) -> None:
-    """``--fused``: one-token fused ops against their unfused kernels (see the module docstring)."""
+FUSED_SHAPES = {"1b": {"qkv": (3072, 2048), "gate_up": (16384, 2048)},
+                "8b": {"qkv": (6144, 4096), "gate_up": (28672, 4096)},
+                "8b-tp2": {"qkv": (3072, 4096), "gate_up": (14336, 4096)}}
+OTHER_TILES = [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in
+               ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8))]
+
+
+def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool, failures: list[str]) -> None:
+    """One row of ``--fused`` (or, with ``tiles``, the fused kernel's other tiles at that shape)."""
     lin, silu, add_norm = torch.ops.fxp.linear, torch.ops.fxp.silu_and_mul, torch.ops.fxp.add_rms_norm
-    shapes = {"1b": {"qkv": (3072, 2048), "gate_up": (16384, 2048)}, "8b": {"qkv": (6144, 4096), "gate_up": (28672, 4096)},
-              "8b-tp2": {"qkv": (3072, 4096), "gate_up": (14336, 4096)}}
-    print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused us | % copy | vs best unfused | tile |")
+    copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
+    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    i = n // 2
+    silu_mul = name == "gate_up"
+    config = tl_lin.fused_config(1, i, k, silu_mul=True) if silu_mul else tl_lin.fused_config(1, n, k, silu_mul=False)
+    if tiles:
+        for c in OTHER_TILES:
+            if c == config:
+                continue
+
+            def run(x, w, c=c):
+                gate, up = (w[:i], w[i:]) if silu_mul else (w, None)
+                return tl_lin.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, up_weight=up)[0]
+
+            print(f"    {model} {name} tile {c}: {graph_time_us(run, weights, x):.2f} us", flush=True)
+        return
+    variants: dict[str, object] = {}
+    if not silu_mul:
+        variants["unfused, cuBLAS"] = lambda x, w: F.linear(add_norm(x, r, nw, 1e-5)[0], w)
+        variants["unfused, op"] = lambda x, w: lin(add_norm(x, r, nw, 1e-5)[0], w)
+        variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)[0]
+    else:
+        def unfused(proj):
+            return lambda x, w: silu(*proj(add_norm(x, r, nw, 1e-5)[0], w).split([i, i], dim=-1))
+
+        variants["unfused, cuBLAS"] = unfused(F.linear)
+        variants["unfused, op"] = unfused(lin)
+        variants["norm + linear_silu_mul"] = lambda x, w: torch.ops.fxp.linear_silu_mul(add_norm(x, r, nw, 1e-5)[0], w)
+        variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
+    times = {v: graph_time_us(fn, weights, x) for v, fn in variants.items()}
+    want = variants["unfused, cuBLAS"](x, weights[0]).double()
+    got = variants["fused"](x, weights[0]).double()
+    err = ((got - want).norm() / want.norm()).item()
+    if err > 1e-2:
+        failures.append(f"fused {model} {name}: relative error {err:.2e} against the unfused ops")
+    gbs = n * k * 2 / times["fused"] / 1e3
+    best = min(t for v, t in times.items() if v.startswith("unfused"))
+    extra = f" (norm + linear_silu_mul {times['norm + linear_silu_mul']:.2f})" if silu_mul else ""
+    print(f"| {model} | {name} | {n} x {k} | {times['unfused, cuBLAS']:.2f} | {times['unfused, op']:.2f} | "
+          f"{times['fused']:.2f}{extra} | {gbs / copy:.0%} | {best / times['fused']:.2f}x | {config} |", flush=True)
+
+
+def fused_rows(models: list[str], copy: float, tiles: bool) -> None:
+    """``--fused``: one-token fused ops against their unfused kernels (see the module docstring); the other tiles
+    after every row (so a run cut short keeps the rows)."""
+    print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused us | % copy (weight) | "
+          "vs best unfused | tile |")
     print("|---|---|---|---|---|---|---|---|---|")
-    failures = []
-    for model in [m for m in shapes if m.split("-")[0] in models]:
-        for name, (n, k) in shapes[model].items():
-            copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
-            weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            r = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-            nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-            i = n // 2
-            variants: dict[str, object] = {}
-            if name == "qkv":
-                variants["unfused, cuBLAS"] = lambda x, w: F.linear(add_norm(x, r, nw, 1e-5)[0], w)
-                variants["unfused, op"] = lambda x, w: lin(add_norm(x, r, nw, 1e-5)[0], w)
-                variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)[0]
-                config = tl_lin.fused_config(1, n, k, silu_mul=False)
-            else:
-                def unfused(proj):
-                    return lambda x, w: silu(*proj(add_norm(x, r, nw, 1e-5)[0], w).split([i, i], dim=-1))
-
-                variants["unfused, cuBLAS"] = unfused(F.linear)
-                variants["unfused, op"] = unfused(lin)
-                variants["norm + linear_silu_mul"] = lambda x, w: torch.ops.fxp.linear_silu_mul(
-                    add_norm(x, r, nw, 1e-5)[0], w)
-                variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
-                config = tl_lin.fused_config(1, i, k, silu_mul=True)
-            times = {v: graph_time_us(fn, weights, x) for v, fn in variants.items()}
-            want = variants["unfused, cuBLAS"](x, weights[0]).double()
-            got = variants["fused"](x, weights[0]).double()
-            err = ((got - want).norm() / want.norm()).item()
-            if err > 1e-2:
-                failures.append(f"fused {model} {name}: relative error {err:.2e} against the unfused ops")
-            gbs = n * k * 2 / times["fused"] / 1e3
-            best = min(t for v, t in times.items() if v.startswith("unfused"))
-            extra = f" (norm + linear_silu_mul {times['norm + linear_silu_mul']:.2f})" if name == "gate_up" else ""
-            print(f"| {model} | {name} | {n} x {k} | {times['unfused, cuBLAS']:.2f} | {times['unfused, op']:.2f} | "
-                  f"{times['fused']:.2f}{extra} | {gbs / copy:.0%} | {best / times['fused']:.2f}x | {config} |",
-                  flush=True)
-            if tiles:
-                silu_mul = name == "gate_up"
-                for c in (tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in
-                          ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8))):
-                    if c == config:
-                        continue
-
-                    def run(x, w, c=c, silu_mul=silu_mul):
-                        gate, up = (w[:i], w[i:]) if silu_mul else (w, None)
-                        return tl_lin.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, up_weight=up)[0]
-
-                    print(f"    tile {c}: {graph_time_us(run, weights, x):.2f} us", flush=True)
-            del weights
+    failures: list[str] = []
+    chosen = [(m, name, n, k) for m in FUSED_SHAPES if m.split("-")[0] in models
+              for name, (n, k) in FUSED_SHAPES[m].items()]
+    for phase in ((False, True) if tiles else (False,)):
+        for model, name, n, k in chosen:
+            _fused_shape(model, name, n, k, copy, phase, failures)
             torch.cuda.empty_cache()
     if failures:
         print("\nFAILURES:\n" + "\n".join(failures))
