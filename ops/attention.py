@@ -15,6 +15,12 @@ kernel (``ops.triton_attention``) skips them on the device, can be captured, and
 
 Shapes: ``q [T, H, Dk]``, ``k [T, Hkv, Dk]``, ``v [T, Hkv, Dv]``, caches ``[slots, max_len, Hkv, D]``; returns
 ``[T, H, Dv]``. ``H`` must be a multiple of ``Hkv`` (grouped-query attention).
+
+``fxp.attention.rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast)`` is the same call
+on q and k before their rotary embedding: it computes ``rotary_embedding(q, cos, sin, upcast)`` and the same of k
+(exactly that op's arithmetic) and then attends, so its kernels can rotate while they load (the ``rope_attention``
+pattern puts it in). It is an overload of ``fxp.attention``, so whatever names the op ``fxp.attention`` (the
+piecewise CUDA-graph split) covers it too.
 """
 from __future__ import annotations
 
