@@ -173,6 +173,7 @@ def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool
         variants["unfused, op"] = unfused(lin)
         variants["norm + linear_silu_mul"] = lambda x, w: torch.ops.fxp.linear_silu_mul(add_norm(x, r, nw, 1e-5)[0], w)
         variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
+    variants["GEMV alone"] = lambda x, w: lin(x, w)  # fxp.linear by itself: against docs/performance.md's table
     times = {v: graph_time_us(fn, weights, x) for v, fn in variants.items()}
     want = variants["unfused, cuBLAS"](x, weights[0]).double()
     got = variants["fused"](x, weights[0]).double()
@@ -183,15 +184,16 @@ def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool
     best = min(t for v, t in times.items() if v.startswith("unfused"))
     extra = f" (norm + linear_silu_mul {times['norm + linear_silu_mul']:.2f})" if silu_mul else ""
     print(f"| {model} | {name} | {n} x {k} | {times['unfused, cuBLAS']:.2f} | {times['unfused, op']:.2f} | "
-          f"{times['fused']:.2f}{extra} | {gbs / copy:.0%} | {best / times['fused']:.2f}x | {config} |", flush=True)
+          f"{times['fused']:.2f}{extra} | {gbs / copy:.0%} | {best / times['fused']:.2f}x | {config} | "
+          f"{times['GEMV alone']:.2f} |", flush=True)
 
 
 def fused_rows(models: list[str], copy: float, tiles: bool) -> None:
     """``--fused``: one-token fused ops against their unfused kernels (see the module docstring); the other tiles
     after every row (so a run cut short keeps the rows)."""
     print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused us | % copy (weight) | "
-          "vs best unfused | tile |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "vs best unfused | tile | fxp.linear alone us |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     failures: list[str] = []
     chosen = [(m, name, n, k) for m in FUSED_SHAPES if m.split("-")[0] in models
               for name, (n, k) in FUSED_SHAPES[m].items()]
