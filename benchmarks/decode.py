@@ -12,8 +12,10 @@ server pays before its first fast step). Roofline: weight bytes plus the KV byte
 bandwidth measured in the same run. Every mode runs the same model code and the same ``fxp.attention`` op (its
 Triton kernel on CUDA). ``fxpasses+full-cudagraphs-cublas`` is full graphs without the ``linear`` patterns (every
 projection on cuBLAS, norms unfused), to measure what the small-token GEMM path (``fxp.linear``) changes in the
-same run; ``fxpasses+full-cudagraphs-nofuse`` keeps ``fxp.linear`` but not ``add_rms_norm_linear``. Prints a
-markdown table; saves decode_<model>.png in ``--out`` when matplotlib is there.
+same run; ``fxpasses+full-cudagraphs-nofuse`` keeps ``fxp.linear`` but none of the decode fusions of issue 14
+(``FUSIONS``: RMSNorm in the projection's prologue, SiLU-and-mul in the gate/up epilogue, RoPE in attention), to
+measure what they change. Each fxpasses mode prints its pattern matches. Prints a markdown table;
+saves decode_<model>.png in ``--out`` when matplotlib is there.
 
 ``--profile`` adds the kernel census of each mode (issue 14): the step replayed 5 times under the torch profiler
 (CUDA activity, which records the kernels inside CUDA-graph replays), each kernel put in a class by its name, and
@@ -39,6 +41,8 @@ from fxpasses.models import Batch, LlamaConfig, build_model
 MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs",
          "fxpasses+full-cudagraphs-cublas", "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor",
          "fxpasses+inductor+cudagraphs"]
+# the decode fusions of issue 14: what ``fxpasses+full-cudagraphs-nofuse`` leaves out
+FUSIONS = ("rms_norm_linear", "add_rms_norm_linear", "linear_silu_mul", "add_rms_norm_linear_silu_mul", "rope_attention")
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
 
 
@@ -56,7 +60,7 @@ def decode_batch(n: int, context: int, vocab: int) -> Batch:
 
 # kernel classes of the census, first match wins (lower-case substrings of the kernel name)
 KERNEL_CLASSES = [
-    ("add + RMSNorm + GEMV (Triton)", ("_add_norm_gemv_kernel",)),  # before the GEMV class: its name contains it
+    ("fused GEMV: norm / SiLU-and-mul folded in (Triton)", ("_fused_gemv_kernel",)),  # before the GEMV class
     ("GEMM (Triton fxp.linear)", ("_gemv_kernel", "_gemv_rows_kernel", "_small_m_kernel")),
     ("GEMM (cuBLAS)", ("gemm", "gemv", "nvjet", "cutlass", "xmma", "splitk", "cublas")),
     ("attention", ("_attention_kernel",)),
@@ -138,7 +142,7 @@ def make_fn(mode: str, model: torch.nn.Module, sizes: list[int]) -> tuple[Any, f
             cuda_graph_sizes=sizes, splitting_ops=(), patterns=[p for p in patterns.all() if "linear" not in p.name]),
         "fxpasses+full-cudagraphs-nofuse": lambda: fxpasses.Backend(
             cuda_graph_sizes=sizes, splitting_ops=(),
-            patterns=[p for p in patterns.all() if p.name != "add_rms_norm_linear"]),
+            patterns=[p for p in patterns.all() if p.name not in FUSIONS]),
         "fxpasses+inductor": lambda: fxpasses.Backend(inductor=True),
         "fxpasses+inductor+cudagraphs": lambda: fxpasses.Backend(inductor=True,
                                                                  inductor_config={"triton.cudagraphs": True}),
@@ -211,7 +215,8 @@ def main() -> None:
             r = backend.report
             notes.append(f"{mode}: {r.graphs} graphs; inside the backend {r.compile_seconds:.1f} s, of which the "
                          f"fxpasses pipeline {r.pipeline_seconds:.2f} s and pattern set-up "
-                         f"{backend.pattern_setup_seconds:.2f} s; the rest of the compile is Dynamo (and Inductor)")
+                         f"{backend.pattern_setup_seconds:.2f} s; the rest of the compile is Dynamo (and Inductor); "
+                         "matches: " + ", ".join(f"{k}={v}" for k, v in sorted(r.matches.items())))
         roof_ms = (weight_bytes + kv_per_token * args.context) / copy / 1e6
         print(f"| {mode} | {compile_s:.1f} | " + " | ".join(f"{t:.2f}" for t in times)
               + f" | {times[0] / roof_ms:.2f}x |", flush=True)
