@@ -18,7 +18,8 @@ Shapes: ``q [T, H, Dk]``, ``k [T, Hkv, Dk]``, ``v [T, Hkv, Dv]``, caches ``[slot
 
 ``fxp.attention.rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast)`` is the same call
 on q and k before their rotary embedding: it computes ``rotary_embedding(q, cos, sin, upcast)`` and the same of k
-(exactly that op's arithmetic) and then attends, so its kernels can rotate while they load (the ``rope_attention``
+(exactly that op's arithmetic; of the last ``cos.shape[-1]`` features of each head when the tables are narrower,
+as DeepSeek's MLA rotates) and then attends, so its kernels can rotate while they load (the ``rope_attention``
 pattern puts it in). It is an overload of ``fxp.attention``, so whatever names the op ``fxp.attention`` (the
 piecewise CUDA-graph split) covers it too.
 """
@@ -132,18 +133,23 @@ def _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upc
     check_float("attention.rope", cos=cos, sin=sin)
     check_same_device("attention.rope", q=q, cos=cos, sin=sin)
     _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
-    if q.shape[-1] % 2:
-        raise ValueError(f"fxp.attention.rope: the head_dim of q and k ({q.shape[-1]}) must be even to rotate halves.")
+    rot = cos.shape[-1] if cos.dim() else 0
+    if rot % 2 or not 0 < rot <= q.shape[-1]:
+        raise ValueError(
+            f"fxp.attention.rope: cos and sin have {rot} features, but the rotation needs an even number of them, "
+            f"at most the head_dim ({q.shape[-1]}): the last that many features of each q and k head are rotated.")
     for name, table in (("cos", cos), ("sin", sin)):
         for x_name, x in (("q", q), ("k", k)):
+            part = x[..., x.shape[-1] - rot:]
             try:
-                shape = torch.broadcast_shapes(x.shape, table.shape)
+                shape = torch.broadcast_shapes(part.shape, table.shape)
             except RuntimeError:
                 shape = None
-            if shape is None or tuple(shape) != tuple(x.shape):
+            if shape is None or tuple(shape) != tuple(part.shape):
                 raise ValueError(
-                    f"fxp.attention.rope: {name} {tuple(table.shape)} must broadcast to {x_name} {tuple(x.shape)} "
-                    f"without enlarging it (one row per token, e.g. [tokens, 1, head_dim]).")
+                    f"fxp.attention.rope: {name} {tuple(table.shape)} must broadcast to the rotated part of "
+                    f"{x_name} {tuple(part.shape)} without enlarging it (one row per token, e.g. [tokens, 1, "
+                    f"{rot}]).")
     if not upcast and (cos.dtype != q.dtype or sin.dtype != q.dtype or k.dtype != q.dtype):
         raise ValueError(
             f"fxp.attention.rope: without upcast the rotation is computed in the input dtype, so q ({q.dtype}), k "
@@ -151,12 +157,23 @@ def _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upc
             "rotation in float32) or cast the tables.")
 
 
+def _rotate_last(x, cos, sin, upcast):
+    """``rotary_embedding`` of the last ``cos.shape[-1]`` features of x, the others as they are (DeepSeek's MLA
+    concatenates an unrotated part and a rotated part of each head)."""
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return rotary_embedding_reference(x, cos, sin, upcast)
+    keep, part = x.split([x.shape[-1] - rot, rot], dim=-1)
+    return torch.cat((keep, rotary_embedding_reference(part, cos, sin, upcast)), dim=-1)
+
+
 def rope_attention_reference(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast):
-    """Exactly ``rotary_embedding(q)``, ``rotary_embedding(k)`` (same upcast and rounding as that op), then
-    ``attention``: the pattern that puts this op in never changes a number on the CPU."""
+    """Exactly ``rotary_embedding(q)``, ``rotary_embedding(k)`` (same upcast and rounding as that op; of the last
+    ``cos.shape[-1]`` features when the tables are narrower than a head), then ``attention``: the pattern that puts
+    this op in never changes a number on the CPU."""
     _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast)
-    q = rotary_embedding_reference(q, cos, sin, upcast)
-    k = rotary_embedding_reference(k, cos, sin, upcast)
+    q = _rotate_last(q, cos, sin, upcast)
+    k = _rotate_last(k, cos, sin, upcast)
     return _attention(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale)
 
 

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fxpasses.ops.attention import PAD_SLOT, _check, _check_rope
+from fxpasses.ops.attention import PAD_SLOT, _check, _check_rope, _rotate_last
 from fxpasses.ops.library import LIB, TOKEN_PADDING
 from fxpasses.ops.triton_rounding import round_as
 
@@ -42,22 +42,25 @@ from fxpasses.ops.triton_rounding import round_as
 def _rotated_row(X, COS, SIN, d, valid, DK, HALF, UPCAST: tl.constexpr):
     """A row of ``X`` at columns ``d`` rotated as ``fxp.rotary_embedding`` rotates it, rounded to X's dtype.
 
-    Column ``d`` pairs with ``d + HALF`` (first half, negated) or ``d - HALF`` (second half), so the row is loaded
-    twice in a permuted order instead of split: ``x * cos + rotate_half(x) * sin`` element by element, with the
-    products and the sum rounded where the op rounds them. ``valid``: which rows exist (broadcast with ``d``)."""
-    first = d < HALF
+    The last ``2 * HALF`` columns are rotated (all of them but for MLA's unrotated leading part), the others kept.
+    Rotated column ``d`` pairs with ``d + HALF`` (first half, negated) or ``d - HALF`` (second half), so the row is
+    loaded twice in a permuted order instead of split: ``x * cos + rotate_half(x) * sin`` element by element, with
+    the products and the sum rounded where the op rounds them. ``valid``: which rows exist (broadcast with ``d``)."""
+    e = d - (DK - 2 * HALF)  # the column inside the rotated part; negative: not rotated
+    rot = e >= 0
+    first = e < HALF
     partner = tl.where(first, d + HALF, d - HALF)
     x = tl.load(X + d, mask=(d < DK) & valid, other=0.0)
-    xp = tl.load(X + partner, mask=(d < DK) & valid, other=0.0)
-    c = tl.load(COS + d, mask=d < DK, other=0.0)
-    s = tl.load(SIN + d, mask=d < DK, other=0.0)
+    xp = tl.load(X + partner, mask=(d < DK) & valid & rot, other=0.0)
+    c = tl.load(COS + e, mask=(d < DK) & rot, other=0.0)
+    s = tl.load(SIN + e, mask=(d < DK) & rot, other=0.0)
     xp = tl.where(first, -xp, xp)
     if UPCAST:  # float32 throughout, one rounding at the end
         r = x.to(tl.float32) * c.to(tl.float32) + xp.to(tl.float32) * s.to(tl.float32)
     else:  # the input dtype: each product rounded to it, then the sum (rounded below)
         dt = X.dtype.element_ty
         r = round_as(x.to(tl.float32) * c.to(tl.float32), dt) + round_as(xp.to(tl.float32) * s.to(tl.float32), dt)
-    return r.to(X.dtype.element_ty)
+    return tl.where(rot, r.to(X.dtype.element_ty), x)
 
 
 @triton.jit
@@ -168,12 +171,13 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
         return out
     cos, sin, upcast = rope if rope is not None else (q, q, False)  # unread without ROPE
     sct, sst = (cos.stride(0), sin.stride(0)) if rope is not None else (0, 0)
+    half = cos.shape[-1] // 2 if rope is not None else 0  # the last 2 * half features of q and k are rotated
     block_dk, block_dv = max(triton.next_power_of_2(dk), 16), max(triton.next_power_of_2(dv), 16)
     common = dict(BLOCK_DK=block_dk, BLOCK_DV=block_dv, ROPE=rope is not None, UPCAST=bool(upcast))
     if not fuse_write:
         _cache_write_kernel[(tokens, kv_heads)](
             k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, k.stride(0), k.stride(1), v.stride(0),
-            v.stride(1), sct, sst, *k_cache.stride()[:3], *v_cache.stride()[:3], dk, dv, dk // 2, num_warps=1,
+            v.stride(1), sct, sst, *k_cache.stride()[:3], *v_cache.stride()[:3], dk, dv, half, num_warps=1,
             **common,
         )
     group = heads // kv_heads
@@ -181,7 +185,7 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
     _attention_kernel[(tokens, kv_heads)](
         q, k_cache, v_cache, slot_ids, position_ids, out, k, v, cos, sin, float(scale), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), sct, sst, group, dk, dv, dk // 2,
+        v.stride(0), v.stride(1), sct, sst, group, dk, dv, half,
         BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32,
         WRITE=fuse_write, num_warps=4, **common,
     )
@@ -204,11 +208,10 @@ def _token_rows(table: torch.Tensor, tokens: int, dim: int) -> torch.Tensor | No
 
 def rope_attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, cos, sin, upcast):
     _check_rope(q, k, v, k_cache, v_cache, slot_ids, position_ids, cos, sin, upcast)
-    c, s = _token_rows(cos, q.shape[0], q.shape[2]), _token_rows(sin, q.shape[0], q.shape[2])
+    c, s = _token_rows(cos, q.shape[0], cos.shape[-1]), _token_rows(sin, q.shape[0], cos.shape[-1])
     if c is None or s is None:  # another layout of the tables: rotate separately (correct, not fused)
-        rq = torch.ops.fxp.rotary_embedding(q, cos, sin, upcast)
-        rk = torch.ops.fxp.rotary_embedding(k, cos, sin, upcast)
-        return attention_cuda(rq, rk, v, k_cache, v_cache, slot_ids, position_ids, scale)
+        return attention_cuda(_rotate_last(q, cos, sin, upcast), _rotate_last(k, cos, sin, upcast), v, k_cache,
+                              v_cache, slot_ids, position_ids, scale)
     return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, (c, s, upcast), q.shape[0] == 1)
 
 

@@ -54,6 +54,21 @@ def test_op_is_rotary_then_attention_bit_for_bit(dtype, upcast, pad):
         assert not out[-pad:].any()  # padded tokens: zero rows, nothing written (the caches equal the composition's)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_tables_rotate_the_last_features_of_each_head(dtype):
+    """MLA's layout: each head is [unrotated | rotated]; tables of 4 features rotate the last 4 of 12."""
+    q, k, v, kc, vc, slot, pos = attention_inputs(6, 4, 4, 12, 8, slots=4, max_len=16, dtype=dtype, pad=1)
+    cos, sin = tables(6, 4, torch.float32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    out = fxp.attention.rope(q, k, v, kc, vc, slot, pos, 0.3, cos, sin, True)
+
+    def rotate(x):
+        return torch.cat((x[..., :8], fxp.rotary_embedding(x[..., 8:], cos, sin, True)), dim=-1)
+
+    assert torch.equal(out, fxp.attention(rotate(q), rotate(k), v, kc2, vc2, slot, pos, 0.3))
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
 def test_padded_tokens_write_nothing():
     q, k, v, kc, vc, slot, pos, cos, sin = case(pad=6)  # every token padded
     before = kc.clone(), vc.clone()
@@ -63,9 +78,12 @@ def test_padded_tokens_write_nothing():
 
 @pytest.mark.parametrize("change, message", [
     (lambda a: a.update(q=a["q"][..., :7], k=a["k"][..., :7], kc=a["kc"][..., :7], cos=a["cos"][..., :7],
-                        sin=a["sin"][..., :7]), "head_dim of q and k \\(7\\) must be even"),
-    (lambda a: a.update(cos=a["cos"].expand(6, 3, 8)), "cos \\(6, 3, 8\\) must broadcast to q \\(6, 4, 8\\) without enlarging"),
-    (lambda a: a.update(sin=a["sin"][:, :, :4]), "sin \\(6, 1, 4\\) must broadcast to q"),
+                        sin=a["sin"][..., :7]), "cos and sin have 7 features, but the rotation needs an even number"),
+    (lambda a: a.update(cos=a["cos"].expand(6, 3, 8)),
+     "cos \\(6, 3, 8\\) must broadcast to the rotated part of q \\(6, 4, 8\\) without enlarging"),
+    (lambda a: a.update(sin=a["sin"][:, :, :4]), "sin \\(6, 1, 4\\) must broadcast to the rotated part of q \\(6, 4, 8\\)"),
+    (lambda a: a.update(cos=a["cos"][..., :3], sin=a["sin"][..., :3]), "cos and sin have 3 features, but the rotation needs an even"),
+    (lambda a: a.update(cos=torch.ones(6, 1, 10), sin=torch.ones(6, 1, 10)), "at most the head_dim \\(8\\)"),
     (lambda a: a.update(cos=a["cos"].to("meta")), "argument 'cos' is on device meta but 'q' is on cpu"),
     (lambda a: a.update(sin=a["sin"].int()), "argument 'sin' has dtype torch.int32"),
     (lambda a: a.update(upcast=False), "pass upcast=True .* or cast the tables"),
@@ -294,13 +312,14 @@ from fxpasses.ops import triton_attention as ta
 from fxpasses.ops.attention import rope_attention_reference, _attention
 fails = []
 # float16, not bf16: the interpreter's bf16 dot is wrong (numpy has no bf16; the original kernel fails there too)
-for dtype, tokens, pad, upcast, (h, hkv, d) in itertools.product(
-        [torch.float32, torch.float16], [1, 5], [0, 2], [True, False], [(4, 2, 8), (6, 2, 12)]):
+# (heads, kv heads, head_dim, rotated features): whole heads, and MLA's rotated tail of each head
+for dtype, tokens, pad, upcast, (h, hkv, d, r) in itertools.product(
+        [torch.float32, torch.float16], [1, 5], [0, 2], [True, False], [(4, 2, 8, 8), (6, 2, 12, 12), (4, 4, 12, 4)]):
     if tokens == 1 and pad:
         continue
     q, k, v, kc, vc, s, p = attention_inputs(tokens, h, hkv, d, d, slots=4, max_len=40, dtype=dtype, pad=pad)
     g = torch.Generator().manual_seed(tokens)
-    ang = torch.rand(tokens, 1, d, generator=g) * 6
+    ang = torch.rand(tokens, 1, r, generator=g) * 6
     table = torch.float32 if upcast else dtype
     cos, sin = ang.cos().to(table), ang.sin().to(table)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
@@ -312,7 +331,7 @@ for dtype, tokens, pad, upcast, (h, hkv, d) in itertools.product(
         kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
         a, b = ref(kc1, vc1), got(kc2, vc2)
         if not (torch.equal(kc1, kc2) and torch.equal(vc1, vc2) and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)):
-            fails.append((name, dtype, tokens, pad, upcast, h, hkv, d))
+            fails.append((name, dtype, tokens, pad, upcast, h, hkv, d, r))
 print("FAILS", fails)
 sys.exit(1 if fails else 0)
 """
@@ -334,22 +353,28 @@ TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
-def _rotated_ref64(q, k, cos, sin, upcast):
-    """The CPU op's rotation (the reference's rounding), for the float64 attention reference."""
-    return (fxp.rotary_embedding(q.cpu(), cos.cpu(), sin.cpu(), upcast),
-            fxp.rotary_embedding(k.cpu(), cos.cpu(), sin.cpu(), upcast))
+def _rotated_ref(q, k, cos, sin, upcast):
+    """The CPU op's rotation (the reference's rounding) of the last cos.shape[-1] features, for the float64
+    attention reference."""
+    def rotate(x):
+        x, rot = x.cpu(), cos.shape[-1]
+        part = fxp.rotary_embedding(x[..., x.shape[-1] - rot:], cos.cpu(), sin.cpu(), upcast)
+        return torch.cat((x[..., :x.shape[-1] - rot], part), dim=-1)
+
+    return rotate(q), rotate(k)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("upcast", [True, False])
 @pytest.mark.parametrize("tokens, pad", [(1, 0), (12, 3)])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 64), (6, 2, 12)])
-def test_gpu_rope_kernels_match_the_reference(dtype, upcast, tokens, pad, heads, kv_heads, dim):
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [(32, 8, 64, 64), (6, 2, 12, 12), (16, 16, 192, 64)])
+def test_gpu_rope_kernels_match_the_reference(dtype, upcast, tokens, pad, heads, kv_heads, dim, rot):
+    """Whole heads rotated (Llama) and the last 64 of 192 features (DeepSeek-V3's MLA head)."""
     q, k, v, kc, vc, slot, pos = attention_inputs(tokens, heads, kv_heads, dim, dim, slots=13, max_len=70,
                                                   dtype=dtype, device="cuda", pad=pad)
-    cos, sin = tables(tokens, dim, torch.float32 if upcast else dtype, device="cuda")
-    rq, rk = _rotated_ref64(q, k, cos, sin, upcast)
+    cos, sin = tables(tokens, rot, torch.float32 if upcast else dtype, device="cuda")
+    rq, rk = _rotated_ref(q, k, cos, sin, upcast)
     out_ref, kc_ref, vc_ref = attention_ref64(rq, rk, v, kc, vc, slot, pos, dim ** -0.5)
     out = fxp.attention.rope(q, k, v, kc, vc, slot, pos, dim ** -0.5, cos, sin, upcast)
     torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[dtype])
@@ -374,7 +399,7 @@ def test_gpu_one_token_single_launch_reads_the_row_it_wrote(rope):
     pos.fill_(257)
     kc[slot[0], 257], vc[slot[0], 257] = 1e4, -1e4
     cos, sin = tables(1, dim, torch.float32, device="cuda")
-    rq, rk = _rotated_ref64(q, k, cos, sin, True) if rope else (q, k)
+    rq, rk = _rotated_ref(q, k, cos, sin, True) if rope else (q, k)
     out_ref, kc_ref, _ = attention_ref64(rq, rk, v, kc, vc, slot, pos, 0.125)
 
     def call(kc, vc):
