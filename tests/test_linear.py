@@ -361,13 +361,15 @@ def test_predicted_matches_on_cuda_count_every_stage_role():
 
     config = LlamaConfig(num_layers=4)
     one = config.predicted_matches(fxpasses.Mapping(), cuda=True)
+    rope = {"rotary_embedding": 8, "rope_attention": 4}  # the attention side's (RoPE folded into fxp.attention)
     assert one == {"rms_norm_linear": 1, "add_rms_norm_linear": 4, "add_rms_norm_linear_silu_mul": 4, "linear": 8,
-                   "rotary_embedding": 8}
+                   **rope}
     assert config.predicted_matches(fxpasses.Mapping(2, 0, 2, 1), cuda=True) == one  # TP: the same ops per rank
     first, last = (config.predicted_matches(fxpasses.Mapping(2, r, 1, 2), cuda=True) for r in (0, 1))
+    rope = {"rotary_embedding": 4, "rope_attention": 2}
     assert first == {"rms_norm_linear": 1, "add_rms_norm_linear": 1, "add_rms_norm_linear_silu_mul": 2, "linear": 4,
-                     "rotary_embedding": 4}
-    assert last == {"add_rms_norm_linear": 3, "add_rms_norm_linear_silu_mul": 2, "linear": 4, "rotary_embedding": 4}
+                     **rope}
+    assert last == {"add_rms_norm_linear": 3, "add_rms_norm_linear_silu_mul": 2, "linear": 4, **rope}
 
 
 # ---- Triton's interpreter (CPU): the fused kernel's prologue and epilogue ---------------------------------------

@@ -73,12 +73,12 @@ class LlamaConfig:
         ``allreduce_add_rms_norm`` and a projection, on a GPU where that op is NCCL plus the norm kernel)."""
         layers = mapping.pp_layers(self.num_layers)
         counts = predicted_matches(mapping, layers, extra_norms_per_layer=0)
-        if not inductor:  # RoPE on q and k, one SwiGLU activation per layer
-            counts.update(rotary_embedding=2 * len(layers), silu_and_mul=len(layers))
+        if not inductor:  # RoPE on q and k (then both folded into the layer's attention call), one SwiGLU activation
+            counts.update(rotary_embedding=2 * len(layers), rope_attention=len(layers), silu_and_mul=len(layers))
         if cuda and not inductor:
             n = len(layers)
             last = 1 if mapping.is_last_pp_rank else 0
-            counts = {"rotary_embedding": 2 * n, "linear": 2 * n, "add_rms_norm_linear_silu_mul": n}
+            counts = {"rotary_embedding": 2 * n, "rope_attention": n, "linear": 2 * n, "add_rms_norm_linear_silu_mul": n}
             # qkv of layers 1.. and the LM head; the first layer's qkv on a later stage norms the received pair
             with_add = (n - 1) + last + (0 if mapping.is_first_pp_rank else 1)
             counts.update({k: v for k, v in (("add_rms_norm_linear", with_add),
