@@ -260,20 +260,63 @@ def test_llama_fuses_every_layer_and_equals_eager(dtype):
         assert torch.equal(g, e)
 
 
-def test_deepseek_partial_rope_is_left_alone():
-    """MLA rotates only the last qk_rope_head_dim features of each head and shares one rotated k_pe over the heads
-    (expand, then cat with the unrotated part): the attention call reads concatenations, not rotations, so the
-    rotations stay separate ops (fxp.rotary_embedding) and nothing changes."""
-    config = DeepSeekConfig(num_layers=2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepseek_mla_rope_fuses_and_equals_eager(dtype):
+    """MLA rotates the last qk_rope_head_dim features of each head (q = cat(q_nope, rot(q_pe))) and shares one
+    rotated k_pe over the heads (k = cat(k_nope, rot(k_pe).expand(...))): the call gets q and k rebuilt from the
+    unrotated parts the same way, and the narrow tables rotate each head's tail. Bit for bit on the CPU."""
+    config = dataclasses.replace(DeepSeekConfig(num_layers=2), dtype=dtype)
     steps = make_steps(config.vocab_size, decode_steps=1)
     expected = run_steps(build_model("deepseek", config), steps)
     model = build_model("deepseek", config)
     backend = RecordingBackend()
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    assert "rope_attention" not in backend.report.matches and backend.report.matches["rotary_embedding"] == 4
-    assert backend.after["fxp.attention"] == 2 and "fxp.attention.rope" not in backend.after
+    assert backend.report.matches == {**config.predicted_matches(fxpasses.Mapping()), "rope_attention": 2}
+    assert backend.after["fxp.attention.rope"] == 2 and "fxp.attention" not in backend.after
+    assert "fxp.rotary_embedding" not in backend.after
     assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+class MLA(torch.nn.Module):
+    """The MLA operand forms alone: q = cat(q_nope, rot(q_pe)), k = cat(k_nope, rot(k_pe).expand(heads))."""
+
+    def __init__(self, leak=None):
+        super().__init__()
+        self.leak = leak
+        self.register_buffer("kc", torch.zeros(4, 16, 4, 12))
+        self.register_buffer("vc", torch.zeros(4, 16, 4, 8))
+
+    def forward(self, q, k_nope, k_pe, v, slot, pos, cos, sin):
+        q_nope, q_pe = q.split([8, 4], dim=-1)
+        rq = fxp.rotary_embedding(q_pe, cos, sin, True)
+        rk = fxp.rotary_embedding(k_pe, cos, sin, True).expand(-1, 4, -1)
+        qq, kk = torch.cat((q_nope, rq), dim=-1), torch.cat((k_nope, rk), dim=-1)
+        out = fxp.attention(qq, kk, v, self.kc, self.vc, slot, pos, 0.3)
+        return (out, {"expanded k_pe": rk, "q": qq}[self.leak] * 2) if self.leak else out
+
+
+def mla_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k_nope, k_pe, v = (torch.randn(*s, generator=g) for s in ((5, 4, 12), (5, 4, 8), (5, 1, 4), (5, 4, 8)))
+    cos, sin = tables(5, 4, torch.float32)
+    return q, k_nope, k_pe, v, torch.tensor([0, 0, 0, 1, 2]), torch.tensor([0, 1, 2, 4, 7]), cos, sin
+
+
+@pytest.mark.parametrize("leak, reason", [(None, None), ("expanded k_pe", "the expanded rotation of k .* has another reader"),
+                                          ("q", "the rotated q .* has another reader")])
+def test_mla_operands_fuse_unless_read_elsewhere(leak, reason):
+    args = mla_inputs()
+    got, want, backend, _, after, (e, c) = run_both(lambda: MLA(leak), torch.float32, args)
+    if leak is None:
+        assert backend.report.matches == {"rope_attention": 1} and after["fxp.attention.rope"] == 1
+        assert torch.equal(got, want)
+    else:
+        assert "rope_attention" not in backend.report.matches and after["fxp.attention"] == 1
+        misses = [m for m in backend.report.near_misses if m.pattern == "rope_attention"]
+        assert any(__import__("re").search(reason, m.reason) for m in misses), backend.report.near_misses
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(c.kc, e.kc)
 
 
 def test_piecewise_cuda_graphs_split_at_the_fused_op():
