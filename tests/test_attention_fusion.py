@@ -408,8 +408,7 @@ def _rotated_ref(q, k, cos, sin, upcast):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("upcast", [True, False])
+@pytest.mark.parametrize("dtype, upcast", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)])
 @pytest.mark.parametrize("tokens, pad", [(1, 0), (12, 3)])
 @pytest.mark.parametrize("heads, kv_heads, dim, rot", [(32, 8, 64, 64), (6, 2, 12, 12), (16, 16, 192, 64)])
 def test_gpu_rope_kernels_match_the_reference(dtype, upcast, tokens, pad, heads, kv_heads, dim, rot):
@@ -464,24 +463,27 @@ def test_gpu_one_token_single_launch_reads_the_row_it_wrote(rope):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splitting_ops", [("fxp.attention",), ()], ids=["piecewise", "full"])
-def test_gpu_compiled_llama_with_fused_rope_equals_eager(splitting_ops):
-    """bf16 Llama on CUDA with CUDA graphs (prefill, multi-token decode with padding, then 1-token decode): RoPE
-    fused into every attention call, steps equal eager within the model tests' tolerance."""
+@pytest.mark.parametrize("name, splitting_ops", [("llama", ("fxp.attention",)), ("llama", ()), ("deepseek", ())],
+                         ids=["llama-piecewise", "llama-full", "deepseek-full"])
+def test_gpu_compiled_model_with_fused_rope_equals_eager(name, splitting_ops):
+    """bf16 models on CUDA with CUDA graphs (prefill, 2-token decode, then 1-token decode: a second, static graph):
+    RoPE folded into every attention call, every step equal to eager within the model tests' tolerance."""
     from fxpasses.models import Batch
 
-    config = dataclasses.replace(LlamaConfig(), dtype=torch.bfloat16, max_slots=6)
+    config = dataclasses.replace({"llama": LlamaConfig, "deepseek": DeepSeekConfig}[name](), dtype=torch.bfloat16,
+                                 max_slots=6)
     steps = make_steps(config.vocab_size, prompt_lens=(5, 3), decode_steps=3)
     g = torch.Generator().manual_seed(1)
     for k in range(3):
         steps.append(Batch(torch.randint(0, 128, (1,), generator=g), torch.tensor([9 + k]), torch.tensor([1])))
     steps = [dataclasses.replace(b, **{f: getattr(b, f).cuda() for f in ("input_ids", "position_ids", "slot_ids")})
              for b in steps]
-    expected = run_steps(build_model("llama", config).cuda(), steps)
-    model = build_model("llama", config).cuda()
+    expected = run_steps(build_model(name, config).cuda(), steps)
+    model = build_model(name, config).cuda()
     backend = fxpasses.Backend(cuda_graph_sizes=[1, 2, 4, 16], splitting_ops=splitting_ops)
     torch._dynamo.reset()
     got = run_steps(model, steps, torch.compile(model, backend=backend))
-    assert backend.report.matches.get("rope_attention") == 2 * config.num_layers  # the dynamic and the 1-token graph
+    assert backend.report.graphs == 2
+    assert backend.report.matches.get("rope_attention") == 2 * config.num_layers  # both graphs, every layer
     for step, (a, b) in enumerate(zip(got, expected)):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2, msg=f"step {step}")
