@@ -135,7 +135,8 @@ FUSED_SHAPES = {"1b": {"qkv": (3072, 2048), "gate_up": (16384, 2048)},
                 "8b": {"qkv": (6144, 4096), "gate_up": (28672, 4096)},
                 "8b-tp2": {"qkv": (3072, 4096), "gate_up": (14336, 4096)}}
 OTHER_TILES = [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in
-               ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8))]
+               ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (1, 4096, 4),
+                (2, 4096, 8))]  # BLOCK_K = K (2048 for 1B, 4096 for 8B): the row stays in registers
 
 
 def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool, failures: list[str]) -> None:

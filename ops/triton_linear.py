@@ -68,7 +68,7 @@ class Config:
 @triton.jit
 def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
                HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr):
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr):
     """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
 
     Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
@@ -78,7 +78,8 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
     K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then recomputes each
     chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds it
     (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
-    add) and program 0 of the row writes it to ``ROUT``.
+    add) and program 0 of the row writes it to ``ROUT``. ``ROW_IN_REGS`` (``BLOCK_K == BLOCK_ROW``: one step
+    covers the row) reuses the first pass's ``h`` instead of loading x (and r) again.
 
     ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
     both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
@@ -106,13 +107,18 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
         wmask = (rn[:, None] < N) & kmask[None, :]
         if EVEN:
             w = tl.load(w_ptrs + k0)
-            a = tl.load(X + m * sxm + k0 + rk).to(tl.float32)
         else:
             w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
-            a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-        if NORM:
+        if ROW_IN_REGS:  # one step covers the row: the first pass's h, already in registers
+            a = hrow
+        else:
+            if EVEN:
+                a = tl.load(X + m * sxm + k0 + rk).to(tl.float32)
+            else:
+                a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
+        if NORM:
             nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
             a = round_as(nw * round_as(a * rstd, dt), dt)
         acc += w.to(tl.float32) * a[None, :]
@@ -137,17 +143,18 @@ def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``fxp.linear`` at one token: the GEMV without prologue or epilogue."""
     _gemv_body(X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som, 0.0, False, False, HAS_BIAS, False, EVEN,
-               BLOCK_N, BLOCK_K, 1)
+               BLOCK_N, BLOCK_K, 1, False)
 
 
 @triton.jit
 def _fused_gemv_kernel(X, R, NW, W, W2, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
+                       ROW_IN_REGS: tl.constexpr):
     """The fused ops at one token: the same GEMV with the norm prologue and/or the SiLU-and-mul epilogue (its own
     name, so a profiler's kernel census tells the fused launches from plain ones)."""
     _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, HAS_RESIDUAL, False,
-               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW)
+               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS)
 
 
 @triton.jit
@@ -345,6 +352,7 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     h = torch.empty((m, k), dtype=x2.dtype, device=x2.device) if residual is not None else None
     norm = norm_weight is not None
+    row = triton.next_power_of_2(k) if norm else 1
     if m and n and k:
         c = config
         r = residual if residual is not None else x2  # never read without HAS_RESIDUAL (nor the dummies below)
@@ -353,7 +361,7 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
             h if h is not None else out, n, k, x2.stride(0), r.stride(0), h.stride(0) if h is not None else 0,
             weight.stride(0), out.stride(0), eps, NORM=norm, HAS_RESIDUAL=residual is not None,
             SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, BLOCK_ROW=triton.next_power_of_2(k) if norm else 1, num_warps=c.num_warps,
+            BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and c.block_k == row, num_warps=c.num_warps,
             num_stages=c.num_stages)
     return out, h
 
