@@ -356,7 +356,13 @@ class Backend:
                 capture.refused = "a pass failed and was rolled back (compiled again next time)"
             else:
                 try:
-                    capture.graph = compat.pickle_graph_module(gm, keep_values=bool(self.cuda_graph_sizes))
+                    if self.cuda_graph_sizes:  # the runner's values only (fxpasses.cudagraphs.nodes_the_runner_reads)
+                        from fxpasses.cudagraphs import nodes_the_runner_reads
+
+                        capture.graph = compat.pickle_graph_module_values(
+                            gm, nodes_the_runner_reads(gm, self.splitting_ops))
+                    else:
+                        capture.graph = compat.pickle_graph_module(gm, keep_values=False)
                 except Exception as err:  # noqa: BLE001  (a graph holding something GraphPickler refuses)
                     capture.refused = f"the graph does not serialize ({type(err).__name__}: {err})"
         runner = self._cuda_graphs(gm, index)

@@ -500,3 +500,18 @@ def optimized_module_type() -> type:
     from torch._dynamo.eval_frame import OptimizedModule
 
     return OptimizedModule
+
+
+def pickle_graph_module_values(gm: torch.fx.GraphModule, keep: Any) -> bytes:
+    """``pickle_graph_module`` keeping ``meta['val']`` on the nodes in ``keep`` only (no other metadata): loading a
+    fake tensor per node is most of a large graph's load time, and a runner reads few of them."""
+    from torch.fx._graph_pickler import GraphPickler, Options
+
+    metas = {node: node.meta for node in gm.graph.nodes}
+    try:
+        for node, meta in metas.items():
+            node.meta = {"val": meta["val"]} if node in keep and "val" in meta else {}
+        return GraphPickler.dumps(gm, Options(ops_filter=None))
+    finally:
+        for node, meta in metas.items():
+            node.meta = meta

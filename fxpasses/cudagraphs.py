@@ -319,3 +319,31 @@ class PiecewiseCudaGraphs:
         result = [o[:n].clone() if k in layout.token_outputs else (o.clone() if isinstance(o, torch.Tensor) else o)
                   for k, o in enumerate(outs)]
         return type(out)(result) if isinstance(out, (tuple, list)) else result[0]
+
+
+def nodes_the_runner_reads(gm: torch.fx.GraphModule, splitting_ops: Sequence[str]) -> set[torch.fx.Node]:
+    """The nodes whose ``meta['val']`` ``PiecewiseCudaGraphs`` reads: the graph's inputs and outputs
+    (``token_layout``), what each op writes and the arguments of ops in ``ops.TOKEN_PADDING`` with their bases
+    (``plan_padding``), and the inputs of splitting ops (the placeholders of the eager pieces, ``_token_args``).
+
+    A cached graph keeps only these values (unpickling every node's fake tensor cost a loaded 16-layer model 1.9 of
+    2.8 s). Whatever the runner reads must be listed here; ``tests/test_precompile.py`` checks that a runner built
+    from the kept values decides as one built from the full graph."""
+    splitting = set(splitting_ops)
+    keep: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            keep.add(node)
+        elif node.op == "output":
+            keep.update(node.all_input_nodes)
+        elif node.op == "call_function":
+            written = written_tensors(node)
+            if written or node.target in ops.TOKEN_PADDING or _op_name(node.target) in splitting:
+                for arg in list(node.all_input_nodes) + list(written):
+                    while isinstance(arg, torch.fx.Node):  # the argument and each view down to its base
+                        keep.add(arg)
+                        base = base_of(arg)
+                        if base is arg:
+                            break
+                        arg = arg.args[0] if arg.args and isinstance(arg.args[0], torch.fx.Node) else base
+    return keep

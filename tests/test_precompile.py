@@ -257,8 +257,8 @@ def test_cuda_graph_runner_is_rebuilt_after_load_on_cpu(tmp_path):
     from fxpasses.models import LlamaConfig, build_model
     from fxpasses.testing import warmup_cuda_graph_backend
 
-    config = dataclasses.replace(LlamaConfig(max_slots=32), num_layers=1)
-    statuses = []
+    config = dataclasses.replace(LlamaConfig(max_slots=32), num_layers=2)
+    statuses, runners = [], []
     for _ in range(2):
         model, eager = build_model("llama", config), build_model("llama", config)
         backend = warmup_cuda_graph_backend([1, 32], patterns=[])
@@ -272,7 +272,17 @@ def test_cuda_graph_runner_is_rebuilt_after_load_on_cpu(tmp_path):
         assert len(backend.runners) == 1 and backend.runners[0].sizes == [1, 32]
         assert backend.token_dims[0] is not None and backend.token_dims[0].is_dynamic
         statuses.append(compiled.status)
+        runners.append(backend.runners[0])
     assert statuses[0].saved and statuses[1].loaded, (str(statuses[0]), str(statuses[1]))
+    # the saved graph keeps only the values the runner reads: it must decide as the runner of the full graph did
+    fresh, loaded = runners
+    assert loaded.layout == fresh.layout and loaded.pad_values == fresh.pad_values
+    assert fresh.layout.tensor_inputs and fresh.layout.token_outputs
+
+    def eager_token_args(runner):
+        return {name: piece.token_args for name, piece in runner.pieces.items() if hasattr(piece, "token_args")}
+
+    assert eager_token_args(loaded) == eager_token_args(fresh) and any(eager_token_args(fresh).values())
 
 
 @pytest.mark.gpu
