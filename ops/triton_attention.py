@@ -73,7 +73,8 @@ def _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, 
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
     if ROPE:
-        k = _rotated_row(K + t * skt + h * skh, COS + t * sct, SIN + t * sst, dk, True, DK, HALF, UPCAST)
+        k = _rotated_row(K + t * skt + h * skh, COS + t * sct, SIN + t * sst, dk, dk < DK, DK, HALF,
+                         UPCAST)
     else:
         k = tl.load(K + t * skt + h * skh + dk, mask=dk < DK)
     tl.store(KC + slot * skc_s + pos * skc_l + h * skc_h + dk, k.to(KC.dtype.element_ty), mask=(dk < DK) & real)
