@@ -322,13 +322,16 @@ def test_cuda_graphs_hit_equals_eager(tmp_path):
              for s in make_steps(config.vocab_size, decode_steps=2)]
     with torch.device("cuda"):
         eager = run_steps(build_model("llama", config), steps)
-    events = []
+    events, runs = [], []
     for _ in range(2):
         torch._dynamo.reset()
         with torch.device("cuda"):
             model = build_model("llama", config)
         backend = fxpasses.Backend(cache=tmp_path, cuda_graph_sizes=[1, 2, 4, 8, 16])
-        outs = run_steps(model, steps, torch.compile(model, backend=backend))
-        assert all(torch.equal(a, b) for a, b in zip(outs, eager))
+        outs = [o.clone() for o in run_steps(model, steps, torch.compile(model, backend=backend))]
+        for a, b in zip(outs, eager):  # fused Triton kernels are not bit-equal to eager's ops on GPU, even in fp32
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         events.append([e.hit for e in backend.cache_events])
+        runs.append(outs)
     assert events == [[False], [True]]
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "the hit runs the same graph and kernels as the miss"

@@ -294,7 +294,7 @@ def test_cuda_graphs_are_rebuilt_after_load(tmp_path):
     from fxpasses.models import LlamaConfig, build_model
 
     config = dataclasses.replace(LlamaConfig(max_slots=32), num_layers=1, dtype=torch.bfloat16)
-    results = []
+    results, outs = [], []
     for _ in range(2):
         with torch.device("cuda"):
             model, eager = build_model("llama", config), build_model("llama", config)
@@ -309,6 +309,8 @@ def test_cuda_graphs_are_rebuilt_after_load(tmp_path):
                 fxpasses.mark_token_dim(*args)
                 out = compiled(*args).clone()
                 torch.testing.assert_close(out.float(), eager(*args).float(), rtol=2e-2, atol=2e-2)
+                outs.append(out)
         assert len(backend.runners) == 1
         results.append(compiled.status)
     assert results[0].saved and results[1].loaded, (str(results[0]), str(results[1]))
+    assert all(torch.equal(a, b) for a, b in zip(outs[:2], outs[2:])), "the loaded graph runs the saved one's kernels"
