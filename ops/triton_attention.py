@@ -1,15 +1,17 @@
 """Triton kernels for ``fxp.attention`` and ``fxp.attention.rope`` on CUDA tensors: a launch that writes the new
 keys and values into the cache, and a launch that computes every token's attention over its slot with an online
-softmax; for a one-token batch, the attention launch alone, writing the cache itself.
+softmax; for batches of up to ``MAX_FUSED_TOKENS`` tokens (decode), the attention launch alone, writing the cache
+itself.
 
-Why two launches in general: in a prefill, a token reads keys that other tokens of the same batch write, and
-programs of one launch are not ordered. With one token (decided from the shape, so the choice costs no host sync
-and a CUDA graph captured for one token always runs one token) nothing is shared: program (0, h) is the only
-writer of kv head h's row and the only reader of it, so it writes the row, waits at a block barrier (which makes
-the block's global stores visible to all its threads) and reads it back with the rest of the slot. That saves one
-launch per layer (about 2 us of fixed cost each on an H200) and computes exactly what the two launches compute.
-Batches of several tokens keep two launches even when every token is its own sequence: that property is in the
-values, and checking them would need a host sync.
+Why the attention launch can write the cache itself (batches of up to ``MAX_FUSED_TOKENS`` tokens, decided from
+the shape, so the choice costs no host sync and a captured size always runs the same way): program (t, h) is the
+only writer of token t's row of kv head h, writes it, waits at a block barrier (which makes the block's global
+stores visible to all its threads) and reads it back with the rest of the slot. Rows that other tokens of the batch
+write into the same slot (a prefill chunk) are the only ones it could read before they land, since programs of one
+launch are not ordered: it finds them by comparing its slot and position with every token's, leaves them out of
+the cache walk and takes their keys and values from the inputs (rotated and rounded as the cache stores them). A
+decode batch (every token its own sequence) finds none. That saves one launch per layer (about 1.2 us measured on
+an H200 at one token). Larger batches (prefill) write the cache in a launch of their own first.
 
 Each attention program handles one token and one key/value head, i.e. the group of query heads that share it
 (grouped-query attention), so the cache rows are read once per group; it walks positions ``0..position_ids[t]`` in
@@ -52,8 +54,8 @@ def _rotated_row(X, COS, SIN, d, valid, DK, HALF, UPCAST: tl.constexpr):
     partner = tl.where(first, d + HALF, d - HALF)
     x = tl.load(X + d, mask=(d < DK) & valid, other=0.0)
     xp = tl.load(X + partner, mask=(d < DK) & valid & rot, other=0.0)
-    c = tl.load(COS + e, mask=(d < DK) & rot, other=0.0)
-    s = tl.load(SIN + e, mask=(d < DK) & rot, other=0.0)
+    c = tl.load(COS + e, mask=(d < DK) & valid & rot, other=0.0)
+    s = tl.load(SIN + e, mask=(d < DK) & valid & rot, other=0.0)
     xp = tl.where(first, -xp, xp)
     if UPCAST:  # float32 throughout, one rounding at the end
         r = x.to(tl.float32) * c.to(tl.float32) + xp.to(tl.float32) * s.to(tl.float32)
@@ -93,26 +95,53 @@ def _cache_write_kernel(K, V, KC, VC, SLOT, POS, COS, SIN, skt, skh, svt, svh, s
 
 
 @triton.jit
+def _online_softmax_step(q, k, v, visible, m, denom, acc, scale, IEEE: tl.constexpr):
+    """One block of keys ``k`` and values ``v`` (rows where ``visible``) folded into the running max ``m``, sum
+    ``denom`` and weighted values ``acc`` of each query head (the flash-attention recurrence)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(visible[None, :], s * scale, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with nothing visible yet adds nothing
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m - m_safe)
+    denom = denom * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, denom, acc
+
+
+@triton.jit
 def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s, svc_l,
-                      svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, BLOCK_G: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr,
-                      ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
+                      svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, BLOCK_G: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+                      IEEE: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     slot = tl.load(SLOT + t)
     pos = tl.load(POS + t)
-    if WRITE:
-        # One launch for a one-token batch: this program writes the only token's key and value of its kv head,
-        # then reads them back with the rest of the slot. The barrier makes the block's global stores visible to
-        # all of its threads; no other program writes a row this one reads (one token, one writer per kv head).
-        _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h,
-                  svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
-        tl.debug_barrier()
-    n_keys = tl.where(slot >= 0, pos + 1, 0)  # padded tokens read nothing
-    slot = tl.maximum(slot, 0)
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
+    if WRITE:
+        # One launch (a batch of at most BLOCK_T tokens): this program writes its token's key and value of its kv
+        # head, then reads them back with the rest of the slot; the barrier makes the block's global stores visible
+        # to all of its threads. Rows that *other* tokens of this batch write into this slot (a prefill chunk) may
+        # not have landed yet: they are masked out of the cache walk and taken from the k and v inputs instead.
+        _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h,
+                  svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
+        tl.debug_barrier()
+        tt = tl.arange(0, BLOCK_T)
+        b_slot = tl.load(SLOT + tt, mask=tt < T, other=-1)
+        b_pos = tl.load(POS + tt, mask=tt < T, other=0)
+        shared = (b_slot == slot) & (slot >= 0) & (tt != t) & (b_pos <= pos)  # batch rows this token reads
+        conflict = tl.sum(shared.to(tl.int32), axis=0) > 0
+    n_keys = tl.where(slot >= 0, pos + 1, 0)  # padded tokens read nothing
+    slot = tl.maximum(slot, 0)
     heads = h * GROUP + g
     if ROPE:
         q = _rotated_row(Q + t * sqt + heads[:, None] * sqh, COS + t * sct, SIN + t * sst, dk[None, :],
@@ -127,28 +156,36 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
     while start < n_keys:  # a while loop (not range) so Triton's CPU interpreter runs it too
         n = start + tl.arange(0, BLOCK_N)
         visible = n < n_keys
+        if WRITE:
+            if conflict:
+                written = tl.max((shared[None, :] & (b_pos[None, :] == n[:, None])).to(tl.int32), axis=1) > 0
+                visible = visible & (written == 0)
         k = tl.load(KC + slot * skc_s + n[:, None] * skc_l + h * skc_h + dk[None, :],
                     mask=visible[:, None] & (dk[None, :] < DK), other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(visible[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        denom = denom * alpha + tl.sum(p, axis=1)
         v = tl.load(VC + slot * svc_s + n[:, None] * svc_l + h * svc_h + dv[None, :],
                     mask=visible[:, None] & (dv[None, :] < DV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m = m_new
+        m, denom, acc = _online_softmax_step(q, k, v, visible, m, denom, acc, scale, IEEE)
         start += BLOCK_N
+    if WRITE:
+        if conflict:  # the batch's own rows of this slot, from the inputs, rounded as the cache stores them
+            if ROPE:
+                kb = _rotated_row(K + tt[:, None] * skt + h * skh, COS + tt[:, None] * sct, SIN + tt[:, None] * sst,
+                                  dk[None, :], shared[:, None], DK, HALF, UPCAST)
+            else:
+                kb = tl.load(K + tt[:, None] * skt + h * skh + dk[None, :],
+                             mask=shared[:, None] & (dk[None, :] < DK), other=0.0)
+            vb = tl.load(V + tt[:, None] * svt + h * svh + dv[None, :], mask=shared[:, None] & (dv[None, :] < DV),
+                         other=0.0)
+            m, denom, acc = _online_softmax_step(q, kb.to(KC.dtype.element_ty), vb.to(VC.dtype.element_ty), shared,
+                                                 m, denom, acc, scale, IEEE)
     out = tl.where(denom[:, None] > 0, acc / tl.maximum(denom, 1e-30)[:, None], 0.0)
     tl.store(OUT + t * sot + heads[:, None] * soh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=(g[:, None] < GROUP) & (dv[None, :] < DV))
+
+
+# Batches up to this many tokens run one launch (the attention program writes its own row); larger ones (prefill)
+# keep the cache-write launch. Each program of a one-launch batch compares its slot with every token's.
+MAX_FUSED_TOKENS = 64
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -159,8 +196,8 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
     """Both launches (cache write, then attention), or the attention launch alone writing the cache itself.
 
     ``rope``: None, or ``(cos_rows, sin_rows, upcast)`` with one [tokens, head_dim] row per token.
-    ``fuse_write`` is decided from the shape alone (one token), never from values: no host sync, so the launch can
-    be captured in a CUDA graph, and a graph captured for one token always runs one token."""
+    ``fuse_write`` is decided from the shape alone (at most ``MAX_FUSED_TOKENS`` tokens), never from values: no
+    host sync, so the launch can be captured in a CUDA graph, and a captured size always runs the same way."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("fxp.attention: the caches' last dimension must be contiguous (they are written in place).")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -186,8 +223,9 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
     _attention_kernel[(tokens, kv_heads)](
         q, k_cache, v_cache, slot_ids, position_ids, out, k, v, cos, sin, float(scale), q.stride(0), q.stride(1),
         *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), sct, sst, group, dk, dv, half,
-        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, IEEE=k_cache.dtype == torch.float32,
+        v.stride(0), v.stride(1), sct, sst, group, dk, dv, half, tokens,
+        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
+        BLOCK_T=max(triton.next_power_of_2(tokens), 16) if fuse_write else 16, IEEE=k_cache.dtype == torch.float32,
         WRITE=fuse_write, num_warps=4, **common,
     )
     return out
@@ -195,7 +233,7 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
 
 def attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale):
     _check(q, k, v, k_cache, v_cache, slot_ids, position_ids)
-    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, None, q.shape[0] == 1)
+    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, None, q.shape[0] <= MAX_FUSED_TOKENS)
 
 
 def _token_rows(table: torch.Tensor, tokens: int, dim: int) -> torch.Tensor | None:
@@ -213,7 +251,8 @@ def rope_attention_cuda(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale
     if c is None or s is None:  # another layout of the tables: rotate separately (correct, not fused)
         return attention_cuda(_rotate_last(q, cos, sin, upcast), _rotate_last(k, cos, sin, upcast), v, k_cache,
                               v_cache, slot_ids, position_ids, scale)
-    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, (c, s, upcast), q.shape[0] == 1)
+    return _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, (c, s, upcast),
+                   q.shape[0] <= MAX_FUSED_TOKENS)
 
 
 def register() -> None:
