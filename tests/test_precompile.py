@@ -13,6 +13,7 @@ import torch
 import fxpasses
 from fxpasses import compat
 from fxpasses.passes import PassResult
+from fxpasses.testing import RankPool
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,8 @@ SERVE = textwrap.dedent("""
 
     report = {}
     with torch.inference_mode():
-        compiled = fxpasses.precompile(model, batch(4, 0), backend=fxpasses.Backend(cache=False), path=sys.argv[1])
+        backend = fxpasses.Backend(cache=sys.argv[1])  # patterns traced only if the graph is compiled
+        compiled = fxpasses.precompile(model, batch(4, 0), backend=backend)  # saved in the Backend's cache dir
         report["traced_at_start"] = compat.dynamo_frames_traced()
         outs = [step(compiled, n, seed) for seed, n in enumerate((1, 32, 1))]
         report["equal"] = [torch.equal(a, b) for a, b in outs]
@@ -51,7 +53,8 @@ SERVE = textwrap.dedent("""
         report["weight_live"] = torch.equal(after, ref) and not torch.equal(after, outs[1][0])
     report.update(loaded=compiled.status.loaded, saved=compiled.status.saved, fallback=compiled.status.fallback,
                   reason=compiled.status.reason, traced=compat.dynamo_frames_traced(),
-                  graphs=compiled.backend.report.graphs, matches=compiled.backend.report.matches)
+                  graphs=backend.report.graphs, matches=backend.report.matches,
+                  patterns_traced=backend.pattern_setup_seconds > 0)
     print(json.dumps(report))
 """)
 
@@ -72,6 +75,7 @@ def test_saved_in_one_process_loaded_in_another_without_a_trace(tmp_path):
     assert second["loaded"], second["reason"]
     assert second["traced_at_start"] == 0 and second["traced"] == 0, "a loaded compile must not trace with Dynamo"
     assert second["graphs"] == 1 and second["matches"] == first["matches"] and first["matches"]
+    assert first["patterns_traced"] and not second["patterns_traced"], "a load traces no pattern"
     for run in (first, second):
         assert run["equal"] == [True, True, True], "1 and 32 tokens must equal eager bit for bit"
         assert run["cache_written"] and run["cache_equal"], "the KV cache must be written in place, as eager does"
@@ -283,6 +287,49 @@ def test_cuda_graph_runner_is_rebuilt_after_load_on_cpu(tmp_path):
         return {name: piece.token_args for name, piece in runner.pieces.items() if hasattr(piece, "token_args")}
 
     assert eager_token_args(loaded) == eager_token_args(fresh) and any(eager_token_args(fresh).values())
+
+
+def _tp_rank(rank, world_size, path):
+    """One TP rank: precompile its shard twice (a save, then a load from disk), 1 and 32 tokens each time."""
+    import dataclasses
+
+    from fxpasses import Mapping, init_process_groups
+    from fxpasses.models import LlamaConfig, build_model
+
+    mapping = Mapping(world_size=world_size, rank=rank, tp_size=world_size, pp_size=1)
+    torch._dynamo.reset()
+    init_process_groups(mapping)
+    config = dataclasses.replace(LlamaConfig(max_slots=32), num_layers=2)
+    runs = []
+    for _ in range(2):
+        model, eager = build_model("llama", config, mapping), build_model("llama", config, mapping)
+        backend = fxpasses.Backend(mapping, cache=False, patterns=["allreduce_add_rms_norm"])
+        with torch.inference_mode():
+            example = (torch.arange(4), torch.zeros(4, dtype=torch.long), torch.arange(4))
+            compiled = fxpasses.precompile(model, example, backend=backend, path=path)
+            pairs = []
+            for n in (1, 32):
+                args = (torch.arange(n) % config.vocab_size, torch.full((n,), 2), torch.arange(n))
+                fxpasses.mark_token_dim(*args)
+                pairs.append((compiled(*args).clone(), eager(*args)))
+        runs.append((compiled.status.loaded, compiled.status.saved, compiled.status.reason,
+                     dict(backend.report.matches), pairs))
+    return runs
+
+
+@pytest.mark.multirank
+def test_tensor_parallel_ranks_save_and_load_their_shards(tmp_path):
+    """TP=2 on gloo: each rank saves its own compile (the rank is in the key) and loads it; collectives included."""
+    with RankPool(2, timeout=300) as pool:
+        results = pool.run(_tp_rank, str(tmp_path))
+    assert len(list(tmp_path.rglob("*.fxpc"))) == 2, "one saved compile per rank"
+    for (loaded0, saved0, why0, matches0, first), (loaded1, _, why1, matches1, second) in results:
+        assert saved0 and not loaded0, why0
+        assert loaded1, why1
+        assert matches1 == matches0 and matches0.get("allreduce_add_rms_norm", 0) > 0
+        for (a, ref), (b, _) in zip(first, second):
+            assert torch.equal(a, b), "the loaded graph computes what the saved one did"
+            torch.testing.assert_close(a, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
