@@ -18,13 +18,13 @@ reference, and prints the best per (M bucket, N, K) as the Python literal ``ops/
 ``--fused`` times the fused decode ops at one token instead, each against the kernels it replaces, all in one
 CUDA graph per row the same way (norm weight, residual and activations are tiny next to the weight):
 
-- ``qkv``: ``add_rms_norm`` + ``fxp.linear`` (cuBLAS, and the Triton GEMV where the table has it) vs
-  ``fxp.add_rms_norm_linear`` (one kernel);
+- ``qkv``: ``add_rms_norm`` + ``fxp.linear`` (cuBLAS, and the Triton GEMV where the table has it) vs the fused
+  kernel with the norm prologue, and ``fxp.add_rms_norm_linear`` as its policy chooses (fused or not);
 - ``gate_up``: ``add_rms_norm`` + the projection + ``silu_and_mul`` vs ``add_rms_norm`` + ``fxp.linear_silu_mul``
-  vs ``fxp.add_rms_norm_linear_silu_mul`` (one kernel);
+  vs the fully fused kernel, and ``fxp.add_rms_norm_linear_silu_mul`` as chosen;
 
-at Llama-3.2-1B's and Llama-3-8B's shapes and at TP 2 shards of 8B (``--fused-tiles`` adds a few other tiles of
-the fused kernel, to check the default choice).
+at Llama-3.2-1B's and Llama-3-8B's shapes and at TP 2 shards of 8B (``--fused-tiles`` then times other tiles of
+the fused kernel, persistent grids among them, to choose the prologue's tile).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,9 +135,14 @@ def save(out: str | None, copy: float, rows: list[Row], table: dict) -> None:
 FUSED_SHAPES = {"1b": {"qkv": (3072, 2048), "gate_up": (16384, 2048)},
                 "8b": {"qkv": (6144, 4096), "gate_up": (28672, 4096)},
                 "8b-tp2": {"qkv": (3072, 4096), "gate_up": (14336, 4096)}}
-OTHER_TILES = [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in
-               ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (1, 4096, 4),
-                (2, 4096, 8))]  # BLOCK_K = K (2048 for 1B, 4096 for 8B): the row stays in registers
+def other_tiles(k: int) -> list[tl_lin.Config]:
+    """Tiles of the fused kernel to time besides the default: column blocks and K steps as the GEMV sweep found
+    good, and persistent grids (``programs`` per SM) with the whole row in one step, normalized once per program."""
+    row = triton.next_power_of_2(k)
+    return ([tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in
+             ((1, 2048, 2), (2, 1024, 2), (2, 2048, 4), (4, 1024, 4), (4, 2048, 8), (8, 1024, 8), (2, row, 8))]
+            + [tl_lin.Config(1, bn, row, w, st, programs=p) for bn, w, st, p in
+               ((1, 4, 3, 8), (2, 4, 3, 4), (2, 8, 2, 4), (4, 8, 3, 2), (8, 8, 2, 2))])
 
 
 def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool, failures: list[str]) -> None:
@@ -149,23 +155,26 @@ def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool
     nw = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
     i = n // 2
     silu_mul = name == "gate_up"
+    # the tile the fused kernel gets (whether or not the op's policy fuses the norm at this shape)
     config = tl_lin.fused_config(1, i, k, silu_mul=True) if silu_mul else tl_lin.fused_config(1, n, k, silu_mul=False)
+
+    def kernel(c):
+        def run(x, w):
+            gate, up = (w[:i], w[i:]) if silu_mul else (w, None)
+            return tl_lin.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, up_weight=up)[0]
+
+        return run
+
     if tiles:
-        for c in OTHER_TILES:
-            if c == config:
-                continue
-
-            def run(x, w, c=c):
-                gate, up = (w[:i], w[i:]) if silu_mul else (w, None)
-                return tl_lin.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, up_weight=up)[0]
-
-            print(f"    {model} {name} tile {c}: {graph_time_us(run, weights, x):.2f} us", flush=True)
+        for c in other_tiles(k):
+            if c != config:
+                print(f"    {model} {name} tile {c}: {graph_time_us(kernel(c), weights, x):.2f} us", flush=True)
         return
-    variants: dict[str, object] = {}
+    variants: dict[str, Any] = {}
     if not silu_mul:
         variants["unfused, cuBLAS"] = lambda x, w: F.linear(add_norm(x, r, nw, 1e-5)[0], w)
         variants["unfused, op"] = lambda x, w: lin(add_norm(x, r, nw, 1e-5)[0], w)
-        variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)[0]
+        variants["op"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear(x, r, nw, 1e-5, w)[0]
     else:
         def unfused(proj):
             return lambda x, w: silu(*proj(add_norm(x, r, nw, 1e-5)[0], w).split([i, i], dim=-1))
@@ -173,28 +182,31 @@ def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool
         variants["unfused, cuBLAS"] = unfused(F.linear)
         variants["unfused, op"] = unfused(lin)
         variants["norm + linear_silu_mul"] = lambda x, w: torch.ops.fxp.linear_silu_mul(add_norm(x, r, nw, 1e-5)[0], w)
-        variants["fused"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
+        variants["op"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
+    variants["fused kernel"] = kernel(config)
     variants["GEMV alone"] = lambda x, w: lin(x, w)  # fxp.linear by itself: against docs/performance.md's table
     times = {v: graph_time_us(fn, weights, x) for v, fn in variants.items()}
     want = variants["unfused, cuBLAS"](x, weights[0]).double()
-    got = variants["fused"](x, weights[0]).double()
-    err = ((got - want).norm() / want.norm()).item()
-    if err > 1e-2:
-        failures.append(f"fused {model} {name}: relative error {err:.2e} against the unfused ops")
-    gbs = n * k * 2 / times["fused"] / 1e3
+    for v in ("fused kernel", "op"):
+        got = variants[v](x, weights[0]).double()
+        err = ((got - want).norm() / want.norm()).item()
+        if err > 1e-2:
+            failures.append(f"{v} {model} {name}: relative error {err:.2e} against the unfused ops")
     best = min(t for v, t in times.items() if v.startswith("unfused"))
-    extra = f" (norm + linear_silu_mul {times['norm + linear_silu_mul']:.2f})" if silu_mul else ""
+    silu_only = f"{times['norm + linear_silu_mul']:.2f}" if silu_mul else "-"
     print(f"| {model} | {name} | {n} x {k} | {times['unfused, cuBLAS']:.2f} | {times['unfused, op']:.2f} | "
-          f"{times['fused']:.2f}{extra} | {gbs / copy:.0%} | {best / times['fused']:.2f}x | {config} | "
+          f"{times['fused kernel']:.2f} ({best / times['fused kernel']:.2f}x) | {silu_only} | {times['op']:.2f} "
+          f"({best / times['op']:.2f}x) | {n * k * 2 / times['op'] / 1e3 / copy:.0%} | {config} | "
           f"{times['GEMV alone']:.2f} |", flush=True)
 
 
 def fused_rows(models: list[str], copy: float, tiles: bool) -> None:
     """``--fused``: one-token fused ops against their unfused kernels (see the module docstring); the other tiles
     after every row (so a run cut short keeps the rows)."""
-    print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused us | % copy (weight) | "
-          "vs best unfused | tile | fxp.linear alone us |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused kernel us (vs best unfused) | "
+          "norm + linear_silu_mul us | op as chosen us (vs best unfused) | op % copy (weight) | tile | "
+          "fxp.linear alone us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     failures: list[str] = []
     chosen = [(m, name, n, k) for m in FUSED_SHAPES if m.split("-")[0] in models
               for name, (n, k) in FUSED_SHAPES[m].items()]

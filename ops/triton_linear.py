@@ -28,6 +28,7 @@ composition. Capture-safe: no host synchronization, no allocation but the output
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 
@@ -60,43 +61,20 @@ class Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    programs: int = 0  # fused 1-token GEMV only: persistent, this many programs per SM (0: one per column block)
 
     def __str__(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        persistent = f"p{self.programs}" if self.programs else ""
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{persistent}"
 
 
 @triton.jit
-def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr):
-    """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
-
-    Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
-    ``w * a`` elementwise in float32 registers and summing once at the end.
-
-    ``NORM`` (prologue): ``a`` is the row's RMSNorm, not ``x``. A first pass over the whole row (``BLOCK_ROW`` =
-    K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then recomputes each
-    chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds it
-    (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
-    add) and program 0 of the row writes it to ``ROUT``. ``ROW_IN_REGS`` (``BLOCK_K == BLOCK_ROW``: one step
-    covers the row) reuses the first pass's ``h`` instead of loading x (and r) again.
-
-    ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
-    both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
-    dtype, as ``fxp.silu_and_mul``'s kernel does.
-    """
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1).to(tl.int64)
+def _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr):
+    """Output columns ``nb * BLOCK_N ...`` of row ``m``: the K walk, the epilogue and the store (see _gemv_body)."""
     dt = X.dtype.element_ty
-    if NORM:
-        rr = tl.arange(0, BLOCK_ROW)
-        hrow = tl.load(X + m * sxm + rr, mask=rr < K, other=0.0).to(tl.float32)
-        if HAS_RESIDUAL:
-            hrow = round_as(hrow + tl.load(R + m * srm + rr, mask=rr < K, other=0.0).to(tl.float32), dt)
-            if pid_n == 0:
-                tl.store(ROUT + m * srom + rr, hrow.to(ROUT.dtype.element_ty), mask=rr < K)
-        rstd = 1.0 / tl.sqrt(tl.sum(hrow * hrow, axis=0) / K + eps)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rn.to(tl.int64)[:, None] * swn + rk[None, :]
     w2_ptrs = W2 + rn.to(tl.int64)[:, None] * swn + rk[None, :]
@@ -109,8 +87,8 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
             w = tl.load(w_ptrs + k0)
         else:
             w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
-        if ROW_IN_REGS:  # one step covers the row: the first pass's h, already in registers
-            a = hrow
+        if ROW_IN_REGS:  # one step covers the row: normalized once per program, before the first block
+            a = arow
         else:
             if EVEN:
                 a = tl.load(X + m * sxm + k0 + rk).to(tl.float32)
@@ -118,9 +96,9 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
                 a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
-        if NORM:
-            nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-            a = round_as(nw * round_as(a * rstd, dt), dt)
+            if NORM:
+                nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
+                a = round_as(nw * round_as(a * rstd, dt), dt)
         acc += w.to(tl.float32) * a[None, :]
         if SILU_MUL:
             if EVEN:
@@ -139,22 +117,72 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
 
 
 @triton.jit
+def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
+               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr,
+               PERSISTENT: tl.constexpr):
+    """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
+
+    Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
+    ``w * a`` elementwise in float32 registers and summing once at the end.
+
+    ``NORM`` (prologue): ``a`` is the row's RMSNorm, not ``x``. A first pass over the whole row (``BLOCK_ROW`` =
+    K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then recomputes each
+    chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds it
+    (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
+    add) and program 0 of the row writes it to ``ROUT``. ``ROW_IN_REGS`` (``BLOCK_K == BLOCK_ROW``: one step
+    covers the row) normalizes the row once in registers instead of loading x (and r) again per block.
+
+    ``PERSISTENT``: the grid has fewer programs than column blocks and each program walks blocks ``pid, pid + P,
+    ...``, so the prologue's cost (the row's loads and, with ``ROW_IN_REGS``, its normalization) is paid once per
+    program, not once per block.
+
+    ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
+    both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
+    dtype, as ``fxp.silu_and_mul``'s kernel does.
+    """
+    pid_n = tl.program_id(0)
+    m = tl.program_id(1).to(tl.int64)
+    rstd = 0.0
+    arow = 0.0
+    if NORM:
+        dt = X.dtype.element_ty
+        rr = tl.arange(0, BLOCK_ROW)
+        hrow = tl.load(X + m * sxm + rr, mask=rr < K, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            hrow = round_as(hrow + tl.load(R + m * srm + rr, mask=rr < K, other=0.0).to(tl.float32), dt)
+            if pid_n == 0:
+                tl.store(ROUT + m * srom + rr, hrow.to(ROUT.dtype.element_ty), mask=rr < K)
+        rstd = 1.0 / tl.sqrt(tl.sum(hrow * hrow, axis=0) / K + eps)
+        if ROW_IN_REGS:
+            nw = tl.load(NW + rr, mask=rr < K, other=0.0).to(tl.float32)
+            arow = round_as(nw * round_as(hrow * rstd, dt), dt)
+    if PERSISTENT:
+        for nb in range(pid_n, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM, HAS_RESIDUAL,
+                        HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+    else:
+        _gemv_block(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM, HAS_RESIDUAL,
+                    HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+
+
+@triton.jit
 def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``fxp.linear`` at one token: the GEMV without prologue or epilogue."""
     _gemv_body(X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som, 0.0, False, False, HAS_BIAS, False, EVEN,
-               BLOCK_N, BLOCK_K, 1, False)
+               BLOCK_N, BLOCK_K, 1, False, False)
 
 
 @triton.jit
 def _fused_gemv_kernel(X, R, NW, W, W2, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
                        HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
-                       ROW_IN_REGS: tl.constexpr):
+                       ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
     """The fused ops at one token: the same GEMV with the norm prologue and/or the SiLU-and-mul epilogue (its own
     name, so a profiler's kernel census tells the fused launches from plain ones)."""
     _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, HAS_RESIDUAL, False,
-               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS)
+               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS, PERSISTENT)
 
 
 @triton.jit
@@ -313,24 +341,37 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 # ---- the fused ops: RMSNorm prologue and/or SiLU-and-mul epilogue (one token) -------------------------------
 MAX_NORM_K = 8192  # the norm prologue's first pass holds the whole row in registers
-# At one token the fused ops run their fused kernel for every projection of at most this many weight elements (the
-# largest decoder projection of the models measured, Llama-3-8B's gate_up, is 117M; every TP shard is smaller),
-# with the GEMV table's tile where it has one, else the default tile. Larger weights are LM heads (128256 x 2048 and
-# up), where cuBLAS already streams at the copy bandwidth and the kernel the fusion saves is under 3% of the call.
+# At one token the SiLU-and-mul epilogue runs fused for every gate/up projection of at most this many weight
+# elements (the largest decoder projection of the models measured, Llama-3-8B's gate_up, is 117M; every TP shard
+# is smaller), with the GEMV table's tile where it has one, else the default tile. Larger weights are LM heads
+# (128256 x 2048 and up), where cuBLAS already streams at the copy bandwidth.
 MAX_FUSED_ELEMENTS = 1 << 27
-# (op, N, K) measured slower fused than unfused: they run the unfused ops. op is "norm" (rms_norm_linear,
-# add_rms_norm_linear) or "silu" (the two SiLU-and-mul ops, with N the activation width I). Empty: not yet measured.
-UNFUSED: set[tuple[str, int, int]] = set()
-ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # set to 1: every fused op runs its unfused composition (for A/B timings)
+# (N, K) of gate/up projections (N the activation width I) where the fused SiLU-and-mul epilogue measured slower
+# than fxp.linear + fxp.silu_and_mul: they run unfused. None so far (H200, 2026-11-29, benchmarks/gemm.py --fused:
+# 1B gate_up 21.0 us fused vs 22.4 unfused with the norm kernel in both, 8B 60.1 vs 66.9, 8B at TP 2 33.7 vs 35.1).
+UNFUSED_SILU: set[tuple[int, int]] = set()
+# The norm prologue runs fused only where it was measured faster than the norm kernel + the projection, as
+# ("norm" | "silu", N, K) ("norm": rms_norm_linear / add_rms_norm_linear, N the projection's columns; "silu":
+# add_rms_norm_linear_silu_mul, N the activation width). Every program recomputes the row's norm (the row loaded
+# twice from L2, the normalization once per program), which at 2-4 columns per program costs more than the norm
+# kernel it saves: same run, 1B qkv 7.27 us fused vs 7.00, 8B qkv 20.5 vs 17.6, gate_up + SiLU 0.80-0.84x of
+# add_rms_norm + linear_silu_mul. The one win: 8B qkv at TP 2, whose unfused projection is cuBLAS (no table tile).
+NORM_FUSED: set[tuple[str, int, int]] = {("norm", 3072, 4096)}  # 11.56 us vs 14.27
+ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the norm
+# prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes (to measure it)
 
 
-def fused_config(m: int, n: int, k: int, silu_mul: bool) -> Config | None:
+def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> Config | None:
     """The 1-token GEMV tile for a fused op whose output has ``n`` columns (``silu_mul``: the activation width; the
-    program then reads ``2 * block_n`` weight rows), or None for the unfused ops."""
-    if m != 1 or k < 1 or n < 1 or os.environ.get(ENV_OFF, "") not in ("", "0"):
+    program then reads ``2 * block_n`` weight rows; ``norm``: with the RMSNorm prologue), or None where that op
+    runs its unfused kernels (the norm prologue's op then runs the norm kernel and, for SiLU, ``linear_silu_mul``)."""
+    env = os.environ.get(ENV_OFF, "")
+    if m != 1 or k < 1 or n < 1 or env not in ("", "0", "norm"):
         return None
     rows = 2 * n if silu_mul else n
-    if rows * k > MAX_FUSED_ELEMENTS or ("silu" if silu_mul else "norm", n, k) in UNFUSED:
+    if rows * k > MAX_FUSED_ELEMENTS or (silu_mul and (n, k) in UNFUSED_SILU):
+        return None
+    if norm and env != "norm" and ("silu" if silu_mul else "norm", n, k) not in NORM_FUSED:
         return None
     c = TABLE.get((1, rows, k)) or TABLE.get((1, n, k))
     c = c if c is not None and c.block_m == 1 else default_config(1, n, k)
@@ -355,15 +396,23 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
     row = triton.next_power_of_2(k) if norm else 1
     if m and n and k:
         c = config
+        blocks = triton.cdiv(n, c.block_n)
+        programs = min(blocks, c.programs * _sm_count(x2.device)) if c.programs else blocks
         r = residual if residual is not None else x2  # never read without HAS_RESIDUAL (nor the dummies below)
-        _fused_gemv_kernel[(triton.cdiv(n, c.block_n), m)](
+        _fused_gemv_kernel[(programs, m)](
             x2, r, norm_weight if norm else x2, weight, up_weight if up_weight is not None else weight, out,
             h if h is not None else out, n, k, x2.stride(0), r.stride(0), h.stride(0) if h is not None else 0,
             weight.stride(0), out.stride(0), eps, NORM=norm, HAS_RESIDUAL=residual is not None,
             SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and c.block_k == row, num_warps=c.num_warps,
-            num_stages=c.num_stages)
+            BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and c.block_k == row, PERSISTENT=programs < blocks,
+            num_warps=c.num_warps, num_stages=c.num_stages)
     return out, h
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (a persistent grid's unit); 4 off CUDA (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _rows(t: torch.Tensor, m: int, k: int) -> torch.Tensor:
@@ -399,7 +448,7 @@ def _norm_config(x, norm_weight, weight, residual=None) -> Config | None:
     """The fused tile for this call, or None where it runs unfused."""
     if not _fusable(x, weight, None, norm_weight, residual):
         return None
-    return fused_config(_tokens(x), weight.shape[0], x.shape[-1], silu_mul=False)
+    return fused_config(_tokens(x), weight.shape[0], x.shape[-1], silu_mul=False, norm=True)
 
 
 def rms_norm_linear_cuda(x, norm_weight, eps, weight):
@@ -429,7 +478,7 @@ def _silu_config(x, weight, up_weight, norm_weight=None, residual=None) -> Confi
     if not _fusable(x, weight, up_weight, norm_weight, residual):
         return None
     width = weight.shape[0] if up_weight is not None else weight.shape[0] // 2
-    return fused_config(_tokens(x), width, x.shape[-1], silu_mul=True)
+    return fused_config(_tokens(x), width, x.shape[-1], silu_mul=True, norm=norm_weight is not None)
 
 
 def _unfused_silu(normed: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None) -> torch.Tensor:
@@ -456,13 +505,13 @@ def linear_silu_mul_cuda(x, weight, up_weight=None):
 
 
 def add_rms_norm_linear_silu_mul_cuda(x, residual, norm_weight, eps, weight, up_weight=None):
-    """One kernel at one token (see ``fused_config``); otherwise ``fxp.add_rms_norm``, ``fxp.linear`` and
-    ``fxp.silu_and_mul``."""
+    """One kernel at one token where the norm prologue is on for the shape (see ``fused_config``); otherwise
+    ``fxp.add_rms_norm`` then ``fxp.linear_silu_mul`` (itself one kernel at one token)."""
     width = _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_weight)
     c = _silu_config(x, weight, up_weight, norm_weight, residual)
-    if c is None:
+    if c is None:  # the norm kernel, then the projection with its SiLU-and-mul (fused where that op fuses it)
         normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
-        return _unfused_silu(normed, weight, up_weight), h
+        return torch.ops.fxp.linear_silu_mul.default(normed, weight, up_weight), h
     gate, up = _split_silu_weights(weight, up_weight)
     k = x.shape[-1]
     out, h = launch_fused(_rows(x, 1, k), gate, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k),

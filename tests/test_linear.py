@@ -379,9 +379,11 @@ def interpreter_checks() -> None:
     ones whose roundings the kernel makes itself (round_as) or in float16 (rounded like torch)."""
     from fxpasses.ops import triton_linear as tl_lin
 
+    persistent = tl_lin.Config(1, 1, 64, 1, 1, programs=1)  # 4 programs (off CUDA) walking 24 column blocks
     for dtype, (n, k), config in [(torch.float16, (13, 37), tl_lin.Config(1, 4, 16, 1, 1)),
                                   (torch.bfloat16, (10, 100), tl_lin.Config(1, 8, 64, 2, 1)),
-                                  (torch.float16, (24, 64), tl_lin.Config(1, 1, 64, 1, 1))]:
+                                  (torch.float16, (24, 64), persistent),  # the row normalized once, in registers
+                                  (torch.float16, (24, 50), tl_lin.Config(1, 2, 16, 1, 1, programs=1))]:
         x, r = rand(1, k, dtype=dtype), rand(1, k, dtype=dtype, seed=1)
         nw = (1 + 0.1 * rand(k, dtype=torch.float32, seed=2)).to(dtype)
         gate, up = (rand(n, k, dtype=dtype, seed=s) * 0.1 for s in (3, 4))
@@ -519,8 +521,10 @@ def test_fused_gemv_kernel_equals_the_unfused_kernels(dtype, n, k):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_ops_pick_the_fused_kernel_at_one_token_and_replay_in_a_cuda_graph(dtype):
-    """1B shapes: fused at one token (within GEMM tolerance of the unfused kernels); at 8 tokens, and in float32,
-    the unfused kernels themselves, bit for bit; captured in a CUDA graph, replays equal fresh calls."""
+    """1B shapes, as the measured policy chooses: SiLU-and-mul fused into gate_up at one token (within GEMM
+    tolerance of the unfused kernels); the norm prologue not fused there (measured slower: the norm kernel, then
+    the projection, bit for bit); at 8 tokens, and in float32, the unfused kernels themselves, bit for bit;
+    captured in a CUDA graph, replays equal fresh calls. Then the norm prologue where it is on (8B qkv at TP 2)."""
     from fxpasses.ops import triton_linear
 
     k, i = 2048, 8192
@@ -528,31 +532,39 @@ def test_fused_ops_pick_the_fused_kernel_at_one_token_and_replay_in_a_cuda_graph
     wqkv = rand(3072, k, dtype=dtype, seed=3, device="cuda") * 0.05
     wgu = rand(2 * i, k, dtype=dtype, seed=4, device="cuda") * 0.05
     lin, silu = fxp.linear, fxp.silu_and_mul
+    assert triton_linear.fused_config(1, 3072, k, silu_mul=False, norm=True) is None
+    assert triton_linear.fused_config(1, i, k, silu_mul=True, norm=True) is None
+    tol = dict(rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
     for m in (1, 8):
         x, r = rand(m, k, dtype=dtype, seed=m, device="cuda"), rand(m, k, dtype=dtype, seed=m + 1, device="cuda")
         normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
-        unfused = {
-            "rms_norm_linear": (lin(fxp.rms_norm(x, nw, 1e-5), wqkv),),
-            "add_rms_norm_linear": (lin(normed, wqkv), h_ref),
-            "linear_silu_mul": (silu(*lin(x, wgu).split([i, i], dim=-1)),),
-            "add_rms_norm_linear_silu_mul": (silu(*lin(normed, wgu).split([i, i], dim=-1)), h_ref),
-        }
-        got = {
-            "rms_norm_linear": (fxp.rms_norm_linear(x, nw, 1e-5, wqkv),),
-            "add_rms_norm_linear": fxp.add_rms_norm_linear(x, r, nw, 1e-5, wqkv),
-            "linear_silu_mul": (fxp.linear_silu_mul(x, wgu),),
-            "add_rms_norm_linear_silu_mul": fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, wgu),
-        }
         fused = m == 1 and dtype != torch.float32
         assert (triton_linear.fused_config(m, i, k, silu_mul=True) is not None) == (m == 1)
-        for name, want in unfused.items():
-            if fused:
-                for g, w in zip(got[name], want):
-                    torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3)
-                if len(want) == 2:
-                    assert torch.equal(got[name][1], want[1])
-            else:
-                assert all(torch.equal(g, w) for g, w in zip(got[name], want)), (name, m)
+        # the norm ops: the norm kernel then the projection, as before the fusion (bit for bit)
+        assert torch.equal(fxp.rms_norm_linear(x, nw, 1e-5, wqkv), lin(fxp.rms_norm(x, nw, 1e-5), wqkv))
+        y, h = fxp.add_rms_norm_linear(x, r, nw, 1e-5, wqkv)
+        assert torch.equal(y, lin(normed, wqkv)) and torch.equal(h, h_ref)
+        # SiLU-and-mul: fused at one token (within tolerance), else the unfused kernels
+        unfused = silu(*lin(x, wgu).split([i, i], dim=-1))
+        got = fxp.linear_silu_mul(x, wgu)
+        if fused:
+            torch.testing.assert_close(got, unfused, **tol)
+        else:
+            assert torch.equal(got, unfused)
+        # with the norm: the norm kernel, then linear_silu_mul (fused or not by its own choice), bit for bit
+        y, h = fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, wgu)
+        assert torch.equal(y, fxp.linear_silu_mul(normed, wgu)) and torch.equal(h, h_ref)
+        torch.testing.assert_close(y, silu(*lin(normed, wgu).split([i, i], dim=-1)), **tol)
+    # where the norm prologue is on (8B qkv at TP 2: [3072, 4096]): one kernel, within tolerance, h bit for bit
+    k8 = 4096
+    x, r = rand(1, k8, dtype=dtype, seed=7, device="cuda"), rand(1, k8, dtype=dtype, seed=8, device="cuda")
+    nw8 = (1 + 0.1 * rand(k8, dtype=torch.float32, seed=2)).to(dtype).cuda()
+    w8 = rand(3072, k8, dtype=dtype, seed=3, device="cuda") * 0.05
+    assert triton_linear.fused_config(1, 3072, k8, silu_mul=False, norm=True) is not None  # (float32: unfused)
+    normed, h_ref = fxp.add_rms_norm(x, r, nw8, 1e-5)
+    y, h = fxp.add_rms_norm_linear(x, r, nw8, 1e-5, w8)
+    assert torch.equal(h, h_ref) and _ref_err(y, normed, w8) < 5e-3
+    torch.testing.assert_close(y, F.linear(normed, w8), **tol)
     # two separate weights (transformers' gate_proj / up_proj): the same numbers as the concatenated one
     x = rand(1, k, dtype=dtype, device="cuda")
     pair, concatenated = fxp.linear_silu_mul(x, wgu[:i], wgu[i:]), fxp.linear_silu_mul(x, wgu)
