@@ -377,6 +377,23 @@ for dtype, tokens, pad, upcast, (h, hkv, d, r) in itertools.product(
         a, b = ref(kc1, vc1), got(kc2, vc2)
         if not (torch.equal(kc1, kc2) and torch.equal(vc1, vc2) and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)):
             fails.append((name, dtype, tokens, pad, upcast, h, hkv, d, r))
+# A prefill chunk in descending positions: the interpreter runs programs in order, so token 0 (the last position)
+# reads rows that later programs write; only the rows taken from the inputs make it right.
+for dtype, rope in itertools.product([torch.float32, torch.float16], [True, False]):
+    q, k, v, kc, vc, s, p = attention_inputs(9, 4, 2, 8, 8, slots=5, max_len=20, dtype=dtype)
+    s = torch.tensor([2, 2, 2, 2, 0, 2, 1, 3, -1])
+    p = torch.tensor([9, 8, 7, 6, 4, 10, 3, 0, 5])
+    ang = torch.rand(9, 1, 8) * 6
+    cos, sin = ang.cos(), ang.sin()
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    if rope:
+        a = rope_attention_reference(q, k, v, kc1, vc1, s, p, 0.3, cos, sin, True)
+        b = ta.rope_attention_cuda(q, k, v, kc2, vc2, s, p, 0.3, cos, sin, True)
+    else:
+        a, b = _attention(q, k, v, kc1, vc1, s, p, 0.3), ta.attention_cuda(q, k, v, kc2, vc2, s, p, 0.3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    if not (torch.equal(kc1, kc2) and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)):
+        fails.append(("descending chunk", dtype, rope))
 print("FAILS", fails)
 sys.exit(1 if fails else 0)
 """
