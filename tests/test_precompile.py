@@ -318,6 +318,7 @@ def _tp_rank(rank, world_size, path):
 
 
 @pytest.mark.multirank
+@pytest.mark.slow
 def test_tensor_parallel_ranks_save_and_load_their_shards(tmp_path):
     """TP=2 on gloo: each rank saves its own compile (the rank is in the key) and loads it; collectives included."""
     with RankPool(2, timeout=300) as pool:
