@@ -478,10 +478,12 @@ def dynamo_frames_traced() -> int:
 
 
 def dynamo_config_digest() -> str:
-    """Dynamo's config (it changes what is traced and guarded), as a stable string."""
+    """Dynamo's config (it changes what is traced and guarded), as a stable string; entries that only say where
+    debug output goes are left out (``debug_dir_root`` follows the working directory)."""
     import torch._dynamo.config as dynamo_config
 
-    return repr(sorted((k, _stable_repr(v)) for k, v in dynamo_config.get_config_copy().items()))
+    ignored = {"debug_dir_root", "log_file_name", "log_compilation_metrics", "log_graph_in_out_metadata"}
+    return repr(sorted((k, _stable_repr(v)) for k, v in dynamo_config.get_config_copy().items() if k not in ignored))
 
 
 def _stable_repr(value: Any) -> str:
