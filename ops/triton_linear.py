@@ -143,8 +143,6 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
-    rstd = 0.0
-    arow = 0.0
     if NORM:
         dt = X.dtype.element_ty
         rr = tl.arange(0, BLOCK_ROW)
@@ -156,7 +154,22 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
         rstd = 1.0 / tl.sqrt(tl.sum(hrow * hrow, axis=0) / K + eps)
         if ROW_IN_REGS:
             nw = tl.load(NW + rr, mask=rr < K, other=0.0).to(tl.float32)
-            arow = round_as(nw * round_as(hrow * rstd, dt), dt)
+            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd,
+                         round_as(nw * round_as(hrow * rstd, dt), dt), NORM, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN,
+                         BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+        else:
+            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, rstd, NORM,
+                         HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+    else:
+        _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, 0.0, 0.0, NORM, HAS_RESIDUAL,
+                     HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+
+
+@triton.jit
+def _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
+    """This program's column block, or with ``PERSISTENT`` every ``num_programs``-th block from it."""
     if PERSISTENT:
         for nb in range(pid_n, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM, HAS_RESIDUAL,
@@ -169,9 +182,9 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
 @triton.jit
 def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``fxp.linear`` at one token: the GEMV without prologue or epilogue."""
-    _gemv_body(X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som, 0.0, False, False, HAS_BIAS, False, EVEN,
-               BLOCK_N, BLOCK_K, 1, False, False)
+    """``fxp.linear`` at one token: the GEMV without prologue or epilogue (one column block per program)."""
+    _gemv_block(tl.program_id(0), X, X, X, W, W, B, OUT, N, K, sxm, 0, swn, som, tl.program_id(1).to(tl.int64), 0.0,
+                0.0, False, False, HAS_BIAS, False, EVEN, BLOCK_N, BLOCK_K, False)
 
 
 @triton.jit
