@@ -479,9 +479,10 @@ def test_op_on_cuda_picks_per_size_and_replays_in_a_cuda_graph():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k", [(3072, 2048), (8192, 2048), (1000, 300), (7168, 4096), (37, 4104)])
-def test_fused_gemv_kernel_equals_the_unfused_kernels(dtype, n, k):
+@pytest.mark.parametrize("n,k,dtype", [(3072, 2048, torch.bfloat16), (3072, 2048, torch.float16),
+                                       (8192, 2048, torch.bfloat16), (1000, 300, torch.float16),
+                                       (7168, 4096, torch.bfloat16), (37, 4104, torch.bfloat16)])
+def test_fused_gemv_kernel_equals_the_unfused_kernels(n, k, dtype):
     """Prologue and epilogue against the kernels they replace, at 1B/8B shapes (qkv; gate_up's halves; 8B gate_up
     at TP 4) and odd ones (N not a multiple of the tile, K not a multiple of 16), with one program per column
     block and with persistent grids."""
@@ -495,11 +496,11 @@ def test_fused_gemv_kernel_equals_the_unfused_kernels(dtype, n, k):
     normed, h_ref = fxp.add_rms_norm(x, r, nw, 1e-5)
     eye = torch.eye(k, dtype=dtype, device="cuda")
     configs = {triton_linear.fused_config(1, n, k, silu_mul=False), triton_linear.fused_config(1, n, k, silu_mul=True),
-               triton_linear.Config(1, 1, 256, 2, 1), triton_linear.Config(1, 8, 1024, 8, 1),
+               triton_linear.Config(1, 1, 256, 2, 1),
                # persistent grids: the whole row in one step (normalized once per program), and K in steps
                triton_linear.Config(1, 2, triton.next_power_of_2(k), 8, 2, programs=4),
                triton_linear.Config(1, 2, 1024, 4, 1, programs=2)} - {None}
-    assert len(configs) >= 5
+    assert len(configs) >= 4
     for c in configs:
         poisoned = torch.full((1, n), float("nan"), dtype=dtype, device="cuda")  # every element must be written
         y, h = triton_linear.launch_fused(x, gate, c, norm_weight=nw, eps=1e-5, residual=r, out=poisoned)
