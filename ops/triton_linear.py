@@ -371,7 +371,11 @@ UNFUSED_SILU: set[tuple[int, int]] = set()
 # add_rms_norm + linear_silu_mul. The one win: 8B qkv at TP 2, whose unfused projection is cuBLAS (no table tile).
 NORM_FUSED: set[tuple[str, int, int]] = {("norm", 3072, 4096)}  # 11.56 us vs 14.27
 ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the norm
-# prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes (to measure it)
+# prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to
+# measure that design in a whole decode step)
+# Not yet measured: a persistent grid with the whole row in one K step, so each program normalizes the row once
+# (4 programs per SM) instead of once per 2-4 columns; for rows up to 4096 (Llama-3-8B's hidden size).
+NORM_TRIAL = dict(block_n=2, num_warps=8, num_stages=2, programs=4)
 
 
 def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> Config | None:
@@ -384,8 +388,11 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> 
     rows = 2 * n if silu_mul else n
     if rows * k > MAX_FUSED_ELEMENTS or (silu_mul and (n, k) in UNFUSED_SILU):
         return None
-    if norm and env != "norm" and ("silu" if silu_mul else "norm", n, k) not in NORM_FUSED:
-        return None
+    if norm and ("silu" if silu_mul else "norm", n, k) not in NORM_FUSED:
+        if env != "norm":
+            return None
+        if triton.next_power_of_2(k) <= 4096:
+            return Config(1, block_k=triton.next_power_of_2(k), **NORM_TRIAL)
     c = TABLE.get((1, rows, k)) or TABLE.get((1, n, k))
     c = c if c is not None and c.block_m == 1 else default_config(1, n, k)
     # SiLU-and-mul: half the columns of the tile measured for the concatenated [2I, K] GEMV (or for one half, or
