@@ -22,8 +22,10 @@ unfused sequence only by that summation order.
 
 Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a table measured on an H200
 (``benchmarks/gemm.py --sweep``); shapes and token counts it does not name go to cuBLAS, as do fp32, strided
-weights and M above 32. The fused ops run their kernel at one token (``fused_config``), else their unfused
-composition. Capture-safe: no host synchronization, no allocation but the outputs.
+weights and M above 32. The fused ops run their kernel at one token where it was measured faster
+(``fused_config``: the SiLU-and-mul epilogue on every gate/up projection; the norm prologue only on the shapes
+``NORM_FUSED`` lists), else their unfused kernels. Capture-safe: no host synchronization, no allocation but the
+outputs.
 """
 from __future__ import annotations
 

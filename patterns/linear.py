@@ -15,7 +15,9 @@ Where it applies, and why:
   (the traced spelling has none).
 
 The fused patterns go further on the same terms (CUDA, not under Inductor), each into one op whose 1-token kernel
-does the work of two or three (``ops/triton_linear.fused_config`` says where it runs fused):
+can do the work of two or three (``ops/triton_linear.fused_config`` says where it runs fused, by measurement: the
+SiLU-and-mul epilogue everywhere, the norm prologue only where it won; elsewhere the op runs the kernels the
+unfused graph would, so a match never costs time):
 
 - ``add_rms_norm_linear``: a residual add whose sum feeds an RMSNorm (any registered spelling) whose only reader
   is a projection (qkv, the LM head); the sum stays an output (the next residual). ``rms_norm_linear``: the same
