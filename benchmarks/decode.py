@@ -42,7 +42,7 @@ MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasse
          "fxpasses+full-cudagraphs-cublas", "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor",
          "fxpasses+inductor+cudagraphs"]
 # the decode fusions of issue 14: what ``fxpasses+full-cudagraphs-nofuse`` leaves out
-FUSIONS = ("rms_norm_linear", "add_rms_norm_linear", "linear_silu_mul", "add_rms_norm_linear_silu_mul", "rope_attention")
+FUSIONS = (*patterns.linear.FUSED_PATTERNS, "rope_attention")
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
 
 

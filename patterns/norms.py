@@ -97,6 +97,31 @@ def check_norm(m: Match, ctx: MatchContext) -> str | None:
         return f"the weight has shape {tuple(w.shape)}, not ({x.shape[-1]},)"
     if w.dtype != x.dtype:
         return f"the weight is {w.dtype} but the input is {x.dtype}"
+    return check_rounding(m, x.dtype)
+
+
+def check_rounding(m: Match, dtype: torch.dtype) -> str | None:
+    """The fused ops round where transformers' RMSNorm rounds: normalize in float32, round the normalized row to
+    the input dtype, multiply by the weight in that dtype. In bf16/fp16 a spelling that rounds elsewhere computes
+    other numbers (``F.rms_norm`` multiplies the weight in float32 and rounds once: about a quarter of bf16
+    outputs differ in the last bit; normalizing without the upcast rounds every step), so fusing it would change
+    the model's result: refused. In float32 there is nothing to round and every spelling is the same norm."""
+    if dtype == torch.float32:
+        return None
+    weight = m.bindings["weight"]
+    for node in m.graph_nodes:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            continue
+        if node.target == aten.rsqrt.default and val.dtype != torch.float32:
+            return (f"this RMSNorm normalizes in {dtype} (no float32 upcast); the fused op normalizes in float32, "
+                    "which would change its numbers in the last bits (and past fp16's overflow at |x| >= 256): "
+                    "not fused. Upcast as transformers does (x.float() ... .to(dtype)) to have it fused")
+        if weight in node.all_input_nodes and val.dtype != dtype:
+            return (f"this RMSNorm multiplies the weight in {val.dtype} and rounds once (as F.rms_norm does); the "
+                    f"fused op rounds the normalized row to {dtype} before the weight product (transformers' "
+                    "order), which would change about a quarter of its outputs in the last bit: not fused. "
+                    "Compute in float32, or write the norm as transformers does, to have it fused")
     return None
 
 
@@ -163,6 +188,8 @@ def explain_all_reduce(node: torch.fx.Node) -> str | None:
     readers = list(waits[0].users)
     if any(u.op == "call_function" and u.target is aten.add.Tensor for u in readers):
         return None
+    if any(u.op == "call_function" and getattr(u.target, "namespace", None) == "fxp" for u in readers):
+        return None  # the residual add went into another fusion (e.g. add_rms_norm_linear): not a near miss
     return (f"its result ({waits[0].name}) is not added to a residual (it is read by "
             f"{', '.join(u.name for u in readers) or 'nothing'}): allreduce_add_rms_norm fuses all_reduce, residual "
             "add and RMSNorm (a norm straight after an all_reduce fuses as rms_norm alone)")

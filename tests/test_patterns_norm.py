@@ -59,6 +59,16 @@ def test_rms_norm_every_spelling(spelling, dtype):
     model = Norm(spelling, 32, dtype).eval()
     x = data(4, 5, 32, dtype=dtype)
     out, backend, before, after = compile_and_capture(model, (x,))
+    if dtype != torch.float32 and spelling in ("no_upcast", "functional"):
+        # these round elsewhere than the fused op (transformers' order) in low precision: fusing would change
+        # numbers, so the norm is left as written and the near miss says why
+        assert backend.report.matches == {} and "fxp.rms_norm" not in after
+        (miss,) = backend.report.near_misses
+        assert miss.pattern == "rms_norm" and "not fused" in miss.reason
+        assert ("float32 upcast" if spelling == "no_upcast" else "rounds once") in miss.reason
+        with torch.no_grad():
+            assert torch.equal(out, model(x))
+        return
     assert backend.report.matches == {"rms_norm": 1}
     assert before["aten.rsqrt"] == 1 and "aten.rsqrt" not in after and after["fxp.rms_norm"] == 1
     with torch.no_grad():
@@ -186,9 +196,12 @@ def test_near_miss_dtype_not_registered():
 
 def test_registry_lists_patterns_by_benefit_and_refuses_duplicates():
     names = [p.name for p in patterns.all()]
-    assert names == ["allreduce_add_rms_norm_quant_fp8", "allreduce_add_rms_norm", "add_rms_norm_linear",
-                     "add_rms_norm_quant_fp8", "add_rms_norm", "rms_norm_quant_fp8", "rms_norm", "rotary_embedding",
+    assert names == ["allreduce_add_rms_norm_quant_fp8", "allreduce_add_rms_norm", "add_rms_norm_linear_silu_mul",
+                     "add_rms_norm_linear", "add_rms_norm_quant_fp8", "add_rms_norm", "rms_norm_quant_fp8",
+                     "rms_norm_linear", "rope_attention", "rms_norm", "rotary_embedding", "linear_silu_mul",
                      "quant_fp8", "silu_and_mul", "linear_bias", "linear"]
+    benefits = [p.benefit for p in patterns.all()]
+    assert benefits == sorted(benefits, reverse=True)
     with pytest.raises(ValueError, match="a pattern named 'rms_norm' is already registered"):
         patterns.register(patterns.get("rms_norm"))
     with pytest.raises(KeyError, match="no pattern named 'nope'"):
