@@ -36,7 +36,7 @@ def test_split_at_attention_and_pad_on_warm_up_calls():
     assert len(runner.layout.tensor_inputs) == 3  # input_ids, position_ids, slot_ids all carry the token count
     for piece in runner.pieces.values():
         if isinstance(piece, cg.EagerSplit):
-            assert len(piece.token_args) == 5  # q, k, v, slot_ids, position_ids; not the two caches
+            assert len(piece.token_args) == 7  # q, k, v, slot_ids, position_ids, cos, sin; not the two caches
     for g, e in zip(got, expected):
         assert g.shape == e.shape
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)  # padding changes BLAS blocking, not results
@@ -59,7 +59,7 @@ def test_full_graph_pads_slots_with_the_ops_marker(model_name):
     the decode step, which reads slot 0, would differ from eager."""
     steps = make_steps(128, prompt_lens=(5, 3), decode_steps=1)  # 8 tokens -> size 16, then 2 -> 4; once each (CPU)
     backend = warmup_cuda_graph_backend([4, 16], splitting_ops=())
-    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}):
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}, torch.ops.fxp.attention.rope: {"slot_ids": -1}}):
         _run_on_cpu(backend, steps, model_name)
     (runner,) = backend.runners
     assert [type(p).__name__ for p in runner.pieces.values()] == ["CapturedPiece"]
@@ -104,7 +104,7 @@ def test_unbacked_token_dimension_serves_one_token_from_the_same_graph():
     backend = warmup_cuda_graph_backend([1, 8], splitting_ops=())
     torch._dynamo.reset()
     got = []
-    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}, torch.ops.fxp.attention.rope: {"slot_ids": -1}}), \
             torch.inference_mode():
         fn = torch.compile(model, backend=backend)
         for b in steps:
@@ -136,7 +136,7 @@ def test_full_graph_refuses_a_marker_argument_computed_in_the_graph():
     for t in (ids, pos, slots):
         torch._dynamo.mark_dynamic(t, 0)
     torch._dynamo.reset()
-    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}}), \
+    with mock.patch.dict(ops.TOKEN_PADDING, {torch.ops.fxp.attention.default: {"slot_ids": -1}, torch.ops.fxp.attention.rope: {"slot_ids": -1}}), \
             torch.inference_mode(), \
             pytest.raises(Exception, match=r"padded tokens are marked through argument 'slot_ids', but that is "
                                            r"computed in the graph \(add.*\), not a graph input\. Keep fxp.attention "

@@ -71,7 +71,7 @@ class DeepSeekConfig:
         counts = predicted_matches(mapping, layers, extra_norms_per_layer=2)
         if not inductor:  # RoPE on q_pe and k_pe; a SwiGLU per dense layer, per local expert and shared expert
             local_experts = self.num_experts // mapping.tp_size
-            counts.update(rotary_embedding=2 * len(layers),
+            counts.update(rotary_embedding=2 * len(layers), rope_attention=len(layers),
                           silu_and_mul=sum(1 if i < self.first_k_dense else 1 + local_experts for i in layers))
         return counts
 
