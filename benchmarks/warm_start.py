@@ -151,7 +151,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     for mode in modes:
         with tempfile.TemporaryDirectory(prefix="warm_start_") as cache:
-            results[mode] = [run_child(mode, args, Path(cache), i) for i in range(args.runs)]
+            results[mode] = []
+            for i in range(args.runs):  # one line per process as it ends: a run cut short still tells something
+                results[mode].append(run_child(mode, args, Path(cache), i))
+                print(f"{mode} process {i + 1} ({'cold' if i == 0 else 'warm'}): start "
+                      f"{results[mode][-1]['start']:.2f} s", flush=True)
     first = next(iter(results.values()))[0]
     print(f"model {args.model}, device {args.device}, torch {first['torch']}, tokens {args.tokens}, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; start = Backend + torch.compile + first call at "
