@@ -180,6 +180,13 @@ def is_all_reduce(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target is torch.ops._c10d_functional.all_reduce.default
 
 
+def _takes_residual(target: Any) -> bool:
+    """An fxp op with a ``residual`` argument: a fusion that took a residual add (add_rms_norm and its kin)."""
+    schema = getattr(target, "_schema", None)
+    return getattr(target, "namespace", None) == "fxp" and schema is not None and any(
+        a.name == "residual" for a in schema.arguments)
+
+
 def explain_all_reduce(node: torch.fx.Node) -> str | None:
     """An all_reduce whose result is never added to anything cannot be an allreduce+add+RMSNorm: say so."""
     waits = [u for u in node.users if u.op == "call_function" and u.target is torch.ops._c10d_functional.wait_tensor.default]
@@ -188,8 +195,8 @@ def explain_all_reduce(node: torch.fx.Node) -> str | None:
     readers = list(waits[0].users)
     if any(u.op == "call_function" and u.target is aten.add.Tensor for u in readers):
         return None
-    if any(u.op == "call_function" and getattr(u.target, "namespace", None) == "fxp" for u in readers):
-        return None  # the residual add went into another fusion (e.g. add_rms_norm_linear): not a near miss
+    if readers and all(u.op == "call_function" and _takes_residual(u.target) for u in readers):
+        return None  # its only readers took the residual add into another fusion (e.g. add_rms_norm_linear)
     return (f"its result ({waits[0].name}) is not added to a residual (it is read by "
             f"{', '.join(u.name for u in readers) or 'nothing'}): allreduce_add_rms_norm fuses all_reduce, residual "
             "add and RMSNorm (a norm straight after an all_reduce fuses as rms_norm alone)")

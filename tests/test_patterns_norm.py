@@ -1,4 +1,6 @@
 """rms_norm and add_rms_norm: every spelling, both operand orders, dtypes, near misses, and real transformers Llama."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -119,7 +121,8 @@ def test_gemma_norm_is_not_rewritten(dtype):
         assert "the weight is computed" in miss.reason and "Gemma" in miss.reason
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FXPASSES_PROPERTY_EXAMPLES", "16")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
     hidden=st.integers(1, 40),
@@ -137,11 +140,16 @@ def test_property_shapes_eps_dtypes(shape, hidden, eps, dtype, spelling, with_ad
     else:
         model = Norm(spelling, d, dtype, eps=eps).eval()
         args = (data(*shape, d, dtype=dtype),)
-        expected = {"rms_norm": 1}
+        # spellings that round elsewhere than the fused op are left alone in low precision (see test above)
+        rounds_elsewhere = dtype != torch.float32 and spelling in ("no_upcast", "functional")
+        expected = {} if rounds_elsewhere else {"rms_norm": 1}
     out, backend, _, after = compile_and_capture(model, args)
     assert backend.report.matches == expected
     with torch.no_grad():
-        torch.testing.assert_close(out, model(*args), **TOL[dtype])
+        if not expected or with_add or spelling == "transformers":
+            torch.testing.assert_close(out, model(*args), rtol=0, atol=0)  # nothing rewritten, or the op's order
+        else:
+            torch.testing.assert_close(out, model(*args), **TOL[dtype])
     node = next(n for n in backend.report.passes if n.name == "patterns/pattern_rewrites")
     assert not node.error
 
