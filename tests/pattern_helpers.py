@@ -1,6 +1,8 @@
-"""Shared test helper: compile with a Backend and keep the graph's ops before and after the pipeline."""
+"""Shared test helpers: compile with a Backend and keep the graph's ops before and after the pipeline; a tiny pass
+and a tiny model that the Backend, compile-cache and precompile tests share."""
 import torch
 
+from fxpasses.passes import PassResult
 from fxpasses.testing import RecordingBackend
 
 
@@ -16,3 +18,32 @@ def compile_and_capture(fn, args, *, dynamic=None, fullgraph=False, **backend_kw
 
 # bf16 results of a fused op and of the unfused eager code may differ by one rounding of the last product
 BF16_TOL = dict(rtol=1.6e-2, atol=1.6e-2)
+
+
+def double_to_add(gm, ctx):
+    """A tiny pattern of our own: ``x * 2`` -> ``x + x``."""
+    result = PassResult()
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.args[1] == 2:
+            with gm.graph.inserting_before(node):
+                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node.args[0], node.args[0]))
+            add.meta.update(node.meta)
+            node.replace_all_uses_with(add)
+            gm.graph.erase_node(node)
+            result.count("double_to_add")
+    return result
+
+
+class LinearWithCache(torch.nn.Module):
+    """A linear, a doubling (what double_to_add rewrites) and a cache written in place at the given slots (an input
+    mutation)."""
+
+    def __init__(self, slots: int = 16):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.register_buffer("cache", torch.zeros(slots, 8))
+
+    def forward(self, x, slots):
+        h = self.lin(x) * 2
+        self.cache.index_copy_(0, slots, h)
+        return h.relu() + self.cache.sum()

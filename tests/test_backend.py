@@ -8,22 +8,9 @@ import torch
 import torch.fx
 
 import fxpasses
-from fxpasses.passes import PassResult
-from pattern_helpers import compile_and_capture
+from pattern_helpers import compile_and_capture, double_to_add
 
 
-def double_to_add(gm, ctx):
-    """A tiny pattern of our own: ``x * 2`` → ``x + x``."""
-    result = PassResult()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.args[1] == 2:
-            with gm.graph.inserting_before(node):
-                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node.args[0], node.args[0]))
-            add.meta.update(node.meta)
-            node.replace_all_uses_with(add)
-            gm.graph.erase_node(node)
-            result.count("double_to_add")
-    return result
 
 
 class Tiny(torch.nn.Module):

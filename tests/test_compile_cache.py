@@ -17,6 +17,7 @@ import fxpasses
 from fxpasses import cache_key
 from fxpasses.compile_cache import CacheStore, default_cache_dir, resolve_cache_dir
 from fxpasses.passes import PassResult
+from pattern_helpers import LinearWithCache, double_to_add
 from fxpasses.testing import RankPool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,31 +61,9 @@ def test_hit_after_a_restart(tmp_path):
 
 
 # ---- in one process: torch._dynamo.reset() and a new Backend stand for a restart -------------------------------
-class Tiny(torch.nn.Module):
-    """A linear, a doubling (what double_to_add rewrites) and a cache written in place (an input mutation)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        self.register_buffer("cache", torch.zeros(16, 8))
-
-    def forward(self, x, slots):
-        h = self.lin(x) * 2
-        self.cache.index_copy_(0, slots, h)
-        return h.relu() + self.cache.sum()
+Tiny = LinearWithCache
 
 
-def double_to_add(gm, ctx):
-    result = PassResult()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.args[1] == 2:
-            with gm.graph.inserting_before(node):
-                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node.args[0], node.args[0]))
-            add.meta.update(node.meta)
-            node.replace_all_uses_with(add)
-            gm.graph.erase_node(node)
-            result.count("double_to_add")
-    return result
 
 
 def other_pass(gm, ctx):

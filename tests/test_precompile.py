@@ -12,8 +12,8 @@ import torch
 
 import fxpasses
 from fxpasses import compat
-from fxpasses.passes import PassResult
 from fxpasses.testing import RankPool
+from pattern_helpers import LinearWithCache, double_to_add
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,31 +83,13 @@ def test_saved_in_one_process_loaded_in_another_without_a_trace(tmp_path):
 
 
 # ---- in one process: a load from disk adds no Dynamo trace; stale keys, corrupt files, fallbacks ----------------
-class Cached(torch.nn.Module):
-    """A linear, a doubling (what double_to_add rewrites) and a cache written in place at the given slots."""
+class Cached(LinearWithCache):
+    """``LinearWithCache`` with 64 slots."""
 
     def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(8, 8)
-        self.register_buffer("cache", torch.zeros(64, 8))
-
-    def forward(self, x, slots):
-        h = self.lin(x) * 2
-        self.cache.index_copy_(0, slots, h)
-        return h.relu() + self.cache.sum()
+        super().__init__(64)
 
 
-def double_to_add(gm, ctx):
-    result = PassResult()
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target is torch.ops.aten.mul.Tensor and node.args[1] == 2:
-            with gm.graph.inserting_before(node):
-                add = gm.graph.call_function(torch.ops.aten.add.Tensor, (node.args[0], node.args[0]))
-            add.meta.update(node.meta)
-            node.replace_all_uses_with(add)
-            gm.graph.erase_node(node)
-            result.count("double_to_add")
-    return result
 
 
 def _inputs(n, dtype=torch.float32):
