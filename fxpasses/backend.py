@@ -150,8 +150,7 @@ class Backend:
         self.report = Report()
         if self.plugins:
             self.report.plugins.extend(self.plugins.records)
-        self.token_dims: list[TokenDim | None] = []
-        self._graphs = 0
+        self.token_dims: list[TokenDim | None] = []  # one per graph this Backend compiled or adopted
         self._identity: dict[str, Any] | None = None  # the backend's half of the cache key, computed once
 
     def _chosen_patterns(self, patterns: Sequence[Pass] | None) -> list[Any]:
@@ -237,13 +236,16 @@ class Backend:
         path = self.dump_dir / f"graph{index}_{when}.py"
         path.write_text(gm.print_readable(print_output=False))
 
+    def _new_graph(self, token: TokenDim | None) -> int:
+        """Number the next graph (compiled or adopted) and record its token dimension."""
+        self.token_dims.append(token)
+        self.report.graphs += 1
+        return len(self.token_dims) - 1
+
     # ---- torch.compile entry -----------------------------------------------------------------------------------
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         t0 = time.perf_counter()
-        index = self._graphs
-        self._graphs += 1
-        self.report.graphs += 1
-        self.token_dims.append(find_token_dim(gm, self.token_inputs))
+        index = self._new_graph(find_token_dim(gm, self.token_inputs))
         try:
             if self.inductor:
                 return self._compile_inductor(gm, example_inputs, index)
@@ -315,11 +317,8 @@ class Backend:
             raise PrecompileRefused("inductor=True: Inductor's result is not one fxpasses can save (use Inductor's "
                                     "own caches)")
         t0 = time.perf_counter()
-        index = self._graphs
-        self._graphs += 1
-        self.report.graphs += 1
         token = find_token_dim(gm, self.token_inputs)
-        self.token_dims.append(token)
+        index = self._new_graph(token)
         try:
             with compat.plain_autograd_cache():
                 compiled, entry, why = self._compile_fx_entry(gm, example_inputs, index, need_entry=True)
@@ -334,10 +333,7 @@ class Backend:
     def adopt_serialized(self, graph: SerializedGraph) -> None:
         """Bind a loaded ``SerializedGraph`` to this Backend: its report replayed here, its runner (CUDA graphs,
         captured lazily) built with this Backend's settings."""
-        index = self._graphs
-        self._graphs += 1
-        self.report.graphs += 1
-        self.token_dims.append(None)
+        index = self._new_graph(None)  # its token dimension is found once the graph is loaded
 
         def runner(gm: torch.fx.GraphModule) -> Any:
             self.token_dims[index] = _token_of_graph(gm, graph.spec.token_input)
