@@ -1,5 +1,11 @@
 """Shared test helpers: compile with a Backend and keep the graph's ops before and after the pipeline; a tiny pass
 and a tiny model that the Backend, compile-cache and precompile tests share."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from fxpasses.passes import PassResult
@@ -47,3 +53,15 @@ class LinearWithCache(torch.nn.Module):
         h = self.lin(x) * 2
         self.cache.index_copy_(0, slots, h)
         return h.relu() + self.cache.sum()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_fresh_process(code: str, *args: str, **env: str) -> dict:
+    """Run ``code`` in a new Python process (a server restart) from the repository root, with extra environment
+    variables, and return the JSON object its last line of output prints."""
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT), **env), cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])

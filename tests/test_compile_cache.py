@@ -2,10 +2,7 @@
 result, corrupt entries, concurrent writers, graphs it refuses, and the cache off. Every compiled output is
 compared with eager."""
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -17,10 +14,9 @@ import fxpasses
 from fxpasses import cache_key
 from fxpasses.compile_cache import CacheStore, default_cache_dir, resolve_cache_dir
 from fxpasses.passes import PassResult
-from pattern_helpers import LinearWithCache, double_to_add
+from pattern_helpers import LinearWithCache, double_to_add, run_fresh_process
 from fxpasses.testing import RankPool
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # A restarted process: the reference Llama (1 layer, KV cache written in the graph), compiled with a cache dir.
 RESTART = textwrap.dedent("""
@@ -42,11 +38,7 @@ RESTART = textwrap.dedent("""
 
 
 def _restart(cache_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", RESTART, str(cache_dir)], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh_process(RESTART, str(cache_dir))
 
 
 def test_hit_after_a_restart(tmp_path):

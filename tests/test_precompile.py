@@ -1,11 +1,7 @@
 """fxpasses.precompile: a saved compile loaded in a new process without a Dynamo trace, equal to eager at 1 and 32
 tokens with live weights and an in-place KV cache; stale, corrupt and unsupported cases recompile or fall back."""
-import json
-import os
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +9,8 @@ import torch
 import fxpasses
 from fxpasses import compat
 from fxpasses.testing import RankPool
-from pattern_helpers import LinearWithCache, double_to_add
+from pattern_helpers import LinearWithCache, double_to_add, run_fresh_process
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # One server start: precompile the reference Llama (1 layer, KV cache written in the graph), serve 1 and 32 tokens,
 # then change a weight in place (the loaded function must read it).
@@ -60,11 +55,7 @@ SERVE = textwrap.dedent("""
 
 
 def _serve(cache_dir):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), FXPASSES_VERIFY="0")
-    out = subprocess.run([sys.executable, "-c", SERVE, str(cache_dir)], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_fresh_process(SERVE, str(cache_dir), FXPASSES_VERIFY="0")
 
 
 def test_saved_in_one_process_loaded_in_another_without_a_trace(tmp_path):
