@@ -100,8 +100,38 @@ def graph_time_us(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
     return times[len(times) // 2] * 1e3 / len(weights)
 
 
-def candidates(m: int) -> list[tl_lin.Config]:
-    """Tiles to sweep: enough elements per thread for 16-byte loads, at most ~128 float32 accumulators each."""
+SPLIT_TILES = {  # (swap, block_n, block_k, num_warps, num_stages) of the split-K kernel; --quick: the first four
+    "full": [(False, 32, 256, 4, 4), (False, 64, 256, 4, 4), (True, 64, 256, 4, 4), (True, 128, 256, 4, 4),
+             (False, 32, 512, 4, 3), (False, 64, 128, 4, 4), (True, 64, 512, 4, 3), (True, 128, 128, 8, 4),
+             (True, 64, 128, 4, 6), (False, 16, 512, 4, 3)],
+}
+SPLIT_WAVES = (2, 4)  # the split-K kernel's K splits: enough for this many programs per SM (and 1, for comparison)
+
+
+def split_candidates(m: int, n: int, k: int, quick: bool = False, sms: int = 132) -> list[tl_lin.Config]:
+    """Split-K tiles for M rows at [N, K]: each tile with the split counts that give every SM about
+    ``SPLIT_WAVES`` programs (at least 1 split; ``split_plan`` then trims to whole K steps)."""
+    bm = 16 if m <= 16 else 32
+    out: list[tl_lin.Config] = []
+    for swap, bn, bk, w, st in SPLIT_TILES["full"][:4 if quick else None]:
+        tiles = -(-n // bn)
+        splits = sorted({max(1, round(waves * sms / tiles)) for waves in SPLIT_WAVES})
+        for split in splits:
+            real = tl_lin.split_plan(k, bk, split)[0]
+            c = tl_lin.Config(bm, bn, bk, w, st, split=real, swap=swap)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def candidates(m: int, n: int = 0, k: int = 0, kernels: str = "all", quick: bool = False) -> list[tl_lin.Config]:
+    """Tiles to sweep: enough elements per thread for 16-byte loads, at most ~128 float32 accumulators each; for
+    2..32 rows also the split-K kernel's (given the shape; ``kernels="split"``: only those)."""
+    if m > 1 and n and k:
+        split = split_candidates(m, n, k, quick)
+        if kernels == "split":
+            return split
+        return candidates(m) + split
     if m == 1:
         return [tl_lin.Config(1, bn, bk, w, 1) for bn, bk, w in itertools.product((1, 2, 4, 8), (1024, 2048, 4096),
                                                                                    (2, 4, 8))
@@ -114,6 +144,13 @@ def candidates(m: int) -> list[tl_lin.Config]:
     return [tl_lin.Config(rows, bn, bk, w, 1) for bn, bk, w in itertools.product((1, 2, 4), (256, 512, 1024),
                                                                                   (2, 4, 8))
             if 256 * w <= bn * bk and rows * bn * bk <= 128 * 32 * w] + dots
+
+
+def table_entry(bucket: int, n: int, k: int, c: tl_lin.Config, comment: str) -> str:
+    """One line of ``TABLE`` as Python source."""
+    extra = f", split={c.split}" + (", swap=True" if c.swap else "") if c.split else ""
+    return (f"({bucket}, {n}, {k}): Config({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}"
+            f"{extra}),  # {comment}")
 
 
 def rel_err(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> float:
@@ -224,6 +261,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
     parser.add_argument("--sweep", action="store_true", help="time every candidate Triton tile too")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--kernels", default="all", choices=["all", "split"],
+                        help="with --sweep at M > 1: every kernel's tiles, or only the split-K kernel's")
+    parser.add_argument("--quick", action="store_true", help="with --sweep: fewer split-K tiles")
+    parser.add_argument("--shapes", nargs="+", default=None, help="only these projections (names in SHAPES)")
     parser.add_argument("--fused", action="store_true", help="time the fused decode ops against the unfused kernels")
     parser.add_argument("--fused-tiles", action="store_true", help="with --fused: also time other tiles")
     args = parser.parse_args()
@@ -239,6 +280,8 @@ def main() -> None:
     failures: list[str] = []
     for model in args.models:
         for name, (n, k) in SHAPES[model].items():
+            if args.shapes and name not in args.shapes:
+                continue
             copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
             weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
             for m in args.m:
@@ -252,7 +295,7 @@ def main() -> None:
                 row = Row(model, name, m, n, k, cublas, op, str(chosen) if chosen else "cuBLAS")
                 if args.sweep:
                     best: tuple[float, tl_lin.Config] | None = None
-                    for c in candidates(m):
+                    for c in candidates(m, n, k, args.kernels, args.quick):
                         try:
                             out = tl_lin.launch(x, weights[0], None, c)
                             e = rel_err(out, x, weights[0])
@@ -270,11 +313,15 @@ def main() -> None:
                         if best[0] < cublas * 0.98:
                             table[(tl_lin._bucket(m), n, k)] = min(table.get((tl_lin._bucket(m), n, k), best),
                                                                    best, key=lambda tc: tc[0])
+                            print("    TABLE entry: " + table_entry(tl_lin._bucket(m), n, k, best[1],
+                                                                    f"{best[0]:.2f} (cuBLAS {cublas:.2f})"))
                 rows.append(row)
                 print(f"  {model} {name} m={m}: cuBLAS {cublas:.2f} us, op {op:.2f} us ({row.op_config})"
                       + (f", best {row.best_us:.2f} us ({row.best_config})" if row.best_us else ""), flush=True)
             del weights
             torch.cuda.empty_cache()
+            if any(int(r.buffer.abs().sum()) for r in tl_lin._RINGS.values()):
+                failures.append(f"split-K arrival counters not zero after {model} {name}")
             save(args.out, copy, rows, table)  # after every shape: a run cut short keeps what it measured
 
     def gbs(r: Row, us: float) -> float:
@@ -293,8 +340,7 @@ def main() -> None:
     if args.sweep:
         print("\nTABLE = {")
         for (bm, n, k), (t, c) in sorted(table.items()):
-            print(f"    ({bm}, {n}, {k}): Config({c.block_m}, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}),"
-                  f"  # {t:.2f} us")
+            print("    " + table_entry(bm, n, k, c, f"{t:.2f}"))
         print("}")
     if failures:
         print("\nFAILURES:\n" + "\n".join(failures))

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,8 @@ from fxpasses.ops.linear import (
 )
 from fxpasses.ops.triton_rounding import round_as
 
+logger = logging.getLogger(__name__)
+
 MAX_M = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 
@@ -64,10 +68,13 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     programs: int = 0  # fused 1-token GEMV only: persistent, this many programs per SM (0: one per column block)
+    split: int = 0  # block_m 16/32 only: >= 1 selects the split-K kernel with (at most) this many K splits
+    swap: bool = False  # split-K kernel only: W's tile is the dot's A operand (swap-AB), x^T the B operand
 
     def __str__(self) -> str:
         persistent = f"p{self.programs}" if self.programs else ""
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{persistent}"
+        split = f"x{self.split}{'t' if self.swap else ''}" if self.split else ""
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{persistent}{split}"
 
 
 @triton.jit
@@ -257,6 +264,179 @@ def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+@triton.jit
+def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, HAS_BIAS: tl.constexpr,
+                    EVEN_K: tl.constexpr, ONE_SPLIT: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (column block, K split) of the split-K small-M GEMM (see ``launch_split_k``).
+
+    The program multiplies x's rows (padded to ``BLOCK_M``) with ``BLOCK_N`` weight rows over its ``k_per_split``
+    columns of K on tensor cores: ``x [BLOCK_M, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N]``, or with ``SWAP``
+    ``W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]`` (the weight tile as the A operand, whose M dimension can
+    be 64 or more, where Hopper's warpgroup MMA needs it). Rows past M and columns past N are clamped to the last
+    row / column for the loads (unmasked, full-width weight loads) and never stored.
+
+    ``ONE_SPLIT``: the program owns the whole K and stores its tile. Otherwise it writes its float32 partial to
+    ``WS[split]``, then takes a ticket from the column block's arrival counter ``CNT[pid_n]`` (an int32
+    ``atomic_add``, acq_rel at GPU scope, after a CTA barrier so every thread's partial stores precede the
+    release). The program that draws the last ticket sums the partials in split order 0..S-1 (loaded through L2,
+    ``.cg``, after its acquire), adds the bias, rounds once, stores, and puts the counter back to 0, so the next
+    launch (and every CUDA-graph replay) finds it zeroed. The sum's order does not depend on which program
+    arrives last: the output is bit-identical run to run.
+    """
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    rm_ld = tl.minimum(rm, M - 1).to(tl.int64)
+    rn_ld = tl.minimum(rn, N - 1).to(tl.int64)
+    k_lo = pid_s * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if SWAP:
+        w_ptrs = W + rn_ld[:, None] * swn + (k_lo + rk)[None, :]  # [BLOCK_N, BLOCK_K]
+        x_ptrs = X + rm_ld[None, :] * sxm + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_M]: x^T
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        w_ptrs = W + rn_ld[None, :] * swn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]: W^T, K contiguous
+        x_ptrs = X + rm_ld[:, None] * sxm + (k_lo + rk)[None, :]  # [BLOCK_M, BLOCK_K]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs)
+            x = tl.load(x_ptrs)
+        else:
+            kmask = (k0 + rk) < k_hi
+            if SWAP:
+                w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+        if SWAP:
+            acc = tl.dot(w, x, acc)
+        else:
+            acc = tl.dot(x, w, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if SWAP:  # [BLOCK_N, BLOCK_M] tile: offsets and mask in the same orientation
+        ws_offs = rm[None, :] * N + rn[:, None]
+        out_offs = rm.to(tl.int64)[None, :] * som + rn[:, None]
+        mask = (rm[None, :] < M) & (rn[:, None] < N)
+    else:
+        ws_offs = rm[:, None] * N + rn[None, :]
+        out_offs = rm.to(tl.int64)[:, None] * som + rn[None, :]
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+    if ONE_SPLIT:
+        y = acc
+        if HAS_BIAS:
+            y += _bias_tile(B, rn, N, SWAP)
+        tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=mask)
+    else:
+        splits = tl.num_programs(1)
+        plane = M * N
+        tl.store(WS + pid_s * plane + ws_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial stores, then one release at GPU scope
+        ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
+        if ticket == splits - 1:
+            y = tl.load(WS + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            for s in range(1, splits):
+                y += tl.load(WS + s * plane + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                y += _bias_tile(B, rn, N, SWAP)
+            tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
+
+
+@triton.jit
+def _bias_tile(B, rn, N, SWAP: tl.constexpr):
+    b = tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
+    if SWAP:
+        return b[:, None]
+    return b[None, :]
+
+
+# ---- split-K: arrival counters --------------------------------------------------------------------------------
+COUNTER_RING = 1 << 20  # int32 arrival counters per device (4 MB)
+
+
+@dataclass
+class _Ring:
+    """A device's arrival counters and the next free slot. Every launch of ``_split_k_kernel`` takes its own
+    ``tiles`` consecutive slots (wrapping around), which it finds zero and leaves zero: its last-arriving
+    program of each column block resets the block's counter. Why that is safe without a memset:
+
+    - launches on one stream (and a CUDA graph's replays, whose kernels keep the slots they were captured with)
+      run one after another, so each finds its slots as the previous user left them: zero;
+    - launches that may run at the same time on different streams hold different slots, unless more than
+      ``COUNTER_RING`` slots were handed out between them (over a hundred launches of the largest projections,
+      tens of thousands of the small ones).
+
+    The buffer is created zeroed, outside any CUDA-graph capture (a buffer made during a capture would come from
+    the graph's private pool and be zeroed only at replay): a call captured before any eager call on the device
+    runs the kernel unsplit instead (see ``_counters``)."""
+
+    buffer: torch.Tensor
+    next: int = 0
+
+
+_RINGS: dict[torch.device, _Ring] = {}
+_RING_LOCK = threading.Lock()
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """``tiles`` zeroed int32 counters for one launch, or None (no buffer yet and the stream is capturing, or more
+    tiles than the ring holds): the caller then runs one split."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    with _RING_LOCK:
+        ring = _RINGS.get(device)
+        if ring is None:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                logger.warning("fxp.linear: split-K kernel first used inside a CUDA-graph capture on %s; running it "
+                               "unsplit (run one call outside the capture first)", device)
+                return None
+            ring = _RINGS[device] = _Ring(torch.zeros(COUNTER_RING, dtype=torch.int32, device=device))
+        if tiles > COUNTER_RING:
+            return None
+        if ring.next + tiles > COUNTER_RING:
+            ring.next = 0
+        start, ring.next = ring.next, ring.next + tiles
+        return ring.buffer[start:start + tiles]
+
+
+def split_plan(k: int, block_k: int, split: int) -> tuple[int, int]:
+    """``(splits, k_per_split)``: K cut into at most ``split`` runs of whole ``block_k`` steps, none empty."""
+    steps = triton.cdiv(k, block_k)
+    per = triton.cdiv(steps, max(1, min(split, steps)))
+    return triton.cdiv(steps, per), per * block_k
+
+
+def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
+                   out: torch.Tensor) -> torch.Tensor:
+    """``_split_k_kernel`` on ``x2 [M, K]`` (M <= ``config.block_m``, K > 0, last dim contiguous), ``weight [N, K]``
+    contiguous, into ``out [M, N]``. Grid: column blocks x K splits; with more than one split, an ``[S, M, N]``
+    float32 workspace from torch's caching allocator (capture-safe: under a CUDA graph it comes from the graph's
+    pool) and a run of the device's arrival counters (``_counters``)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    c = config
+    if m > c.block_m:
+        raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
+    tiles = triton.cdiv(n, c.block_n)
+    splits, per = split_plan(k, c.block_k, c.split)
+    counters = _counters(out.device, tiles) if splits > 1 else None
+    if counters is None:
+        splits, per = 1, triton.cdiv(k, c.block_k) * c.block_k
+    ws = torch.empty((splits, m, n), dtype=torch.float32, device=out.device) if splits > 1 else out
+    _split_k_kernel[(tiles, splits)](
+        x2, weight, bias if bias is not None else out, out, ws, counters if counters is not None else out, m, n, k,
+        x2.stride(0), weight.stride(0), out.stride(0), per, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
+        ONE_SPLIT=splits == 1, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
+
+
 def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
            out: torch.Tensor | None = None) -> torch.Tensor:
     """Run one kernel on ``x2 [M, K]`` (last dim contiguous) and ``weight [N, K]`` (contiguous) with ``config``.
@@ -278,6 +458,8 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
         _gemv_kernel[(triton.cdiv(n, c.block_n), m)](x2, weight, b, out, n, k, x2.stride(0), weight.stride(0),
                                                      out.stride(0), **common)
         return out
+    if c.split:
+        return launch_split_k(x2, weight, bias, c, out)
     if c.block_m <= 8:
         if m > c.block_m:
             raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
@@ -330,10 +512,14 @@ def _bucket(m: int) -> int:
 def choose(m: int, n: int, k: int) -> Config | None:
     """The Triton configuration for this call, or None for cuBLAS. The table is measured at M = 1, 8 and 32;
     2..8 rows use the 8-row entry (with the rows rounded up to a power of two: a bandwidth-bound kernel is no
-    slower with fewer rows), 9..16 the 16-row one where there is one."""
+    slower with fewer rows), 9..16 the 16-row one where there is one, else the 8-row one if that is a 16-row
+    tensor-core tile (the rows are padded to 16 either way)."""
     if m < 1 or m > MAX_M:
         return None
     c = TABLE.get((_bucket(m), n, k))
+    if c is None and _bucket(m) == 16:  # a 16-row dot tile measured at 8 rows does the same work at 9..16
+        c8 = TABLE.get((8, n, k))
+        c = c8 if c8 is not None and c8.block_m == 16 else None
     if c is not None and 1 < m <= 8 and 1 < c.block_m <= 8:
         c = dataclasses.replace(c, block_m=triton.next_power_of_2(m))
     return c

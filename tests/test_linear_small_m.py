@@ -1,0 +1,160 @@
+"""The split-K small-M GEMM of ``fxp.linear`` (``_split_k_kernel`` in ``ops/triton_linear.py``, 2..32 tokens).
+
+CPU, under Triton's interpreter (where Triton is installed, or its site directory is in FXPASSES_TRITON_SITE, as
+tests/test_linear.py runs it): the kernel's logic at small odd shapes (K not a multiple of the K step, N not a
+multiple of the column block, 2..32 rows, with and without swap-AB and bias, one split and several) against a
+float64 reference, the arrival counters left at zero, and the split plan. GPU (marked): against float64 and
+cuBLAS at odd and Llama shapes, bit-identical run to run, inside a CUDA graph replayed twice (the counters reset
+themselves), and the op's choice.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+fxp = torch.ops.fxp
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ROWS = (2, 3, 7, 9, 17, 31, 32)
+
+
+def rand(*shape, dtype=torch.bfloat16, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+
+def rel_err(out, x, w, b=None):
+    ref = F.linear(x.double(), w.double(), b.double() if b is not None else None)
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def counters_zero(tl_lin) -> bool:
+    return all(int(ring.buffer.abs().sum()) == 0 for ring in tl_lin._RINGS.values())
+
+
+# ---- Triton's interpreter (CPU) ---------------------------------------------------------------------------------
+def interpreter_checks() -> None:
+    """Run by the test below in a process with TRITON_INTERPRET=1 (the interpreter must be on when the kernels are
+    defined). The interpreter runs the programs one after another, so this checks the tile arithmetic, the masks,
+    the split plan and the last-arrival reduction, not the memory ordering (the GPU tests do)."""
+    from fxpasses.ops import triton_linear as tl_lin
+
+    assert tl_lin.split_plan(4096, 256, 4) == (4, 1024)
+    assert tl_lin.split_plan(100, 32, 3) == (2, 64)  # 4 steps: 2 + 2, not 2 + 1 + 1 into 3 non-empty splits
+    assert tl_lin.split_plan(2048, 256, 64) == (8, 256)  # never more splits than K steps
+    configs = [tl_lin.Config(16, 16, 32, 4, 1, split=3), tl_lin.Config(32, 16, 16, 4, 1, split=4, swap=True),
+               tl_lin.Config(16, 32, 32, 4, 1, split=1, swap=True), tl_lin.Config(32, 32, 16, 4, 1, split=1)]
+    for i, (m, n, k) in enumerate([(2, 40, 100), (3, 33, 64), (7, 16, 48), (9, 50, 130), (17, 24, 80),
+                                   (31, 20, 36), (32, 18, 70)]):
+        for config in configs:
+            if m > config.block_m:
+                continue
+            dtype = torch.float16  # Triton 3.6's interpreter gets tl.dot on bfloat16 wrong (any dot kernel)
+            x, w = rand(m, k, dtype=dtype, seed=i), rand(n, k, dtype=dtype, seed=i + 10) * 0.1
+            b = rand(n, dtype=dtype, seed=i + 20) if i % 3 == 0 else None
+            out = torch.full((m, n), float("nan"), dtype=dtype)  # poisoned: every element must be written
+            tl_lin.launch(x, w, b, config, out=out)
+            assert rel_err(out, x, w, b) < 5e-3, (m, n, k, config)
+            assert counters_zero(tl_lin), (m, n, k, config)
+            again = tl_lin.launch(x, w, b, config)
+            assert torch.equal(again, out), (m, n, k, config)
+
+
+_TRITON_SITE = os.environ.get("FXPASSES_TRITON_SITE", "")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
+                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+def test_split_k_kernel_under_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p))
+    code = "import tests.test_linear_small_m as t; t.interpreter_checks(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# ---- GPU ------------------------------------------------------------------------------------------------------
+def _configs(m: int):
+    from fxpasses.ops import triton_linear as tl_lin
+
+    bm = 16 if m <= 16 else 32
+    return [tl_lin.Config(bm, 64, 256, 4, 4, split=8, swap=True), tl_lin.Config(bm, 32, 256, 4, 4, split=3),
+            tl_lin.Config(bm, 128, 128, 4, 3, split=1, swap=True)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k,dtype,bias", [(2048, 2048, torch.bfloat16, False), (1000, 300, torch.float16, True),
+                                            (24, 4104, torch.bfloat16, True), (4097, 1000, torch.bfloat16, False)])
+def test_split_k_matches_float64_and_cublas_and_repeats_bit_for_bit(n, k, dtype, bias):
+    """Odd shapes: N not a multiple of any column block (1000, 24, 4097), K not a multiple of the K step (300,
+    4104, 1000), every row count of ROWS."""
+    from fxpasses.ops import triton_linear as tl_lin
+
+    w = rand(n, k, dtype=dtype, seed=1, device="cuda") * 0.05
+    b = rand(n, dtype=dtype, seed=2, device="cuda") if bias else None
+    for m in ROWS:
+        x = rand(m, k, dtype=dtype, seed=m, device="cuda")
+        cublas = F.linear(x, w, b)
+        for config in _configs(m):
+            out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")  # every element must be written
+            tl_lin.launch(x, w, b, config, out=out)
+            assert rel_err(out, x, w, b) < 5e-3, (m, config)
+            torch.testing.assert_close(out, cublas, rtol=2e-2, atol=2e-2)
+            for _ in range(3):  # whichever program arrives last, the partials are summed in one order
+                assert torch.equal(tl_lin.launch(x, w, b, config), out), (m, config)
+    torch.cuda.synchronize()
+    assert counters_zero(tl_lin)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [3, 32])
+def test_split_k_in_a_cuda_graph_replays_with_the_counters_reset(m):
+    """Captured with several splits and replayed twice on new inputs: equal bit for bit to eager launches (the
+    counters the capture's launches took are back at zero after each replay)."""
+    from fxpasses.ops import triton_linear as tl_lin
+
+    n, k = 2048, 4096
+    w = rand(n, k, seed=1, device="cuda") * 0.05
+    b = rand(n, seed=2, device="cuda")
+    configs = _configs(m)[:2]
+    static = rand(m, k, device="cuda")
+    for c in configs:
+        tl_lin.launch(static, w, b, c)  # compile, and the counter ring, outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = [tl_lin.launch(static, w, b, c) for c in configs for _ in range(2)]
+    for seed in (5, 6):
+        new = rand(m, k, seed=seed, device="cuda")
+        static.copy_(new)
+        g.replay()
+        torch.cuda.synchronize()
+        assert counters_zero(tl_lin)
+        for i, c in enumerate(configs):
+            eager = tl_lin.launch(new, w, b, c)
+            assert torch.equal(outs[2 * i], eager) and torch.equal(outs[2 * i + 1], eager), (seed, c)
+            assert rel_err(eager, new, w, b) < 5e-3
+
+
+@gpu
+@needs_cuda
+def test_op_runs_the_table_choice_at_two_to_thirty_two_rows():
+    """Where the table names the split-K kernel for a Llama shape, fxp.linear equals that launch bit for bit;
+    elsewhere it is cuBLAS bit for bit."""
+    from fxpasses.ops import triton_linear as tl_lin
+
+    for n, k in [(2048, 2048), (3072, 2048), (4096, 4096), (2048, 8192)]:
+        w = rand(n, k, seed=1, device="cuda") * 0.05
+        for m in ROWS:
+            x = rand(m, k, seed=m, device="cuda")
+            out = fxp.linear(x, w)
+            c = tl_lin.choose(m, n, k)
+            want = F.linear(x, w) if c is None else tl_lin.launch(x, w, None, c)
+            assert torch.equal(out, want), (m, n, k, c)
+            assert rel_err(out, x, w) < 5e-3
