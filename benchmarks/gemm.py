@@ -100,28 +100,56 @@ def graph_time_us(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
     return times[len(times) // 2] * 1e3 / len(weights)
 
 
-SPLIT_TILES = {  # (swap, block_n, block_k, num_warps, num_stages) of the split-K kernel; --quick: the first four
-    "full": [(False, 32, 256, 4, 4), (False, 64, 256, 4, 4), (True, 64, 256, 4, 4), (True, 128, 256, 4, 4),
-             (False, 32, 512, 4, 3), (False, 64, 128, 4, 4), (True, 64, 512, 4, 3), (True, 128, 128, 8, 4),
-             (True, 64, 128, 4, 6), (False, 16, 512, 4, 3)],
-}
-SPLIT_WAVES = (2, 4)  # the split-K kernel's K splits: enough for this many programs per SM (and 1, for comparison)
+# (swap, block_n, block_k, num_warps, num_stages) of the split-K kernel: column blocks of 16-32 (mma.sync, x the
+# A operand) or 64-128 (swap-AB: the weight tile is the A operand, Hopper's warpgroup MMA), K steps and stages
+# that keep 64-128 KB of weight loads in flight per SM within its 228 KB of shared memory
+SPLIT_TILES = [(False, 16, 512, 4, 4), (False, 16, 256, 4, 6), (False, 32, 256, 4, 4), (False, 32, 512, 4, 3),
+               (True, 64, 256, 4, 3), (True, 64, 128, 4, 5), (True, 128, 128, 4, 3), (True, 64, 512, 4, 2)]
+SPLIT_WAVES = (1, 2, 4)  # K splits that give about this many programs per SM (at least 1 split)
 
 
 def split_candidates(m: int, n: int, k: int, quick: bool = False, sms: int = 132) -> list[tl_lin.Config]:
     """Split-K tiles for M rows at [N, K]: each tile with the split counts that give every SM about
-    ``SPLIT_WAVES`` programs (at least 1 split; ``split_plan`` then trims to whole K steps)."""
+    ``SPLIT_WAVES`` programs (``split_plan`` trims them to whole K steps; duplicates dropped). ``quick``: the
+    first six tiles."""
     bm = 16 if m <= 16 else 32
     out: list[tl_lin.Config] = []
-    for swap, bn, bk, w, st in SPLIT_TILES["full"][:4 if quick else None]:
+    for swap, bn, bk, w, st in SPLIT_TILES[:6 if quick else None]:
         tiles = -(-n // bn)
-        splits = sorted({max(1, round(waves * sms / tiles)) for waves in SPLIT_WAVES})
-        for split in splits:
-            real = tl_lin.split_plan(k, bk, split)[0]
+        for waves in SPLIT_WAVES:
+            real = tl_lin.split_plan(k, bk, max(1, round(waves * sms / tiles)))[0]
             c = tl_lin.Config(bm, bn, bk, w, st, split=real, swap=swap)
             if c not in out:
                 out.append(c)
     return out
+
+
+def _compile(m: int, configs: list[tl_lin.Config]) -> int:
+    """Worker of ``precompile``: one launch of each config at M rows on a small shape with the same
+    specialization (dimensions multiples of 16, the config's split count); the number that failed."""
+    failed = 0
+    for c in configs:
+        k = c.split * c.block_k
+        try:
+            tl_lin.launch(torch.zeros(m, k, device="cuda", dtype=torch.bfloat16),
+                          torch.zeros(2 * c.block_n, k, device="cuda", dtype=torch.bfloat16), None, c)
+        except Exception:  # out of shared memory: the sweep skips it too
+            failed += 1
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(tasks: dict[int, set[tl_lin.Config]], jobs: int) -> None:
+    """Compile the sweep's split-K kernels in ``jobs`` processes first (Triton's on-disk cache then serves the
+    sweep): compiling one tile takes seconds, timing it milliseconds."""
+    import concurrent.futures
+    import multiprocessing
+
+    work = [(m, sorted(cs, key=str)[i::jobs]) for m, cs in tasks.items() for i in range(jobs)]
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = sum(pool.map(_compile, *zip(*[w for w in work if w[1]])))
+    print(f"precompiled {sum(len(cs) for cs in tasks.values())} split-K kernels in {jobs} processes "
+          f"({failed} failed)", flush=True)
 
 
 def candidates(m: int, n: int = 0, k: int = 0, kernels: str = "all", quick: bool = False) -> list[tl_lin.Config]:
@@ -264,6 +292,9 @@ def main() -> None:
     parser.add_argument("--kernels", default="all", choices=["all", "split"],
                         help="with --sweep at M > 1: every kernel's tiles, or only the split-K kernel's")
     parser.add_argument("--quick", action="store_true", help="with --sweep: fewer split-K tiles")
+    parser.add_argument("--jobs", type=int, default=0, help="with --sweep: compile the split-K tiles first in "
+                        "this many processes")
+    parser.add_argument("--compile-only", action="store_true", help="with --jobs: stop after compiling")
     parser.add_argument("--shapes", nargs="+", default=None, help="only these projections (names in SHAPES)")
     parser.add_argument("--fused", action="store_true", help="time the fused decode ops against the unfused kernels")
     parser.add_argument("--fused-tiles", action="store_true", help="with --fused: also time other tiles")
@@ -275,6 +306,17 @@ def main() -> None:
     if args.fused:
         fused_rows(args.models, copy, args.fused_tiles)
         return
+    if args.sweep and args.jobs > 1:
+        tasks: dict[int, set[tl_lin.Config]] = {}
+        for model in args.models:
+            for name, (n, k) in SHAPES[model].items():
+                if not args.shapes or name in args.shapes:
+                    for m in args.m:
+                        if m > 1:
+                            tasks.setdefault(m, set()).update(split_candidates(m, n, k, args.quick))
+        precompile(tasks, args.jobs)
+        if args.compile_only:
+            return
     rows: list[Row] = []
     table: dict[tuple[int, int, int], tuple[float, tl_lin.Config]] = {}
     failures: list[str] = []

@@ -266,17 +266,19 @@ def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr
 
 @triton.jit
 def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, HAS_BIAS: tl.constexpr,
-                    EVEN_K: tl.constexpr, ONE_SPLIT: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                    EVEN_K: tl.constexpr, SPLITS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (column block, K split) of the split-K small-M GEMM (see ``launch_split_k``).
 
     The program multiplies x's rows (padded to ``BLOCK_M``) with ``BLOCK_N`` weight rows over its ``k_per_split``
     columns of K on tensor cores: ``x [BLOCK_M, BLOCK_K] @ W^T [BLOCK_K, BLOCK_N]``, or with ``SWAP``
     ``W [BLOCK_N, BLOCK_K] @ x^T [BLOCK_K, BLOCK_M]`` (the weight tile as the A operand, whose M dimension can
-    be 64 or more, where Hopper's warpgroup MMA needs it). Rows past M and columns past N are clamped to the last
-    row / column for the loads (unmasked, full-width weight loads) and never stored.
+    be 64 or more, where Hopper's warpgroup MMA needs it). Weight rows past N are clamped to the last row for the
+    loads (unmasked, full-width weight loads) and never stored; x's rows past M are masked (zero-filled without a
+    memory read).
 
-    ``ONE_SPLIT``: the program owns the whole K and stores its tile. Otherwise it writes its float32 partial to
+    ``SPLITS`` (the grid's second dimension, a constexpr so that the reduction's loads unroll and issue together)
+    1: the program owns the whole K and stores its tile. Otherwise it writes its float32 partial to
     ``WS[split]``, then takes a ticket from the column block's arrival counter ``CNT[pid_n]`` (an int32
     ``atomic_add``, acq_rel at GPU scope, after a CTA barrier so every thread's partial stores precede the
     release). The program that draws the last ticket sums the partials in split order 0..S-1 (loaded through L2,
@@ -289,7 +291,7 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    rm_ld = tl.minimum(rm, M - 1).to(tl.int64)
+    rm_ld = rm.to(tl.int64)
     rn_ld = tl.minimum(rn, N - 1).to(tl.int64)
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -304,15 +306,18 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs)
+            if SWAP:
+                x = tl.load(x_ptrs, mask=rm[None, :] < M, other=0.0)
+            else:
+                x = tl.load(x_ptrs, mask=rm[:, None] < M, other=0.0)
         else:
             kmask = (k0 + rk) < k_hi
             if SWAP:
                 w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
-                x = tl.load(x_ptrs, mask=kmask[:, None], other=0.0)
+                x = tl.load(x_ptrs, mask=kmask[:, None] & (rm[None, :] < M), other=0.0)
             else:
                 w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
-                x = tl.load(x_ptrs, mask=kmask[None, :], other=0.0)
+                x = tl.load(x_ptrs, mask=kmask[None, :] & (rm[:, None] < M), other=0.0)
         if SWAP:
             acc = tl.dot(w, x, acc)
         else:
@@ -327,20 +332,19 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
         ws_offs = rm[:, None] * N + rn[None, :]
         out_offs = rm.to(tl.int64)[:, None] * som + rn[None, :]
         mask = (rm[:, None] < M) & (rn[None, :] < N)
-    if ONE_SPLIT:
+    if SPLITS == 1:
         y = acc
         if HAS_BIAS:
             y += _bias_tile(B, rn, N, SWAP)
         tl.store(OUT + out_offs, y.to(OUT.dtype.element_ty), mask=mask)
     else:
-        splits = tl.num_programs(1)
         plane = M * N
         tl.store(WS + pid_s * plane + ws_offs, acc, mask=mask)
         tl.debug_barrier()  # every thread's partial stores, then one release at GPU scope
         ticket = tl.atomic_add(CNT + pid_n, 1, sem="acq_rel", scope="gpu")
-        if ticket == splits - 1:
+        if ticket == SPLITS - 1:
             y = tl.load(WS + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            for s in range(1, splits):
+            for s in tl.static_range(1, SPLITS):
                 y += tl.load(WS + s * plane + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 y += _bias_tile(B, rn, N, SWAP)
@@ -432,7 +436,7 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _split_k_kernel[(tiles, splits)](
         x2, weight, bias if bias is not None else out, out, ws, counters if counters is not None else out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0), per, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
-        ONE_SPLIT=splits == 1, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        SPLITS=splits, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
