@@ -1,8 +1,8 @@
 """Triton kernels for ``fxp.linear`` at small token counts (M <= 32), bf16/fp16, weight ``[N, K]`` row-major, and
 for the fused decode ops built on its 1-token GEMV.
 
-At these sizes a projection reads its whole weight to do 2*M FLOPs per element: bandwidth is everything. None of
-the kernels splits K (so there is no second reduction launch and no workspace):
+At these sizes a projection reads its whole weight to do 2*M FLOPs per element: bandwidth is everything. Only the
+split-K kernel splits K, and it reduces in the same launch:
 
 - ``_gemv_body`` (M = 1), launched as ``_gemv_kernel`` (plain) or ``_fused_gemv_kernel`` (the fused ops): each
   program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating ``w * x``
@@ -14,6 +14,11 @@ the kernels splits K (so there is no second reduction launch and no workspace):
 - ``_gemv_rows_kernel`` (2 <= M <= 8): each weight tile multiplied with every row.
 - ``_small_m_kernel`` (2 <= M <= 32): the same walk with ``tl.dot`` on an ``[BLOCK_M, BLOCK_K] x [BLOCK_K,
   BLOCK_N]`` tile (tokens padded to 16 or 32 rows, which costs no bandwidth), so the weight is still read once.
+- ``_split_k_kernel`` (2 <= M <= 32): tensor cores as well (optionally swap-AB: the weight tile as the A
+  operand), with K cut into splits so that even a 2048-column projection has a few programs per SM. The splits'
+  float32 partials meet in a workspace and the last-arriving program of each column block (an int32 arrival
+  counter) sums them in split order, so the result is the same bits every run; the counters reset themselves
+  (``_Ring``), so CUDA-graph replays need no memset.
 
 All accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
 a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit. The prologue and epilogue
@@ -25,7 +30,7 @@ Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a t
 weights and M above 32. The fused ops run their kernel at one token where it was measured faster
 (``fused_config``: the SiLU-and-mul epilogue on every gate/up projection; the norm prologue only on the shapes
 ``NORM_FUSED`` lists), else their unfused kernels. Capture-safe: no host synchronization, no allocation but the
-outputs.
+outputs and the split-K workspace (torch's caching allocator; a graph's pool under capture).
 """
 from __future__ import annotations
 
@@ -407,6 +412,13 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
             ring.next = 0
         start, ring.next = ring.next, ring.next + tiles
         return ring.buffer[start:start + tiles]
+
+
+def counters_idle() -> bool:
+    """Whether every split-K arrival counter is zero, as each launch leaves its own (for tests and the benchmark;
+    synchronize first)."""
+    with _RING_LOCK:
+        return all(not bool(ring.buffer.any()) for ring in _RINGS.values())
 
 
 def split_plan(k: int, block_k: int, split: int) -> tuple[int, int]:
