@@ -181,6 +181,6 @@ print(json.dumps({"equal": torch.equal(out, eager), "idle": tl_lin.counters_idle
 def test_split_k_first_used_inside_a_capture_runs_unsplit():
     """No counter buffer can be made inside a capture (it would be zeroed only at replay): a process whose first
     split-K call is captured runs it with one split, equal to the eager unsplit launch, and logs why."""
-    from tests.pattern_helpers import run_fresh_process
+    from pattern_helpers import run_fresh_process  # here: the interpreter's subprocess imports this module bare
 
     assert run_fresh_process(CAPTURED_FIRST) == {"equal": True, "idle": True, "warned": True}
