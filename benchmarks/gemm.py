@@ -1,6 +1,7 @@
 """GPU: small-token GEMMs (``y = x @ W.T``, bf16) at every projection shape of Llama-3.2-1B and Llama-3-8B.
 
-    python benchmarks/gemm.py [--m 1 8 32] [--models 1b 8b] [--sweep] [--out DIR]
+    python benchmarks/gemm.py [--m 1 8 32] [--models 1b 8b] [--sweep [--kernels split] [--quick] [--jobs N]]
+                              [--shapes NAME ...] [--out DIR]
 
 For each shape and token count M: cuBLAS (``F.linear``), ``fxp.linear`` (what the op picks: the Triton kernel
 where ``ops/triton_linear.py``'s table names the shape, else cuBLAS), in GB/s of the bytes a call must move
@@ -11,9 +12,13 @@ cycles through enough distinct copies of the weight to cover 512 MB (a 2 MB proj
 from L2), all calls captured in one CUDA graph (as in a captured decode step: no launch path), replayed, and the
 median replay divided by the number of calls.
 
-``--sweep`` times every candidate tile of the two Triton kernels as well, checks each against a float64
-reference, and prints the best per (M bucket, N, K) as the Python literal ``ops/triton_linear.py`` keeps as
-``TABLE`` (only where it beats cuBLAS); ``--out`` gets the full results as JSON.
+``--sweep`` times every candidate tile of the Triton kernels as well, checks each against a float64 reference,
+and prints the best per (M bucket, N, K) as the Python literal ``ops/triton_linear.py`` keeps as ``TABLE`` (only
+where it beats cuBLAS by 2%: after each shape as it goes, and all together at the end); ``--out`` gets the full
+results as JSON. At 2..32 rows the candidates include the split-K kernel's tiles, each with the K splits that
+give 1, 2 and 4 programs per SM (``--kernels split``: only those; ``--quick``: fewer tiles; ``--jobs N``: compile
+them first in N processes, ``--compile-only`` then stops; ``--shapes qkv o ...``: only those projections). After
+every shape the split-K arrival counters must be back at zero.
 
 ``--fused`` times the fused decode ops at one token instead, each against the kernels it replaces, all in one
 CUDA graph per row the same way (norm weight, residual and activations are tiny next to the weight):
