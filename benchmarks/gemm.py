@@ -37,6 +37,7 @@ import argparse
 import itertools
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -322,6 +323,7 @@ def main() -> None:
         precompile(tasks, args.jobs)
         if args.compile_only:
             return
+    start = time.perf_counter()
     rows: list[Row] = []
     table: dict[tuple[int, int, int], tuple[float, tl_lin.Config]] = {}
     failures: list[str] = []
@@ -342,6 +344,7 @@ def main() -> None:
                 row = Row(model, name, m, n, k, cublas, op, str(chosen) if chosen else "cuBLAS")
                 if args.sweep:
                     best: tuple[float, tl_lin.Config] | None = None
+                    timed: list[tuple[float, str]] = []
                     for c in candidates(m, n, k, args.kernels, args.quick):
                         try:
                             out = tl_lin.launch(x, weights[0], None, c)
@@ -353,6 +356,7 @@ def main() -> None:
                         except Exception as exc:  # out of shared memory or registers for this tile: skip it
                             print(f"  skip {c} at {name} m={m}: {type(exc).__name__}")
                             continue
+                        timed.append((t, str(c)))
                         if best is None or t < best[0]:
                             best = (t, c)
                     if best is not None:
@@ -364,7 +368,10 @@ def main() -> None:
                                                                     f"{best[0]:.2f} (cuBLAS {cublas:.2f})"))
                 rows.append(row)
                 print(f"  {model} {name} m={m}: cuBLAS {cublas:.2f} us, op {op:.2f} us ({row.op_config})"
-                      + (f", best {row.best_us:.2f} us ({row.best_config})" if row.best_us else ""), flush=True)
+                      + (f", best {row.best_us:.2f} us ({row.best_config})" if row.best_us else "")
+                      + f" [{time.perf_counter() - start:.0f} s]", flush=True)
+                if args.sweep:
+                    print("    next: " + ", ".join(f"{c} {t:.2f}" for t, c in sorted(timed)[1:4]), flush=True)
             del weights
             torch.cuda.empty_cache()
             if not tl_lin.counters_idle():
