@@ -439,6 +439,9 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     c = config
     if m > c.block_m:
         raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
+    if min(c.block_m, c.block_n, c.block_k) < 16 or any(b & (b - 1) for b in (c.block_m, c.block_n, c.block_k)):
+        raise ValueError(f"triton_linear.launch: the split-K kernel's {c} needs block_m, block_n and block_k powers "
+                         "of two of at least 16 (tl.dot's smallest tile).")
     tiles = triton.cdiv(n, c.block_n)
     splits, per = split_plan(k, c.block_k, c.split)
     counters = _counters(out.device, tiles) if splits > 1 else None

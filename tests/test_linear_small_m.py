@@ -42,6 +42,15 @@ def interpreter_checks() -> None:
     assert tl_lin.split_plan(4096, 256, 4) == (4, 1024)
     assert tl_lin.split_plan(100, 32, 3) == (2, 64)  # 4 steps: 2 + 2, not 2 + 1 + 1 into 3 non-empty splits
     assert tl_lin.split_plan(2048, 256, 64) == (8, 256)  # never more splits than K steps
+    w = rand(16, 64, dtype=torch.float16)
+    for rows, bad, message in [(3, tl_lin.Config(16, 8, 32, split=2), "powers of two of at least 16"),
+                               (17, tl_lin.Config(16, 16, 32, split=2), "covers at most 16 rows, x has 17")]:
+        try:
+            tl_lin.launch(rand(rows, 64, dtype=torch.float16), w, None, bad)
+        except ValueError as e:
+            assert message in str(e), e
+        else:
+            raise AssertionError(f"{bad} accepted {rows} rows")
     configs = [tl_lin.Config(16, 16, 32, 4, 1, split=3), tl_lin.Config(32, 16, 16, 4, 1, split=4, swap=True),
                tl_lin.Config(16, 32, 32, 4, 1, split=1, swap=True), tl_lin.Config(32, 32, 16, 4, 1, split=1)]
     for i, (m, n, k) in enumerate([(2, 40, 100), (3, 33, 64), (7, 16, 48), (9, 50, 130), (17, 24, 80),
