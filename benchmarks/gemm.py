@@ -110,7 +110,8 @@ def graph_time_us(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
 # A operand) or 64-128 (swap-AB: the weight tile is the A operand, Hopper's warpgroup MMA), K steps and stages
 # that keep 64-128 KB of weight loads in flight per SM within its 228 KB of shared memory
 SPLIT_TILES = [(False, 16, 512, 4, 4), (False, 16, 256, 4, 6), (False, 32, 256, 4, 4), (False, 32, 512, 4, 3),
-               (True, 64, 256, 4, 3), (True, 64, 128, 4, 5), (True, 128, 128, 4, 3), (True, 64, 512, 4, 2)]
+               (True, 64, 256, 4, 3), (True, 64, 128, 4, 5), (True, 128, 128, 4, 3), (True, 64, 512, 4, 2),
+               (False, 16, 1024, 4, 3), (False, 16, 512, 8, 4)]
 SPLIT_WAVES = (1, 2, 4)  # K splits that give about this many programs per SM (at least 1 split)
 
 
