@@ -123,6 +123,8 @@ def run_child(mode: str, args: argparse.Namespace, cache: Path, index: int) -> d
     env.pop("FXPASSES_CACHE", None)
     out = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, args.device,
                           ",".join(map(str, args.tokens))], capture_output=True, text=True, env=env, cwd=ROOT)
+    if args.profile_dir:  # warnings and anything a sitecustomize hook printed (e.g. who imported what)
+        (Path(args.profile_dir) / f"{mode}-{index}.stderr").write_text(out.stderr)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} process failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
