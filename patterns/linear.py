@@ -44,16 +44,19 @@ before.
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterable
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from fxpasses import ops
-from fxpasses.patterns.matcher import EPS_SENTINEL, SIZE_SENTINEL, Match
+from fxpasses.patterns.matcher import EPS_SENTINEL, SIZE_SENTINEL, Match, MatchFailure, match
 from fxpasses.patterns.norms import check_norm, check_residual, rms_norm_spellings
-from fxpasses.patterns.registry import MatchContext, pattern
+from fxpasses.patterns.registry import MatchContext, pattern, traced_variants
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -75,8 +78,8 @@ def check_linear(m: Match, ctx: MatchContext) -> str | None:
         return "the inputs carry no shape metadata (meta['val']); run fake-tensor propagation first"
     if x.device.type != "cuda":
         return f"x is on {x.device.type}, where fxp.linear is F.linear itself (it picks kernels on CUDA only)"
-    if x.dim() != 2 or w.dim() != 2:
-        return f"x {tuple(x.shape)} and weight {tuple(w.shape)} must both be 2-D"
+    if x.dim() < 2 or w.dim() != 2:
+        return f"x {tuple(x.shape)} must be [..., in_features] (2-D or more) and weight {tuple(w.shape)} 2-D"
     if x.dtype != w.dtype or x.dtype not in ops.SUPPORTED_FLOAT_DTYPES:
         return f"x is {x.dtype} and weight is {w.dtype}; they must be one of float32, bfloat16, float16"
     if "bias" in m.bindings:
@@ -89,6 +92,287 @@ def check_linear(m: Match, ctx: MatchContext) -> str | None:
 
 def eager_only(mapping: Any, config: Any) -> bool:
     return config is None or getattr(config, "defunctionalize", True)
+
+
+# ---- N-D activations: the views around a transformers-style projection ----------------------------------------
+# AOT spells F.linear on an N-D x as view(x, [tokens, K]) -> mm / addmm -> view or _unsafe_view back to
+# [..., N] (torch 2.11 and 2.13 alike: the mm fold ends in _unsafe_view, the biased one in view; both, and reshape,
+# are accepted). The traced spellings cannot name these views (their sizes are literals of the call site), so the
+# patterns below match the 2-D core (the mm, or a wildcard standing for the projection's output) and ``_nd_*``
+# checks walk out through the views, verify them and widen the Match to cover them; the replacement then takes the
+# N-D activation itself (every fxp projection op accepts [..., K]).
+_VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _tensor(node: Any) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _is_call(node: Any, targets: Iterable[Any]) -> bool:
+    return isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in tuple(targets)
+
+
+@dataclass(frozen=True)
+class _Projection:
+    """One N-D projection as AOT spells it: ``unflatten(mm(flatten(source), t(weight)))``."""
+
+    source: torch.fx.Node  # the N-D activation [..., K]
+    flatten: torch.fx.Node  # view(source, [tokens, K])
+    mm: torch.fx.Node
+    transpose: torch.fx.Node  # t(weight)
+    weight: torch.fx.Node
+    unflatten: torch.fx.Node  # view(mm, [..., N])
+
+    @property
+    def nodes(self) -> tuple[torch.fx.Node, ...]:
+        return (self.unflatten, self.mm, self.transpose, self.flatten)
+
+
+def _flattened(view: torch.fx.Node) -> "tuple[torch.fx.Node | None, str | None]":
+    """The N-D tensor that ``view`` flattens to ``[tokens, K]`` by merging only its leading dims, with its last
+    dim untouched and contiguous (so the op reads the same elements in the same order): (source, None), or
+    (None, why not)."""
+    if not _is_call(view, _VIEWS):
+        return None, None
+    src = view.args[0]
+    s, v = _tensor(src), _tensor(view)
+    if s is None or v is None:
+        return None, f"the view {view.name} carries no shape metadata"
+    if v.dim() != 2 or s.dim() < 2:
+        return None, f"{view.name} views {tuple(s.shape)} as {tuple(v.shape)}, not a flatten to [tokens, K]"
+    if s.shape[-1] != v.shape[-1]:
+        return None, (f"the view {view.name} changes the last dim ({tuple(s.shape)} -> {tuple(v.shape)}): the "
+                      "projection does not act on the activation's last dim, so it stays a 2-D product")
+    if not s.is_contiguous():
+        return None, (f"the activation {src.name} {tuple(s.shape)} is not contiguous (strides {tuple(s.stride())}); "
+                      "F.linear on it would not be this product")
+    return src, None
+
+
+def _projection_at(mm: torch.fx.Node) -> "tuple[_Projection | None, str | None]":
+    """The N-D projection around ``mm`` = mm(flatten, t(weight)) or addmm(bias, flatten, t(weight)): its source
+    and unflattening view, or (None, why it stays 2-D)."""
+    flatten, transpose = mm.args[-2:] if mm.target is aten.addmm.default else mm.args[:2]
+    if not _is_call(transpose, (aten.t.default,)):
+        return None, f"the weight reaches {mm.name} through {getattr(transpose, 'name', transpose)}, not t(weight)"
+    weight = transpose.args[0]
+    src, why = _flattened(flatten)
+    if src is None:
+        return None, why or f"x ({getattr(flatten, 'name', flatten)}) is not a view of an N-D activation"
+    users = list(mm.users)
+    if len(users) != 1 or not _is_call(users[0], _VIEWS):
+        names = ", ".join(u.name for u in users) or "nothing"
+        return None, (f"the product {mm.name} is read by {names}, not by one view back to the activation's "
+                      "leading dims")
+    out, s, o = users[0], _tensor(src), _tensor(users[0])
+    w = _tensor(weight)
+    if o is None or w is None:
+        return None, f"the view {out.name} carries no shape metadata"
+    want = (*s.shape[:-1], w.shape[0])
+    if tuple(o.shape) != want:
+        return None, (f"the product is reshaped to {tuple(o.shape)}, not to the activation's leading dims "
+                      f"{tuple(s.shape[:-1])} + ({w.shape[0]},): folding the views would change which rows "
+                      "form the batch")
+    return _Projection(src, flatten, mm, transpose, weight, out), None
+
+
+def _projection_of(out: Any) -> "tuple[_Projection | None, str | None]":
+    """``out`` = unflatten(mm(flatten(source), t(weight))), found from the output side."""
+    name = getattr(out, "name", repr(out))
+    if not _is_call(out, _VIEWS):
+        return None, f"{name} is not the view that ends an N-D projection (unflatten(mm(flatten(x), t(w))))"
+    mm = out.args[0]
+    if not _is_call(mm, (aten.mm.default,)):
+        return None, f"{name} views {getattr(mm, 'name', mm)}, not a bias-free mm (the fused ops take no bias)"
+    return _projection_at(mm)
+
+
+def _only_read_by(node: torch.fx.Node, readers: Iterable[torch.fx.Node]) -> torch.fx.Node | None:
+    """A reader of ``node`` outside ``readers`` (None if there is none)."""
+    allowed = set(readers)
+    return next((u for u in node.users if u not in allowed), None)
+
+
+def _add_nodes(m: Match, nodes: Iterable[torch.fx.Node]) -> None:
+    """Widen ``m`` by graph nodes (each once: the driver erases a matched node that has no reader left)."""
+    present = set(m.nodes.values())
+    for n in nodes:
+        if n not in present:
+            m.nodes[id(n)] = n  # keyed by the node's own id, which no pattern node has
+            present.add(n)
+
+
+def _repoint_anchor(m: Match, node: torch.fx.Node) -> None:
+    """Make ``node`` the value the replacement's first output replaces (the unflattening view, not the mm)."""
+    anchor = m.pattern.outputs[0]
+    old = m.nodes[id(anchor)]
+    m.nodes[id(anchor)] = node
+    _add_nodes(m, [old])
+
+
+def _norm_at(source: torch.fx.Node, with_add: bool, ctx: MatchContext) -> "tuple[Match | None, str | None]":
+    """Match the RMSNorm (with its residual add: ``add_rms_norm``'s spellings) whose output is ``source``, with the
+    norm patterns' own traced spellings and checks."""
+    best: MatchFailure | None = None
+    for variant in traced_variants("add_rms_norm" if with_add else "rms_norm"):
+        try:
+            sub = match(variant, source)
+        except MatchFailure as failure:
+            best = failure if best is None or failure.reached > best.reached else best
+            continue
+        for check in (check_norm, check_residual) if with_add else (check_norm,):
+            reason = check(sub, ctx)
+            if reason:
+                return None, reason
+        return sub, None
+    why = best.reason if best is not None else "no RMSNorm spelling is registered"
+    return None, f"the projected activation {source.name} is not {'a residual add + ' if with_add else 'an '}RMSNorm ({why})"
+
+
+def _take_norm(m: Match, sub: Match, with_add: bool) -> None:
+    """Widen ``m`` by the norm's match: its bindings (x, residual, weight, eps, ...) and nodes; with the add, the
+    sum (the next residual) becomes the replacement's second output."""
+    m.bindings.update(sub.bindings)
+    m.nodes.update(sub.nodes)
+    if with_add:
+        m.pattern = dataclasses.replace(m.pattern, outputs=[m.pattern.outputs[0], sub.pattern.outputs[1]])
+
+
+def _nd_linear(m: Match, ctx: MatchContext) -> str | None:
+    """``linear`` / ``linear_bias``: where x is the flattening view of an N-D activation and the product's only
+    reader views it back to the activation's leading dims, the op takes the activation and replaces that view.
+    Elsewhere the 2-D product fuses as before (exact either way); a flatten view with other readers stays for
+    them (it is an input here, nothing is computed twice). Never fails: the 2-D match stands."""
+    if _tensor(m.bindings.get("x")) is None or _tensor(m.bindings["x"]).device.type != "cuda":
+        return None
+    proj, _ = _projection_at(m.anchor)
+    if proj is None or proj.flatten is not m.bindings["x"]:
+        return None
+    m.bindings["x"] = proj.source
+    _repoint_anchor(m, proj.unflatten)
+    _add_nodes(m, [proj.flatten])
+    return None
+
+
+def _nd_norm_linear(with_add: bool):
+    def check(m: Match, ctx: MatchContext) -> str | None:
+        """The 3-D spelling of (add_)rms_norm_linear: mm(x, t(proj_weight)) where x flattens the norm's N-D
+        output, and the norm (with its add) matched and checked by the norm patterns' spellings and checks."""
+        if "eps" in m.bindings:  # a 2-D spelling: the norm is in the match already
+            return None
+        x = _tensor(m.bindings.get("x"))
+        if x is None or x.device.type != "cuda":
+            return "x is not a CUDA tensor (the fused kernel is for CUDA)"
+        proj, why = _projection_at(m.anchor)
+        if proj is None:
+            return why
+        other = _only_read_by(proj.source, [proj.flatten]) or _only_read_by(proj.flatten, [proj.mm])
+        if other is not None:
+            _add_nodes(m, [proj.flatten])
+            return (f"the normalized activation {proj.source.name} is also read by {other.name} (the norm is needed "
+                    "on its own: each projection of it stays separate)")
+        sub, why = _norm_at(proj.source, with_add, ctx)
+        if sub is None:
+            return why
+        _repoint_anchor(m, proj.unflatten)
+        _add_nodes(m, [proj.flatten])
+        _take_norm(m, sub, with_add)
+        return None
+
+    return check
+
+
+def _nd_swiglu(norm: bool, with_add: bool = True):
+    weight_name = "proj_weight" if norm else "weight"
+
+    def check(m: Match, ctx: MatchContext) -> str | None:
+        """The 3-D spellings of the SwiGLU fusions: ``act(gate, up)`` of wildcards that must be N-D projections
+        of one activation (two, or the two halves of one), that activation a norm's output for the norm form."""
+        outs = [m.bindings[k] for k in ("gate_out", "up_out", "proj_out") if k in m.bindings]
+        if not outs:  # a 2-D spelling
+            return None
+        first = _tensor(outs[0])
+        if first is None or first.device.type != "cuda":
+            return "the projection is not on CUDA (the fused kernel is for CUDA)"
+        projs = []
+        for out in outs:
+            proj, why = _projection_of(out)
+            if proj is None:
+                return why
+            projs.append(proj)
+        source = projs[0].source
+        if any(p.source is not source for p in projs):
+            return "the gate and up projections read different activations"
+        chain = [n for p in projs for n in p.nodes]
+        for p in projs:
+            other = _only_read_by(p.unflatten, m.graph_nodes)
+            if other is not None:
+                return f"the projection's output {p.unflatten.name} has another reader ({other.name})"
+            other = _only_read_by(p.flatten, chain) or _only_read_by(p.transpose, chain)
+            if other is not None:
+                return f"{p.flatten.name} has another reader ({other.name})"
+        sub = None
+        if norm:
+            other = _only_read_by(source, [p.flatten for p in projs])
+            if other is not None:
+                return f"the normalized activation {source.name} is also read by {other.name}"
+            sub, why = _norm_at(source, with_add, ctx)
+            if sub is None:
+                return why
+        for k in ("gate_out", "up_out", "proj_out"):
+            m.bindings.pop(k, None)
+        m.bindings.update({"x": source, weight_name: projs[0].weight})
+        if len(projs) == 2:
+            m.bindings["up_weight"] = projs[1].weight
+        _add_nodes(m, chain)
+        if sub is not None:
+            _take_norm(m, sub, with_add)
+        return None
+
+    return check
+
+
+def _why_not_nd(node: torch.fx.Node) -> str | None:
+    """For near misses: why a projection of an N-D activation on CUDA was left 2-D (an ``fxp.linear`` on a
+    flattening view), or is not a projection the patterns take (a batched matmul); None where there is nothing
+    to explain."""
+    if _is_call(node, (fxp.linear.default,)):
+        x = _tensor(node.args[0])
+        if x is None or x.device.type != "cuda" or not _is_call(node.args[0], _VIEWS):
+            return None
+        src = node.args[0].args[0]
+        s = _tensor(src)
+        if s is None or s.dim() < 3 or (s.shape[-1] != x.shape[-1] and s.shape[0] == x.shape[0]):
+            return None  # a 2-D activation (trailing dims merged, e.g. heads into hidden): nothing was missed
+        _, why = _flattened(node.args[0])
+        if why is None:
+            users = list(node.users)
+            out = _tensor(users[0]) if len(users) == 1 and _is_call(users[0], _VIEWS) else None
+            want = (*s.shape[:-1], node.args[1].meta["val"].shape[0]) if _tensor(node.args[1]) is not None else None
+            if out is not None and tuple(out.shape) == want:
+                return None
+            what = f"reshaped to {tuple(out.shape)}" if out is not None else f"read by {', '.join(u.name for u in users)}"
+            why = (f"its result is {what}, not viewed back to the activation's leading dims {tuple(s.shape[:-1])}: "
+                   "folding the views would change which rows form the batch")
+        return f"the N-D activation {src.name} {tuple(s.shape)} is projected 2-D (the views stay): {why}"
+    if _is_call(node, (aten.bmm.default,)):
+        x, rhs = _tensor(node.args[0]), node.args[1]
+        if x is None or x.device.type != "cuda":
+            return None
+        # F.linear of a non-contiguous N-D activation: bmm(view(expand(x)), view(expand(t(weight))))
+        inner = rhs.args[0] if _is_call(rhs, (aten.view.default,)) else rhs
+        inner = inner.args[0] if _is_call(inner, (aten.expand.default,)) else None
+        if not _is_call(inner, (aten.t.default,)):
+            return None
+        return ("F.linear of a non-contiguous N-D activation was traced as a batched matmul (expand + bmm), which "
+                "the linear patterns do not take: make the activation contiguous (.contiguous(), or do not "
+                "transpose it) before the projection to have it fused")
+    return None
+
+
+def _explains_nd(node: torch.fx.Node) -> bool:
+    return _why_not_nd(node) is not None
 
 
 def _inputs(with_bias: bool):
@@ -105,13 +389,15 @@ def _inputs(with_bias: bool):
     spellings=lambda: [lambda x, weight: F.linear(x, weight)],
     input_names=("x", "weight"),
     example_inputs=_inputs(False),
-    checks=(check_linear,),
+    checks=(check_linear, _nd_linear),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
+    hint=_explains_nd,
+    explain=_why_not_nd,
 )
 def linear(b, x, weight, **_):
-    """mm(x, t(weight)) -> fxp.linear(x, weight)"""
+    """mm(x, t(weight)) -> fxp.linear(x, weight); with the views around it, of the N-D x"""
     return b.call(fxp.linear.default, x, weight, None)
 
 
@@ -121,7 +407,7 @@ def linear(b, x, weight, **_):
     spellings=lambda: [lambda x, weight, bias: F.linear(x, weight, bias)],
     input_names=("x", "weight", "bias"),
     example_inputs=_inputs(True),
-    checks=(check_linear,),
+    checks=(check_linear, _nd_linear),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
@@ -146,8 +432,8 @@ def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
         return "the inputs carry no shape metadata (meta['val']); run fake-tensor propagation first"
     if x.device.type != "cuda":
         return f"x is on {x.device.type}; the fused kernel is for CUDA (on CPU the two ops are the same math)"
-    if x.dim() != 2:
-        return f"x is {tuple(x.shape)}, not [tokens, hidden]"
+    if x.dim() < 2:
+        return f"x is {tuple(x.shape)}, not [..., tokens, hidden]"
     if w.dtype != x.dtype or p.dtype != x.dtype:
         return f"x is {x.dtype}, the norm weight {w.dtype} and the projection {p.dtype}; they must be one dtype"
     if p.dim() != 2 or p.shape[1] != x.shape[-1]:
@@ -158,13 +444,13 @@ def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
 @pattern(
     name="add_rms_norm_linear",
     benefit=25,
-    spellings=lambda: [_add_norm_linear(s) for s in rms_norm_spellings()],
+    spellings=lambda: [_add_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "residual", "weight", "eps", "proj_weight"),
     example_inputs=lambda dtype: (torch.empty(3, 8, dtype=dtype, device="meta"),
                                   torch.empty(3, 8, dtype=dtype, device="meta"),
                                   torch.empty(8, dtype=dtype, device="meta"), EPS_SENTINEL,
                                   torch.empty(5, 8, dtype=dtype, device="meta")),
-    checks=(check_norm, check_residual, check_add_norm_linear),
+    checks=(_nd_norm_linear(True), check_norm, check_residual, check_add_norm_linear),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
@@ -182,15 +468,21 @@ def _norm_linear(spelling: Any) -> Any:
     return fn
 
 
+def _projection_only(*args: Any) -> Any:
+    """The N-D spelling's core, ``mm(x, t(proj_weight))`` (the last argument): the norm beyond the flattening view
+    is matched by ``_nd_norm_linear``."""
+    return F.linear(args[0], args[-1])
+
+
 @pattern(
     name="rms_norm_linear",
     benefit=12,  # below add_rms_norm_linear at the same anchor (the mm): a norm of x + residual takes the add too
-    spellings=lambda: [_norm_linear(s) for s in rms_norm_spellings()],
+    spellings=lambda: [_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "weight", "eps", "proj_weight"),
     example_inputs=lambda dtype: (torch.empty(3, 8, dtype=dtype, device="meta"),
                                   torch.empty(8, dtype=dtype, device="meta"), EPS_SENTINEL,
                                   torch.empty(5, 8, dtype=dtype, device="meta")),
-    checks=(check_norm, check_add_norm_linear),
+    checks=(_nd_norm_linear(False), check_norm, check_add_norm_linear),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
@@ -215,16 +507,34 @@ def _swiglu_spellings(halves_fns: tuple, activations: tuple) -> list[Any]:
     fused forms leave ``up_weight`` unused (unbound: the replacement passes None)."""
 
     def fused(halves, act):
-        def fn(x, weight, up_weight):
+        def fn(x, weight, up_weight, *_):
             gate, up = halves(F.linear(x, weight))
             return act(gate, up)
 
         return fn
 
-    def pair(x, weight, up_weight):
+    def pair(x, weight, up_weight, *_):
         return F.silu(F.linear(x, weight)) * F.linear(x, up_weight)
 
     return [fused(h, a) for h in halves_fns for a in activations] + [pair]
+
+
+def _swiglu_nd_spellings(halves_fns: tuple, activations: tuple) -> list[Any]:
+    """The N-D forms: ``act(gate, up)`` of wildcards standing for the projections' outputs (``gate_out`` /
+    ``up_out`` of two projections, the halves of ``proj_out``), each resolved through its views by
+    ``_nd_swiglu``. Every spelling takes all the pattern's inputs (the last three are these)."""
+
+    def halves_of(halves, act):
+        def fn(*args):
+            gate, up = halves(args[-1])
+            return act(gate, up)
+
+        return fn
+
+    def pair(*args):
+        return F.silu(args[-3]) * args[-2]
+
+    return [halves_of(h, a) for h in halves_fns for a in activations] + [pair]
 
 
 def _silu_mul(gate, up):
@@ -271,23 +581,30 @@ def _is_swiglu_split(node: torch.fx.Node) -> bool:
     return any(p in halves[1].users for p in readers)
 
 
+_SWIGLU_ND_INPUTS = ("gate_out", "up_out", "proj_out")
+
+
 def _swiglu_inputs(dtype: torch.dtype, *, norm: bool) -> tuple:
     x = torch.empty(3, 8, dtype=dtype, device="meta")
     proj = (torch.empty(2 * SIZE_SENTINEL, 8, dtype=dtype, device="meta"),
             torch.empty(2 * SIZE_SENTINEL, 8, dtype=dtype, device="meta"))
+    outs = (torch.empty(3, SIZE_SENTINEL, dtype=dtype, device="meta"),
+            torch.empty(3, SIZE_SENTINEL, dtype=dtype, device="meta"),
+            torch.empty(3, 2 * SIZE_SENTINEL, dtype=dtype, device="meta"))
     if not norm:
-        return (x, *proj)
+        return (x, *proj, *outs)
     return (x, torch.empty(3, 8, dtype=dtype, device="meta"), torch.empty(8, dtype=dtype, device="meta"),
-            EPS_SENTINEL, *proj)
+            EPS_SENTINEL, *proj, *outs)
 
 
 @pattern(
     name="linear_silu_mul",
     benefit=8,  # above silu_and_mul at the same anchor (the product): that one would take the activation alone
-    spellings=lambda: _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul)),
-    input_names=("x", "weight", "up_weight"),
+    spellings=lambda: (_swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))
+                       + _swiglu_nd_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))),
+    input_names=("x", "weight", "up_weight", *_SWIGLU_ND_INPUTS),
     example_inputs=lambda dtype: _swiglu_inputs(dtype, norm=False),
-    checks=(check_linear, check_swiglu),
+    checks=(_nd_swiglu(norm=False), check_linear, check_swiglu),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
@@ -299,7 +616,7 @@ def linear_silu_mul(b, x, weight, up_weight=None, **_):
 
 
 def _add_norm_swiglu(spelling: Any, swiglu: Any) -> Any:
-    def fn(x, residual, weight, eps, proj_weight, up_weight):
+    def fn(x, residual, weight, eps, proj_weight, up_weight, gate_out, up_out, proj_out):
         h = x + residual
         return swiglu(spelling(h, weight, eps), proj_weight, up_weight), h
 
@@ -309,11 +626,12 @@ def _add_norm_swiglu(spelling: Any, swiglu: Any) -> Any:
 @pattern(
     name="add_rms_norm_linear_silu_mul",
     benefit=27,  # above linear_silu_mul at the same anchor (the product)
-    spellings=lambda: [_add_norm_swiglu(s, g) for s in rms_norm_spellings()
-                       for g in _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul,))],
-    input_names=("x", "residual", "weight", "eps", "proj_weight", "up_weight"),
+    spellings=lambda: ([_add_norm_swiglu(s, g) for s in rms_norm_spellings()
+                        for g in _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul,))]
+                       + _swiglu_nd_spellings((_split_halves, _chunk_halves), (_silu_mul,))),
+    input_names=("x", "residual", "weight", "eps", "proj_weight", "up_weight", *_SWIGLU_ND_INPUTS),
     example_inputs=lambda dtype: _swiglu_inputs(dtype, norm=True),
-    checks=(check_norm, check_residual, check_add_norm_linear, check_swiglu),
+    checks=(_nd_swiglu(norm=True), check_norm, check_residual, check_add_norm_linear, check_swiglu),
     applies=eager_only,
     applies_doc="not on the Inductor path (Inductor picks its own GEMM kernels)",
     explain_when_off=False,
