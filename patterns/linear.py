@@ -9,10 +9,10 @@ Where it applies, and why:
   change nothing but the graph. On CUDA the op's kernel choice is made per call, i.e. once per captured size under
   CUDA graphs, where the small projections of a decode step run at about twice cuBLAS's bandwidth (measured in
   docs/performance.md).
-- **Only where ``F.linear`` computes the same thing**: 2-D ``x`` (``mm``'s contract), ``x`` and ``w`` of one
-  float dtype, and for ``addmm`` a 1-D bias of ``N`` elements in that dtype (``addmm`` also broadcasts a
-  ``[M, N]`` or ``[1, N]`` bias: left alone). ``addmm``'s ``beta``/``alpha`` are matched at their defaults only
-  (the traced spelling has none).
+- **Only where ``F.linear`` computes the same thing**: 2-D ``x`` (``mm``'s contract; an N-D ``x`` through the
+  views described below), ``x`` and ``w`` of one float dtype, and for ``addmm`` a 1-D bias of ``N`` elements in
+  that dtype (``addmm`` also broadcasts a ``[M, N]`` or ``[1, N]`` bias: left alone). ``addmm``'s
+  ``beta``/``alpha`` are matched at their defaults only (the traced spelling has none).
 
 The fused patterns go further on the same terms (CUDA, not under Inductor), each into one op whose 1-token kernel
 can do the work of two or three (``ops/triton_linear.fused_config`` says where it runs fused, by measurement: the
@@ -35,8 +35,24 @@ unfused graph would, so a match never costs time):
 - Under TP the add before a norm follows the previous projection's all_reduce, which stays on its own: the fused
   ops take the add and the norm where ``allreduce_add_rms_norm`` would (on a GPU that op is NCCL plus the norm
   kernel, so the fused form runs one kernel fewer).
-- Transformers-style 3-D activations (``[batch, seq, hidden]``, a view around the ``mm``) are not matched, as
-  for ``linear``.
+- Transformers-style N-D activations (``[batch, seq, hidden]``): AOT spells ``F.linear`` on them as
+  ``view(x, [B*S, K]) -> mm / addmm -> view or _unsafe_view(., [B, S, N])``. Every pattern above matches through
+  those views, and the op takes ``x`` itself (each fxp projection op accepts ``[..., K]``; on the CPU it is
+  ``F.linear`` of the N-D ``x``, which AOT decomposed into exactly these views and product, so bit-identical):
+  ``linear`` / ``linear_bias`` where the ``mm`` is read only by the view back; the norm fusions for
+  ``add -> RMSNorm (3-D) -> view -> mm -> view``; the SwiGLU fusions for ``silu(gate) * up`` of two 3-D
+  projections (``gate_proj`` / ``up_proj``) or the halves of one. The traced spellings cannot name the views (their
+  sizes are the call site's literals), so the N-D spellings match the 2-D core (the ``mm``, or wildcards standing
+  for the projections' outputs) and checks named ``_nd_*`` walk out through the views, verify them, match the
+  norm with the norm patterns' own spellings and checks, and widen the match to cover the whole chain.
+- The views are folded only where that cannot change a result: the flattening view merges leading dims of a
+  contiguous activation and keeps its last dim; the product is viewed back to exactly the activation's leading
+  dims (``[2, 3] -> [6] -> [3, 2]`` would regroup the batch); inside a fusion, no value (the norm's output, its
+  flattening view, a projection's output) has another reader. Elsewhere ``linear`` fuses the 2-D product as
+  before (the views stay) and a near miss says why when the product is viewed back to N-D; ``F.linear`` of a
+  non-contiguous activation (e.g. after a transpose) is traced as ``expand + bmm``, which no pattern takes, and is
+  reported as a near miss with that advice. A flattening view that is also read elsewhere does not stop a plain
+  ``linear`` (the view is an input there and stays for its other reader).
 
 The replacement changes the summation order of the matmul on CUDA where the Triton kernel runs (float32
 accumulation either way), so results equal eager within bf16 GEMM tolerance there; elsewhere it is cuBLAS as
@@ -309,14 +325,14 @@ def _nd_swiglu(norm: bool, with_add: bool = True):
             other = _only_read_by(p.unflatten, m.graph_nodes)
             if other is not None:
                 return f"the projection's output {p.unflatten.name} has another reader ({other.name})"
-            other = _only_read_by(p.flatten, chain) or _only_read_by(p.transpose, chain)
-            if other is not None:
-                return f"{p.flatten.name} has another reader ({other.name})"
         sub = None
-        if norm:
-            other = _only_read_by(source, [p.flatten for p in projs])
+        if norm:  # the norm's output (and its flattening views) must be read by these projections only
+            other = _only_read_by(source, [p.flatten for p in projs]) or next(
+                (o for p in projs if (o := _only_read_by(p.flatten, [q.mm for q in projs])) is not None), None)
             if other is not None:
-                return f"the normalized activation {source.name} is also read by {other.name}"
+                _add_nodes(m, chain)
+                return (f"the normalized activation {source.name} is also read by {other.name} (the norm is needed "
+                        "on its own)")
             sub, why = _norm_at(source, with_add, ctx)
             if sub is None:
                 return why
@@ -334,27 +350,32 @@ def _nd_swiglu(norm: bool, with_add: bool = True):
 
 
 def _why_not_nd(node: torch.fx.Node) -> str | None:
-    """For near misses: why a projection of an N-D activation on CUDA was left 2-D (an ``fxp.linear`` on a
-    flattening view), or is not a projection the patterns take (a batched matmul); None where there is nothing
-    to explain."""
+    """For near misses: why a projection of an N-D activation on CUDA was left 2-D (an ``fxp.linear`` reading a
+    view of a 3-D or larger activation, whose product is viewed back to N-D), or is not a projection the patterns
+    take (a batched matmul); None where there is nothing to explain (a product meant to be 2-D, such as heads merged
+    into the hidden dim before o_proj, or tokens flattened for good)."""
     if _is_call(node, (fxp.linear.default,)):
-        x = _tensor(node.args[0])
-        if x is None or x.device.type != "cuda" or not _is_call(node.args[0], _VIEWS):
+        x, w = _tensor(node.args[0]), _tensor(node.args[1])
+        if x is None or w is None or x.device.type != "cuda" or not _is_call(node.args[0], _VIEWS):
             return None
         src = node.args[0].args[0]
         s = _tensor(src)
-        if s is None or s.dim() < 3 or (s.shape[-1] != x.shape[-1] and s.shape[0] == x.shape[0]):
-            return None  # a 2-D activation (trailing dims merged, e.g. heads into hidden): nothing was missed
+        back = [u for u in node.users if _is_call(u, _VIEWS) and _tensor(u) is not None and _tensor(u).dim() >= 3]
+        if s is None or s.dim() < 3 or not back:
+            return None
         _, why = _flattened(node.args[0])
         if why is None:
-            users = list(node.users)
-            out = _tensor(users[0]) if len(users) == 1 and _is_call(users[0], _VIEWS) else None
-            want = (*s.shape[:-1], node.args[1].meta["val"].shape[0]) if _tensor(node.args[1]) is not None else None
-            if out is not None and tuple(out.shape) == want:
+            want = (*s.shape[:-1], w.shape[0])
+            wrong = [u for u in back if tuple(_tensor(u).shape) != want]
+            if wrong:
+                why = (f"its result is reshaped to {tuple(_tensor(wrong[0]).shape)}, not viewed back to the "
+                       f"activation's leading dims {tuple(s.shape[:-1])}: folding the views would change which rows "
+                       "form the batch")
+            elif len(node.users) > 1:
+                others = ", ".join(u.name for u in node.users if u not in back)
+                why = f"the 2-D product is also read by {others}"
+            else:
                 return None
-            what = f"reshaped to {tuple(out.shape)}" if out is not None else f"read by {', '.join(u.name for u in users)}"
-            why = (f"its result is {what}, not viewed back to the activation's leading dims {tuple(s.shape[:-1])}: "
-                   "folding the views would change which rows form the batch")
         return f"the N-D activation {src.name} {tuple(s.shape)} is projected 2-D (the views stay): {why}"
     if _is_call(node, (aten.bmm.default,)):
         x, rhs = _tensor(node.args[0]), node.args[1]

@@ -249,12 +249,26 @@ class FlattenReadTwice(nn.Module):
         return F.linear(flat, self.proj.weight).view(2, 3, 8), flat
 
 
+class ProductReadTwice(nn.Module):
+    """The 2-D product is viewed back to [2, 3, 8] and also summed: the views cannot go (the product is needed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        y = F.linear(x.view(-1, 16), self.proj.weight)
+        return y.view(2, 3, 8), y.sum()
+
+
 EDGE_CASES = {  # name: (model, input shape, matches, near-miss substring or None, ops after that must be there)
     "transposed": (Transposed, (3, 2, 16), {}, "traced as a batched matmul", ("aten.bmm",)),
     "regrouped": (Regrouped, (2, 3, 16), {"linear": 1},
                   "reshaped to (3, 2, 8), not viewed back to the activation's leading dims", ("aten.view",)),
     "last_dim_changed": (LastDimChanged, (2, 3, 16), {"linear": 1}, "changes the last dim", ("aten.view",)),
     "flatten_read_twice": (FlattenReadTwice, (2, 3, 16), {"linear": 1}, None, ("aten.view",)),
+    "product_read_twice": (ProductReadTwice, (2, 3, 16), {"linear": 1}, "the 2-D product is also read by sum",
+                           ("aten.view",)),
 }
 
 
