@@ -322,13 +322,31 @@ def test_property_a_linear_on_any_leading_shape_takes_the_activation(lead, bias,
     assert torch.equal(got, want)
 
 
-# ---- a real transformers LlamaForCausalLM ---------------------------------------------------------------------
-LLAMA = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
-# per 2 layers: each layer's post-attention add + norm + gate_proj/up_proj + SiLU-and-mul in one op; the final add +
-# norm into the LM head; q, k, v, o, down stay fxp.linear (q/k/v read one norm: the norm fuses alone)
-LLAMA_CUDA_MATCHES = {"add_rms_norm_linear_silu_mul": 2, "add_rms_norm_linear": 1, "linear": 10, "add_rms_norm": 1,
-                      "rms_norm": 1, "rotary_embedding": 4}
+# ---- real transformers decoders --------------------------------------------------------------------------------
+COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+# per 2 layers, on CUDA: each layer's post-attention add + norm + gate_proj/up_proj + SiLU-and-mul in one op; the
+# final add + norm into the LM head; q, k, v, o, down stay fxp.linear (q, k, v read one norm: it fuses alone)
+LLAMA_CUDA = {"add_rms_norm_linear_silu_mul": 2, "add_rms_norm_linear": 1, "linear": 10, "add_rms_norm": 1,
+              "rms_norm": 1, "rotary_embedding": 4}
+# name -> (config class, model class, config overrides, expected matches on CUDA, near-miss reason or None)
+DECODERS = {
+    "Llama": ("LlamaConfig", "LlamaForCausalLM", {}, LLAMA_CUDA, None),
+    "Mistral": ("MistralConfig", "MistralForCausalLM", {}, LLAMA_CUDA, None),
+    # q, k, v with biases
+    "Qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, {**LLAMA_CUDA, "linear": 4, "linear_bias": 6}, None),
+    # one qkv projection (the norm fuses into it) and one gate_up split by chunk
+    "Phi3": ("Phi3Config", "Phi3ForCausalLM", {}, {"rms_norm_linear": 1, "add_rms_norm_linear": 2,
+                                                   "add_rms_norm_linear_silu_mul": 2, "linear": 4,
+                                                   "rotary_embedding": 4}, None),
+    "Qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}, {**LLAMA_CUDA, "rms_norm": 5}, None),
+    # x * (1 + w) is not RMSNorm's weight and GeGLU is not SiLU: the projections alone (and RoPE)
+    "Gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}, {"linear": 15, "rotary_embedding": 4},
+              "the weight is computed"),
+    "GPTNeoX": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"rotary_pct": 0.25, "num_key_value_heads": None},
+                {"linear": 1, "linear_bias": 8, "rotary_embedding": 4}, None),
+}
+DECODER_CASES = [("Llama", torch.float32)] + [(name, torch.bfloat16) for name in DECODERS]
 
 
 def _aot_graph_on_cpu(fn, *args):
@@ -368,11 +386,13 @@ def _to_device(gm: torch.fx.GraphModule, device: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_transformers_llama_fuses_on_cuda_and_is_bit_identical(dtype):
+@pytest.mark.parametrize("name, dtype", DECODER_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in DECODER_CASES])
+def test_transformers_decoders_fuse_on_cuda_and_are_bit_identical(name, dtype):
     transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, overrides, expected, near = DECODERS[name]
+    kwargs = {k: v for k, v in {**COMMON, **overrides}.items() if v is not None}
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).to(dtype).eval()
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs)).to(dtype).eval()
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
@@ -382,13 +402,17 @@ def test_transformers_llama_fuses_on_cuda_and_is_bit_identical(dtype):
     with FakeTensorMode():
         fakes = [_fake_cuda(t) for t in real_inputs]
     gm, report = fxpasses.rewrite(gm, example_inputs=fakes)
-    assert report.matches == LLAMA_CUDA_MATCHES
-    assert report.near_misses == []
+    assert report.matches == expected
+    misses = [m.reason for m in report.near_misses]
+    assert (misses and all(near in m for m in misses)) if near else misses == [], misses
     ops = fxpasses.testing.count_ops(gm)
-    assert ops["fxp.add_rms_norm_linear_silu_mul"] == 2 and ops["fxp.add_rms_norm_linear"] == 1
-    assert not any(k in ops for k in ("aten.mm", "aten.addmm", "aten.t", "aten.silu")), ops
+    for op in ("add_rms_norm_linear_silu_mul", "add_rms_norm_linear", "rms_norm_linear"):
+        assert ops[f"fxp.{op}"] == expected.get(op, 0)
+    # every projection took the [2, 7, K] activation: no matmul, no transposed weight is left
+    assert not any(k in ops for k in ("aten.mm", "aten.addmm", "aten.t", "aten.bmm")), ops
     for node in gm.graph.nodes:
-        if node.op == "call_function" and str(node.target).startswith(("fxp.linear", "fxp.add_rms_norm_linear")):
+        if node.op == "call_function" and str(node.target).startswith(("fxp.linear", "fxp.add_rms_norm_linear",
+                                                                        "fxp.rms_norm_linear")):
             assert node.args[0].meta["val"].shape[:2] == (2, 7), node.format_node()
     _to_device(gm, "cpu")  # on CPU tensors every fused op is its composition: bit for bit
     with torch.no_grad():
