@@ -448,19 +448,18 @@ def test_gpu_transformers_shaped_block_fuses_and_equals_eager(shape, fused_gate_
 @gpu
 @needs_cuda
 def test_gpu_decode_steps_in_full_cuda_graphs_equal_eager():
-    """Decode steps [B, 1, H] (B = 1, 2, 3: the first dim is the token count the graphs are captured for) in full
-    CUDA graphs with the fused ops, against eager."""
+    """Decode steps [B, 1, H] (B = 1, 2, 3: the first dim, marked as the token dim, is what the graphs are
+    captured for; 3 is padded to 4) in full CUDA graphs with the fused ops, against eager, replayed twice."""
     model = _gpu_block()
-    backend = fxpasses.testing.RecordingBackend(cuda_graph_sizes=[1, 2, 4], splitting_ops=())
-    compiled = torch.compile(model, backend=backend)
+    backend = RecordingBackend(cuda_graph_sizes=[1, 2, 4], splitting_ops=())
     torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
     with torch.inference_mode():
-        for step, b in enumerate((1, 2, 3, 1, 2)):
+        for step, b in enumerate((1, 2, 3, 1, 2, 3)):
             x = torch.randn(b, 1, 256, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16).cuda()
+            fxpasses.mark_token_dim(x)
             got, want = compiled(x), model(x)
             torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-2)
-    assert backend.report.matches["add_rms_norm_linear_silu_mul"] >= 1
-    assert all(v % BLOCK_MATCHES[k] == 0 for k, v in backend.report.matches.items()), backend.report.matches
-    assert set(backend.report.matches) == set(BLOCK_MATCHES)
+    assert set(backend.report.matches) == set(BLOCK_MATCHES), backend.report.matches
     for record in backend.records:
         assert record.after["fxp.add_rms_norm_linear_silu_mul"] == 1 and "aten.mm" not in record.after
