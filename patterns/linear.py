@@ -111,12 +111,13 @@ def eager_only(mapping: Any, config: Any) -> bool:
 
 
 # ---- N-D activations: the views around a transformers-style projection ----------------------------------------
-# AOT spells F.linear on an N-D x as view(x, [tokens, K]) -> mm / addmm -> view or _unsafe_view back to
-# [..., N] (torch 2.11 and 2.13 alike: the mm fold ends in _unsafe_view, the biased one in view; both, and reshape,
-# are accepted). The traced spellings cannot name these views (their sizes are literals of the call site), so the
-# patterns below match the 2-D core (the mm, or a wildcard standing for the projection's output) and ``_nd_*``
-# checks walk out through the views, verify them and widen the Match to cover them; the replacement then takes the
-# N-D activation itself (every fxp projection op accepts [..., K]).
+# AOT spells F.linear on an N-D x as view(x, [tokens, K]) -> mm / addmm -> view back to [..., N] (torch 2.13: the
+# bias-free matmul fold ends in _unsafe_view, the biased one in view; view, _unsafe_view and reshape are all
+# accepted, so which one a torch version emits does not matter). The traced spellings cannot name these views (their
+# sizes are literals of the call site), so the patterns below match the 2-D core (the mm, or a wildcard standing for
+# the projection's output) and the ``_nd_*`` checks walk out through the views, verify them and widen the Match to
+# cover them (its nodes, bindings and, for a residual add, its outputs: what the driver replaces and erases); the
+# replacement then takes the N-D activation itself (every fxp projection op accepts [..., K]).
 _VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
