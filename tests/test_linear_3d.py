@@ -184,6 +184,30 @@ def test_swiglu_whose_gate_is_read_elsewhere_is_not_fused():
     assert same(got, want)
 
 
+class GateUpReadTwice(nn.Module):
+    """One gate_up projection split by chunk whose gate half is also returned: the split carries the near miss."""
+
+    def __init__(self, hidden=16, inter=24):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up), gate
+
+
+def test_swiglu_halves_whose_gate_is_read_elsewhere_are_explained():
+    torch.manual_seed(4)
+    model = GateUpReadTwice().to(torch.bfloat16).eval()
+    x = rand(2, 3, 16, dtype=torch.bfloat16, seed=5)
+    got, want, backend = compile_on_fake_cuda(model, x)
+    assert backend.report.matches == {"linear": 2, "silu_and_mul": 1}
+    misses = [str(m) for m in backend.report.near_misses]
+    assert len(misses) == 1 and "linear_silu_mul did not apply" in misses[0] and "another user" in misses[0], misses
+    assert same(got, want)
+
+
 class NormReadTwice(nn.Module):
     def __init__(self, hidden=16):
         super().__init__()
