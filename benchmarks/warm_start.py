@@ -49,7 +49,7 @@ config = (LlamaConfig(max_slots=slots) if model_name == "tiny" else
 import dataclasses; config = dataclasses.replace(config, dtype=dtype)
 with torch.device(device):
     model = build_model("llama", config)
-    reference = build_model("llama", config)
+import copy; reference = copy.deepcopy(model)  # same weights and fresh caches; drawing 8B weights twice took minutes
 sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 def batch(n):
