@@ -346,6 +346,19 @@ def test_property_a_linear_on_any_leading_shape_takes_the_activation(lead, bias,
     assert torch.equal(got, want)
 
 
+@settings(max_examples=int(os.environ.get("FXPASSES_HYPOTHESIS_EXAMPLES", "3")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(lead=st.lists(st.integers(1, 3), min_size=1, max_size=3), fused_gate_up=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2 ** 16))
+def test_property_a_decoder_step_on_any_leading_shape_fuses_bit_identically(lead, fused_gate_up, dtype, seed):
+    torch.manual_seed(seed)
+    model = Block(fused_gate_up=fused_gate_up).to(dtype).eval()
+    x = rand(*lead, 16, dtype=dtype, seed=seed)
+    got, want, backend = compile_on_fake_cuda(model, x)
+    assert backend.report.matches == BLOCK_MATCHES and backend.report.near_misses == []
+    assert torch.equal(got, want)
+
+
 # ---- real transformers decoders --------------------------------------------------------------------------------
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=1)
