@@ -38,7 +38,11 @@ class MatchContext:
     pp_group_name: str | None = None
 
 
-Check = Callable[[Match, MatchContext], "str | None"]  # returns the reason it fails, or None
+# A check returns the reason it fails, or None. A check may also widen the Match it passes (add nodes, rebind
+# inputs, name more outputs: patterns/linear.py's N-D checks take the views a traced spelling cannot name); the
+# driver replaces ``m.pattern.outputs`` and erases only the matched nodes left without readers, so a widened
+# Match is rewritten by the same rules as a traced one.
+Check = Callable[[Match, MatchContext], "str | None"]
 
 
 @dataclass(frozen=True)
