@@ -82,6 +82,43 @@ def test_split_k_kernel_under_triton_interpreter():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
+def hopper_compile_checks() -> None:
+    """Run by the test below without the interpreter: compile the kernel for an H100/H200 (sm_90) ahead of time, no
+    GPU needed, in the variants the launches take (swap-AB or not, one split or several, bias or not, K a multiple
+    of the K step or not). The interpreter runs the kernel as Python, so it accepts code Triton's compiler rejects
+    (a bias helper did, once)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from fxpasses.ops import triton_linear as tl_lin
+
+    kernel = tl_lin._split_k_kernel
+    ints = ("M", "N", "K", "sxm", "swn", "som", "k_per_split")
+    signature = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32", "CNT": "*i32",
+                 **{a: "i32" for a in ints}}
+    aligned = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in signature if a != "M"}
+    for swap, splits, bias, even in [(True, 3, True, False), (False, 1, True, True), (True, 1, False, True),
+                                     (False, 4, False, False)]:
+        const = dict(HAS_BIAS=bias, EVEN_K=even, SPLITS=splits, SWAP=swap, BLOCK_M=16, BLOCK_N=64 if swap else 16,
+                     BLOCK_K=128)
+        src = ASTSource(kernel, {**signature, **{k: "constexpr" for k in const}}, const, aligned)
+        compiled = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+        ptx = compiled.asm["ptx"]
+        assert ("wgmma" in ptx) == swap, (swap, splits)  # swap-AB: Hopper's warpgroup MMA on the weight tile
+        if splits > 1:  # one acq_rel ticket per program, after the CTA barrier that orders the partial stores
+            assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, (swap, splits)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
+                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+def test_split_k_kernel_compiles_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
+    code = "import tests.test_linear_small_m as t; t.hopper_compile_checks(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------------
 def _configs(m: int):
     from fxpasses.ops import triton_linear as tl_lin
