@@ -498,9 +498,13 @@ def default_config(m: int, n: int, k: int) -> Config:
 
 
 # (M bucket, N, K) -> Config, measured at least 2% faster than cuBLAS on an H200, torch 2.11 / Triton 3.6,
-# 2026-11-29 (benchmarks/gemm.py --sweep, two runs; per-call µs in the comments). Shapes and buckets not listed
-# use cuBLAS: the Triton kernels run only where they were measured to win. The shapes are Llama-3.2-1B's and
-# Llama-3-8B's projections ([N, K] = [out, in]; qkv and gate_up fused as fxpasses.models builds them).
+# 2026-11-29 (benchmarks/gemm.py --sweep; per-call µs in the comments, cuBLAS's in parentheses). M = 1 and the
+# M = 8 / 16 entries of the 8B down projection: two runs. The split-K entries (``split=``): one run, the quick
+# sweep (``--kernels split --quick``), where each beat both cuBLAS and the entry it replaces (8B q/o: 11.58 vs
+# 11.91 at M = 8, 12.35 vs 13.11 at M = 32). Shapes and buckets not listed use cuBLAS: the Triton kernels run only
+# where they were measured to win (the split-K kernel lost on 1B qkv, 1B gate_up at M = 32 and 8B gate_up,
+# gate/up). The shapes are Llama-3.2-1B's and Llama-3-8B's projections ([N, K] = [out, in]; qkv and gate_up
+# fused as fxpasses.models builds them). 9..16 rows take the 8-row entry where it is a 16-row tile (``choose``).
 TABLE: dict[tuple[int, int, int], Config] = {
     (1, 512, 2048): Config(1, 2, 1024, 8, 1),  # 2.60 (cuBLAS 5.75)
     (1, 1024, 4096): Config(1, 2, 1024, 8, 1),  # 4.30 (7.67)
@@ -513,12 +517,24 @@ TABLE: dict[tuple[int, int, int], Config] = {
     (1, 8192, 2048): Config(1, 4, 1024, 2, 1),  # 10.26 (10.91)
     (1, 14336, 4096): Config(1, 4, 2048, 4, 1),  # 29.34 (31.12)
     (1, 16384, 2048): Config(1, 4, 1024, 2, 1),  # 17.77 (18.38)
-    (8, 512, 2048): Config(8, 2, 1024, 4, 1),  # 4.57 (5.75)
-    (8, 4096, 4096): Config(16, 32, 256, 4, 5),  # 11.63 (13.31)
-    (8, 4096, 14336): Config(16, 32, 256, 4, 5),  # 31.52 (32.33)
-    (16, 4096, 4096): Config(16, 32, 256, 4, 5),  # 11.73 (13.45 at M = 8)
+    (8, 512, 2048): Config(16, 32, 256, 4, 4, split=8),  # 4.33 (5.76; the 8-row GEMV 4.49)
+    (8, 1024, 4096): Config(16, 64, 128, 4, 5, split=8, swap=True),  # 5.97 (7.81)
+    (8, 2048, 2048): Config(16, 64, 128, 4, 5, split=4, swap=True),  # 5.73 (6.16)
+    (8, 2048, 8192): Config(16, 64, 128, 4, 5, split=4, swap=True),  # 11.79 (14.20)
+    (8, 4096, 4096): Config(16, 64, 128, 4, 5, split=2, swap=True),  # 11.58 (13.50)
+    (8, 4096, 14336): Config(16, 32, 256, 4, 5),  # 31.52 (32.33); split-K 31.76, this tile 31.69 in its run
+    (8, 6144, 4096): Config(16, 64, 128, 4, 5, split=1, swap=True),  # 15.24 (16.27)
+    (8, 8192, 2048): Config(16, 64, 128, 4, 5, split=1, swap=True),  # 10.58 (11.30)
+    (8, 16384, 2048): Config(16, 64, 128, 4, 5, split=1, swap=True),  # 19.06 (19.54): 2.5%, within run-to-run noise
     (16, 4096, 14336): Config(16, 32, 256, 4, 5),  # 31.61 (33.04 at M = 8)
-    (32, 4096, 4096): Config(32, 32, 512, 4, 3),  # 12.86 (14.10)
+    (32, 512, 2048): Config(32, 16, 512, 4, 4, split=4),  # 4.80 (5.79)
+    (32, 1024, 4096): Config(32, 64, 128, 4, 5, split=8, swap=True),  # 6.89 (8.03)
+    (32, 2048, 2048): Config(32, 16, 256, 4, 6, split=1),  # 5.83 (6.30)
+    (32, 2048, 8192): Config(32, 64, 128, 4, 5, split=4, swap=True),  # 12.73 (14.71)
+    (32, 4096, 4096): Config(32, 64, 128, 4, 5, split=2, swap=True),  # 12.35 (14.10)
+    (32, 4096, 14336): Config(32, 64, 128, 4, 5, split=2, swap=True),  # 32.58 (34.52)
+    (32, 6144, 4096): Config(32, 64, 128, 4, 5, split=1, swap=True),  # 15.64 (16.60)
+    (32, 8192, 2048): Config(32, 64, 128, 4, 5, split=1, swap=True),  # 11.02 (11.64)
 }
 
 

@@ -42,6 +42,15 @@ def interpreter_checks() -> None:
     assert tl_lin.split_plan(4096, 256, 4) == (4, 1024)
     assert tl_lin.split_plan(100, 32, 3) == (2, 64)  # 4 steps: 2 + 2, not 2 + 1 + 1 into 3 non-empty splits
     assert tl_lin.split_plan(2048, 256, 64) == (8, 256)  # never more splits than K steps
+    # the table: every split-K entry is a tile its bucket fits, with the split count its shape really gets; 9..16
+    # rows take the 8-row entry where it is a 16-row tile and no 16-row entry exists
+    for (bucket, n, k), c in tl_lin.TABLE.items():
+        if c.split:
+            assert c.block_m >= bucket and tl_lin.split_plan(k, c.block_k, c.split)[0] == c.split, (bucket, n, k)
+    assert tl_lin.choose(12, 4096, 4096) == tl_lin.TABLE[(8, 4096, 4096)]
+    assert tl_lin.choose(12, 4096, 14336) == tl_lin.TABLE[(16, 4096, 14336)]
+    assert tl_lin.choose(3, 2048, 2048) == tl_lin.TABLE[(8, 2048, 2048)]  # 16-row tile: rows not rounded down
+    assert tl_lin.choose(20, 3072, 2048) is None and tl_lin.choose(33, 2048, 2048) is None
     w = rand(16, 64, dtype=torch.float16)
     for rows, bad, message in [(3, tl_lin.Config(16, 8, 32, split=2), "powers of two of at least 16"),
                                (17, tl_lin.Config(16, 16, 32, split=2), "covers at most 16 rows, x has 17")]:
