@@ -140,7 +140,8 @@ def _configs(m: int):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("n,k,dtype,bias", [(2048, 2048, torch.bfloat16, False), (1000, 300, torch.float16, True),
-                                            (24, 4104, torch.bfloat16, True), (4097, 1000, torch.bfloat16, False)])
+                                            (24, 4104, torch.bfloat16, True), (4097, 1000, torch.bfloat16, False)],
+                         ids=["llama_2048", "odd_1000x300_fp16_bias", "narrow_24x4104_bias", "odd_4097x1000"])
 def test_split_k_matches_float64_and_cublas_and_repeats_bit_for_bit(n, k, dtype, bias):
     """Odd shapes: N not a multiple of any column block (1000, 24, 4097), K not a multiple of the K step (300,
     4104, 1000), every row count of ROWS."""
