@@ -379,7 +379,8 @@ class _Ring:
       ``COUNTER_RING`` slots were handed out between them (over a hundred launches of the largest projections,
       tens of thousands of the small ones).
 
-    The buffer is created zeroed, outside any CUDA-graph capture (a buffer made during a capture would come from
+    The buffer is created zeroed (waited for once, so a launch on another stream cannot read it before the
+    fill), outside any CUDA-graph capture (a buffer made during a capture would come from
     the graph's private pool and be zeroed only at replay): a call captured before any eager call on the device
     runs the kernel unsplit instead (see ``_counters``)."""
 
@@ -404,6 +405,8 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
                                "unsplit (run one call outside the capture first)", device)
                 return None
             ring = _RINGS[device] = _Ring(torch.zeros(COUNTER_RING, dtype=torch.int32, device=device))
+            if device.type == "cuda":  # once per device: the zeros are written before any stream's launch reads them
+                torch.cuda.current_stream(device).synchronize()
         if tiles > COUNTER_RING:
             return None
         if ring.next + tiles > COUNTER_RING:
