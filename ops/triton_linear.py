@@ -364,28 +364,34 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
 
 
 # ---- split-K: arrival counters --------------------------------------------------------------------------------
-COUNTER_RING = 1 << 20  # int32 arrival counters per device (4 MB)
+COUNTER_RING = 1 << 22  # int32 arrival counters per device (16 MB): the first EAGER_SLOTS for eager launches
+EAGER_SLOTS = 1 << 16  # (wrapping), the rest handed once each to launches captured into CUDA graphs
 
 
 @dataclass
 class _Ring:
-    """A device's arrival counters and the next free slot. Every launch of ``_split_k_kernel`` takes its own
-    ``tiles`` consecutive slots (wrapping around), which it finds zero and leaves zero: its last-arriving
-    program of each column block resets the block's counter. Why that is safe without a memset:
+    """A device's arrival counters. Every launch of ``_split_k_kernel`` takes its own ``tiles`` consecutive slots,
+    which it finds zero and leaves zero: its last-arriving program of each column block resets the block's
+    counter. Why that is safe without a memset:
 
-    - launches on one stream (and a CUDA graph's replays, whose kernels keep the slots they were captured with)
-      run one after another, so each finds its slots as the previous user left them: zero;
-    - launches that may run at the same time on different streams hold different slots, unless more than
-      ``COUNTER_RING`` slots were handed out between them (over a hundred launches of the largest projections,
-      tens of thousands of the small ones).
+    - a launch captured into a CUDA graph keeps its slots for every replay, so captured launches take slots above
+      ``EAGER_SLOTS`` that nothing else ever gets: two graphs never share a counter, whichever streams replay them
+      and however many launches came between their captures. When that region is used up, later captures run
+      the kernel unsplit (logged once): slower, never shared;
+    - eager launches take slots below ``EAGER_SLOTS``, wrapping around. Launches on one stream run one after
+      another, so each finds its slots as the previous user left them: zero. Launches that may overlap on
+      different streams hold different slots unless ``EAGER_SLOTS`` slots were handed out between them (hundreds
+      of launches even of the largest projections).
 
     The buffer is created zeroed (waited for once, so a launch on another stream cannot read it before the
-    fill), outside any CUDA-graph capture (a buffer made during a capture would come from
-    the graph's private pool and be zeroed only at replay): a call captured before any eager call on the device
-    runs the kernel unsplit instead (see ``_counters``)."""
+    fill), outside any CUDA-graph capture (a buffer made during a capture would come from the graph's private
+    pool and be zeroed only at replay): a call captured before any eager call on the device runs the kernel
+    unsplit instead (see ``_counters``)."""
 
     buffer: torch.Tensor
-    next: int = 0
+    next: int = 0  # the next eager slot
+    captured: int = EAGER_SLOTS  # the next slot for a captured launch
+    warned: bool = False
 
 
 _RINGS: dict[torch.device, _Ring] = {}
@@ -393,23 +399,34 @@ _RING_LOCK = threading.Lock()
 
 
 def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """``tiles`` zeroed int32 counters for one launch, or None (no buffer yet and the stream is capturing, or more
-    tiles than the ring holds): the caller then runs one split."""
+    """``tiles`` zeroed int32 counters for one launch, or None (no buffer yet and the stream is capturing, or no
+    room for them): the caller then runs one split."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     with _RING_LOCK:
         ring = _RINGS.get(device)
         if ring is None:
-            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            if capturing:
                 logger.warning("fxp.linear: split-K kernel first used inside a CUDA-graph capture on %s; running it "
                                "unsplit (run one call outside the capture first)", device)
                 return None
             ring = _RINGS[device] = _Ring(torch.zeros(COUNTER_RING, dtype=torch.int32, device=device))
             if device.type == "cuda":  # once per device: the zeros are written before any stream's launch reads them
                 torch.cuda.current_stream(device).synchronize()
-        if tiles > COUNTER_RING:
+        if capturing:
+            if ring.captured + tiles > COUNTER_RING:
+                if not ring.warned:
+                    ring.warned = True
+                    logger.warning("fxp.linear: the split-K counters for captured launches on %s are used up (%d "
+                                   "slots); later captures run the kernel unsplit", device,
+                                   COUNTER_RING - EAGER_SLOTS)
+                return None
+            start, ring.captured = ring.captured, ring.captured + tiles
+            return ring.buffer[start:start + tiles]
+        if tiles > EAGER_SLOTS:
             return None
-        if ring.next + tiles > COUNTER_RING:
+        if ring.next + tiles > EAGER_SLOTS:
             ring.next = 0
         start, ring.next = ring.next, ring.next + tiles
         return ring.buffer[start:start + tiles]
