@@ -614,8 +614,10 @@ NORM_FUSED: set[tuple[str, int, int]] = {("norm", 3072, 4096)}  # 11.56 us vs 14
 ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the norm
 # prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to
 # measure that design in a whole decode step)
-# Not yet measured: a persistent grid with the whole row in one K step, so each program normalizes the row once
-# (4 programs per SM) instead of once per 2-4 columns; for rows up to 4096 (Llama-3-8B's hidden size).
+# A persistent grid with the whole row in one K step, so each program normalizes the row once (4 programs per SM)
+# instead of once per 2-4 columns, for rows up to 4096 (Llama-3-8B's hidden size). Measured slower than the norm
+# kernel + GEMV too (gemm.py --fused --fused-tiles, H200, 2026-11-29: 1B qkv 7.67 vs 7.05 us, 8B qkv 19.59 vs
+# 17.41; docs/performance.md), so it runs only when forced.
 NORM_TRIAL = dict(block_n=2, num_warps=8, num_stages=2, programs=4)
 
 
