@@ -1,11 +1,13 @@
 """Shared test helpers: compile with a Backend and keep the graph's ops before and after the pipeline; a tiny pass
 and a tiny model that the Backend, compile-cache and precompile tests share."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from fxpasses.passes import PassResult
@@ -65,3 +67,22 @@ def run_fresh_process(code: str, *args: str, **env: str) -> dict:
                          env=dict(os.environ, PYTHONPATH=str(ROOT), **env), cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TRITON_SITE = os.environ.get("FXPASSES_TRITON_SITE", "")
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None and not TRITON_SITE,
+                                  reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+
+
+def run_under_triton_interpreter(module: str, function: str = "interpreter_checks", interpret: bool = True) -> None:
+    """Run ``module.function()`` in a new process, under Triton's interpreter (``TRITON_INTERPRET=1``: the kernels
+    run on CPU tensors) or, with ``interpret=False``, without it (ahead-of-time compiles for a GPU target), with
+    Triton from ``FXPASSES_TRITON_SITE`` where this venv has none (the CI machine's CPU torch ships no Triton)."""
+    path = os.pathsep.join(p for p in (TRITON_SITE, str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", ""))
+                           if p)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=path, **({"TRITON_INTERPRET": "1"} if interpret else {}))
+    code = f"import {module} as t; t.{function}(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

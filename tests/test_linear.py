@@ -11,11 +11,7 @@ kernels against a float64 reference, cuBLAS and the unfused kernels at Llama and
 and compiled Llamas with full CUDA graphs equal to eager and to the unfused path.
 """
 import dataclasses
-import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -29,6 +25,7 @@ from fxpasses.patterns import rms_norm_spellings
 from fxpasses.patterns.linear import FUSED_PATTERNS
 from fxpasses.passes import PipelineConfig
 from fxpasses.testing import fake_process_group
+from pattern_helpers import needs_triton, run_under_triton_interpreter
 
 fxp = torch.ops.fxp
 gpu = pytest.mark.gpu
@@ -408,17 +405,9 @@ def interpreter_checks() -> None:
             assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-_TRITON_SITE = os.environ.get("FXPASSES_TRITON_SITE", "")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
-                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+@needs_triton
 def test_fused_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p))
-    code = "import tests.test_linear as t; t.interpreter_checks(); print('ok')"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_under_triton_interpreter("tests.test_linear")
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------

@@ -7,14 +7,11 @@ float64 reference, the arrival counters left at zero, and the split plan. GPU (m
 cuBLAS at odd and Llama shapes, bit-identical run to run, inside a CUDA graph replayed twice (the counters reset
 themselves), and the op's choice.
 """
-import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from pattern_helpers import needs_triton, run_fresh_process, run_under_triton_interpreter
 
 fxp = torch.ops.fxp
 gpu = pytest.mark.gpu
@@ -78,17 +75,9 @@ def interpreter_checks() -> None:
             assert torch.equal(again, out), (m, n, k, config)
 
 
-_TRITON_SITE = os.environ.get("FXPASSES_TRITON_SITE", "")
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
-                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+@needs_triton
 def test_split_k_kernel_under_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p))
-    code = "import tests.test_linear_small_m as t; t.interpreter_checks(); print('ok')"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_under_triton_interpreter("tests.test_linear_small_m")
 
 
 def hopper_compile_checks() -> None:
@@ -118,14 +107,9 @@ def hopper_compile_checks() -> None:
             assert "atom.global.gpu.acq_rel.add" in ptx and "ld.global.cg" in ptx, (swap, splits)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None and not _TRITON_SITE,
-                    reason="needs Triton (installed, or its site directory in FXPASSES_TRITON_SITE)")
+@needs_triton
 def test_split_k_kernel_compiles_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_TRITON_SITE, os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
-    code = "import tests.test_linear_small_m as t; t.hopper_compile_checks(); print('ok')"
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_under_triton_interpreter("tests.test_linear_small_m", "hopper_compile_checks", interpret=False)
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
@@ -237,6 +221,4 @@ print(json.dumps({"equal": torch.equal(out, eager), "idle": tl_lin.counters_idle
 def test_split_k_first_used_inside_a_capture_runs_unsplit():
     """No counter buffer can be made inside a capture (it would be zeroed only at replay): a process whose first
     split-K call is captured runs it with one split, equal to the eager unsplit launch, and logs why."""
-    from pattern_helpers import run_fresh_process  # here: the interpreter's subprocess imports this module bare
-
     assert run_fresh_process(CAPTURED_FIRST) == {"equal": True, "idle": True, "warned": True}
