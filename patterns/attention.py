@@ -40,7 +40,7 @@ import torch.fx
 from fxpasses import compat, ops
 from fxpasses.patterns.elementwise import _rotary_inputs, check_rotary
 from fxpasses.patterns.matcher import Match, MatchFailure, match
-from fxpasses.patterns.registry import MatchContext, pattern, traced_variants
+from fxpasses.patterns.registry import MatchContext, calls, pattern, traced_variants
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -290,6 +290,8 @@ def _why_not(node: torch.fx.Node) -> str | None:
 
 @pattern(
     name="rope_attention",
+    needs=calls(torch.ops.fxp.attention),
+    needs_doc="a call of fxp.attention in the graph",
     benefit=12,  # the only pattern anchored at fxp.rotary_embedding: orders nothing today
     spellings=lambda: [_fused(True), _fused(False)],
     input_names=("x", "cos", "sin"),

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from fxpasses import ops
 from fxpasses.patterns.matcher import EPS_SENTINEL, SIZE_SENTINEL, Match, MatchFailure, match
 from fxpasses.patterns.norms import check_norm, check_residual, rms_norm_spellings
-from fxpasses.patterns.registry import MatchContext, pattern, traced_variants
+from fxpasses.patterns.registry import MatchContext, holds_cuda_tensor, pattern, traced_variants
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -407,6 +407,8 @@ def _inputs(with_bias: bool):
 
 @pattern(
     name="linear",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=3,
     spellings=lambda: [lambda x, weight: F.linear(x, weight)],
     input_names=("x", "weight"),
@@ -425,6 +427,8 @@ def linear(b, x, weight, **_):
 
 @pattern(
     name="linear_bias",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=4,
     spellings=lambda: [lambda x, weight, bias: F.linear(x, weight, bias)],
     input_names=("x", "weight", "bias"),
@@ -465,6 +469,8 @@ def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
 
 @pattern(
     name="add_rms_norm_linear",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=25,
     spellings=lambda: [_add_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "residual", "weight", "eps", "proj_weight"),
@@ -498,6 +504,8 @@ def _projection_only(*args: Any) -> Any:
 
 @pattern(
     name="rms_norm_linear",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=12,  # below add_rms_norm_linear at the same anchor (the mm): a norm of x + residual takes the add too
     spellings=lambda: [_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "weight", "eps", "proj_weight"),
@@ -621,6 +629,8 @@ def _swiglu_inputs(dtype: torch.dtype, *, norm: bool) -> tuple:
 
 @pattern(
     name="linear_silu_mul",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=8,  # above silu_and_mul at the same anchor (the product): that one would take the activation alone
     spellings=lambda: (_swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))
                        + _swiglu_nd_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))),
@@ -647,6 +657,8 @@ def _add_norm_swiglu(spelling: Any, swiglu: Any) -> Any:
 
 @pattern(
     name="add_rms_norm_linear_silu_mul",
+    needs=holds_cuda_tensor,
+    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=27,  # above linear_silu_mul at the same anchor (the product)
     spellings=lambda: ([_add_norm_swiglu(s, g) for s in rms_norm_spellings()
                         for g in _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul,))]

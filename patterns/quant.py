@@ -21,7 +21,7 @@ from fxpasses.patterns.norms import (
     rms_norm_spellings,
     tp_enabled,
 )
-from fxpasses.patterns.registry import MatchContext, pattern
+from fxpasses.patterns.registry import MatchContext, holds_float8, pattern
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -52,6 +52,8 @@ def is_fp8_cast(node: torch.fx.Node) -> bool:
 
 @pattern(
     name="quant_fp8",
+    needs=holds_float8,
+    needs_doc="a float8 value in the graph",
     benefit=5,
     spellings=lambda: [quantize],
     input_names=("x", "scale"),
@@ -90,6 +92,8 @@ def _allreduce_add_quantized(spelling: Callable[..., Any]) -> Callable[..., Any]
 
 @pattern(
     name="rms_norm_quant_fp8",
+    needs=holds_float8,
+    needs_doc="a float8 value in the graph",
     benefit=15,
     spellings=lambda: [_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "weight", "eps", "scale"),
@@ -104,6 +108,8 @@ def rms_norm_quant_fp8(b, x, weight, eps, scale, **_):
 
 @pattern(
     name="add_rms_norm_quant_fp8",
+    needs=holds_float8,
+    needs_doc="a float8 value in the graph",
     benefit=25,
     spellings=lambda: [_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale"),
@@ -118,6 +124,8 @@ def add_rms_norm_quant_fp8(b, x, residual, weight, eps, scale, **_):
 
 @pattern(
     name="allreduce_add_rms_norm_quant_fp8",
+    needs=holds_float8,
+    needs_doc="a float8 value in the graph",
     benefit=35,
     spellings=lambda: [_allreduce_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale", "group"),

@@ -64,6 +64,55 @@ class Pattern:
     explain_when_off: bool = True
     # Why a hinted node reached by no spelling cannot match (None: the generic "register a spelling" advice).
     explain: Callable[[torch.fx.Node], "str | None"] | None = None
+    # A cheap fact about the whole graph that every match implies ("it holds a CUDA tensor", "a float8 value"):
+    # a graph without it is not searched for this pattern, and the pattern's spellings are traced only when a
+    # graph first has it (tracing is most of a first compile's pattern cost: the CUDA-only projection patterns
+    # are over half of it, and a CPU graph can never hold their match). None: every graph is searched. Must be
+    # implied by every match (tests/test_pattern_needs.py compiles with needs on and off and compares).
+    needs: Callable[[torch.fx.Graph], bool] | None = None
+    needs_doc: str = ""
+
+
+# ---- cheap graph facts for ``Pattern.needs`` -------------------------------------------------------------------
+FLOAT8_DTYPES = tuple(getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                        "float8_e5m2fnuz") if hasattr(torch, name))
+
+
+def _tensor_values(graph: torch.fx.Graph) -> Iterable[torch.Tensor]:
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            yield val
+        elif isinstance(val, (list, tuple)):
+            yield from (v for v in val if isinstance(v, torch.Tensor))
+
+
+def holds_cuda_tensor(graph: torch.fx.Graph) -> bool:
+    """Whether any value of ``graph`` is a CUDA tensor (patterns whose checks want CUDA operands)."""
+    return any(v.device.type == "cuda" for v in _tensor_values(graph))
+
+
+def holds_float8(graph: torch.fx.Graph) -> bool:
+    """Whether any value of ``graph`` is a float8 tensor (the fp8 quantization patterns produce one)."""
+    return any(v.dtype in FLOAT8_DTYPES for v in _tensor_values(graph))
+
+
+def _called(node: torch.fx.Node) -> Any:
+    """The operator packet ``node`` calls, looking through ``auto_functionalized(_v2)`` (a mutating op in a
+    functional graph) to the op it wraps."""
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if target in compat.auto_functionalized_ops() and node.args:
+        target = node.args[0]
+    return getattr(target, "overloadpacket", target)
+
+
+def calls(*packets: Any) -> Callable[[torch.fx.Graph], bool]:
+    """A ``needs``: the graph calls one of these operators (any overload, functionalized or not)."""
+    def needs(graph: torch.fx.Graph) -> bool:
+        return any(_called(node) in packets for node in graph.nodes)
+    return needs
 
 
 _REGISTRY: dict[str, Pattern] = {}
@@ -121,14 +170,17 @@ def traced_variants(pattern: "Pattern | str", decompositions: Decompositions | N
 def _trace(pattern: Pattern, decompositions: Decompositions | None) -> tuple[PatternGraph, ...]:
     table = decompositions.table if decompositions is not None else None
     seen: dict[str, PatternGraph] = {}
-    for spelling in pattern.spellings():
-        for dtype in pattern.trace_dtypes:
-            try:
-                graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names, table)
-            except PatternTraceError as err:
-                log.warning("pattern %s: a spelling is skipped: %s", pattern.name, err)
-                continue
-            seen.setdefault(graph.signature(), graph)
+    # first need may come inside a compile (a pattern traced when a graph first has what it ``needs``, a check
+    # matching a sub-pattern): its symbolic sizes must not land in that compile's ShapeEnv
+    with compat.outside_tracing():
+        for spelling in pattern.spellings():
+            for dtype in pattern.trace_dtypes:
+                try:
+                    graph = trace_pattern(spelling, pattern.example_inputs(dtype), pattern.input_names, table)
+                except PatternTraceError as err:
+                    log.warning("pattern %s: a spelling is skipped: %s", pattern.name, err)
+                    continue
+                seen.setdefault(graph.signature(), graph)
     return tuple(seen.values())
 
 
@@ -195,24 +247,37 @@ class PatternSet:
 
     def __init__(self, patterns: Iterable[Pattern], mapping: Any = None, config: Any = None,
                  decompositions: Decompositions | None = None) -> None:
-        t0 = time.perf_counter()
         chosen = sorted(patterns, key=lambda p: (-p.benefit, p.name))
         self.active = [p for p in chosen if p.applies(mapping, config)]
         self.inactive = [p for p in chosen if p not in self.active]
         self.decompositions = decompositions
-        self.variants = {p.name: traced_variants(p, decompositions) for p in self.active}
-        self.by_anchor: dict[Any, list[tuple[Pattern, PatternGraph]]] = defaultdict(list)
+        self.variants: dict[str, tuple[PatternGraph, ...]] = {}
+        self.setup_seconds = 0.0  # tracing spellings, now and on first need
         for p in self.active:
-            for v in self.variants[p.name]:
-                self.by_anchor[v.anchor.target].append((p, v))
-        self.setup_seconds = time.perf_counter() - t0
+            if p.needs is None:
+                self._traced(p)
+
+    def _traced(self, p: Pattern) -> tuple[PatternGraph, ...]:
+        if p.name not in self.variants:
+            t0 = time.perf_counter()
+            self.variants[p.name] = traced_variants(p, self.decompositions)
+            self.setup_seconds += time.perf_counter() - t0
+        return self.variants[p.name]
+
+    def searched(self, graph: torch.fx.Graph) -> list[Pattern]:
+        """The active patterns ``graph`` could hold a match of (``Pattern.needs``), largest benefit first, each
+        with its spellings traced."""
+        out = [p for p in self.active if p.needs is None or p.needs(graph)]
+        for p in out:
+            self._traced(p)
+        return out
 
     def names(self) -> list[str]:
         return [p.name for p in self.active]
 
     def identity(self) -> list[str]:
         """Names and traced structure of every variant: changes whenever what the set matches changes."""
-        return [f"{p.name}:{p.benefit}:" + "|".join(v.signature() for v in self.variants[p.name]) for p in self.active] + [
+        return [f"{p.name}:{p.benefit}:" + "|".join(v.signature() for v in self._traced(p)) for p in self.active] + [
             f"decompositions:{self.decompositions.name if self.decompositions else None}"]
 
     def apply(self, gm: torch.fx.GraphModule, ctx: MatchContext, max_rounds: int = 8) -> ApplyResult:
@@ -220,6 +285,11 @@ class PatternSet:
         result = ApplyResult()
         attempts: dict[torch.fx.Node, list[_Attempt]] = defaultdict(list)
         graph = gm.graph
+        searched = self.searched(graph)
+        by_anchor: dict[Any, list[tuple[Pattern, PatternGraph]]] = defaultdict(list)
+        for p in searched:
+            for v in self.variants[p.name]:
+                by_anchor[v.anchor.target].append((p, v))
         for _ in range(max_rounds):
             result.rounds += 1
             changed = False
@@ -230,7 +300,7 @@ class PatternSet:
 
                 if node in erased or node.op != "call_function":
                     continue
-                for pattern, variant in self.by_anchor.get(node.target, ()):
+                for pattern, variant in by_anchor.get(node.target, ()):
                     try:
                         m = match(variant, node)
                         for check in pattern.checks:
@@ -247,7 +317,7 @@ class PatternSet:
                     break
             if not changed:
                 break
-        result.near_misses = self._explain(graph, attempts)
+        result.near_misses = self._explain(graph, attempts, searched)
         return result
 
     def _rewrite(self, graph: torch.fx.Graph, pattern: Pattern, m: Match,
@@ -269,9 +339,12 @@ class PatternSet:
                 erased.add(g)
         return erased
 
-    def _explain(self, graph: torch.fx.Graph, attempts: dict[torch.fx.Node, list[_Attempt]]) -> list[NearMiss]:
+    def _explain(self, graph: torch.fx.Graph, attempts: dict[torch.fx.Node, list[_Attempt]],
+                 searched: list[Pattern]) -> list[NearMiss]:
+        """Near misses for hinted nodes. A pattern the graph cannot hold (``needs``) explains nothing: its hint
+        would only say that no spelling reached a node it could never match."""
         out: list[NearMiss] = []
-        hinted = [(p, h) for p in self.active + [q for q in self.inactive if q.explain_when_off]
+        hinted = [(p, h) for p in searched + [q for q in self.inactive if q.explain_when_off]
                   if (h := p.hint) is not None]
         for node in graph.nodes:
             families = [p for p, h in hinted if h(node)]
