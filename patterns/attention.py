@@ -40,7 +40,7 @@ import torch.fx
 from fxpasses import compat, ops
 from fxpasses.patterns.elementwise import _rotary_inputs, check_rotary
 from fxpasses.patterns.matcher import Match, MatchFailure, match
-from fxpasses.patterns.registry import MatchContext, calls, pattern, traced_variants
+from fxpasses.patterns.registry import MatchContext, pattern, traced_variants
 
 fxp = torch.ops.fxp
 aten = torch.ops.aten
@@ -87,6 +87,11 @@ def _is_attention_call(node: Any) -> bool:
     return (isinstance(node, torch.fx.Node) and node.op == "call_function"
             and node.target in compat.auto_functionalized_ops() and bool(node.args)
             and node.args[0] is fxp.attention.default)
+
+
+def holds_attention_call(graph: torch.fx.Graph) -> bool:
+    """Whether the graph calls fxp.attention in the functional form ``rope_attention`` rewrites."""
+    return any(_is_attention_call(node) for node in graph.nodes)
 
 
 def rotation_of(node: Any) -> Rotation | str:
@@ -290,8 +295,7 @@ def _why_not(node: torch.fx.Node) -> str | None:
 
 @pattern(
     name="rope_attention",
-    needs=calls(torch.ops.fxp.attention),
-    needs_doc="a call of fxp.attention in the graph",
+    needs=holds_attention_call,
     benefit=12,  # the only pattern anchored at fxp.rotary_embedding: orders nothing today
     spellings=lambda: [_fused(True), _fused(False)],
     input_names=("x", "cos", "sin"),

@@ -300,7 +300,7 @@ def _nd_norm_linear(with_add: bool):
     return check
 
 
-def _nd_swiglu(norm: bool, with_add: bool = True):
+def _nd_swiglu(norm: bool):
     weight_name = "proj_weight" if norm else "weight"
 
     def check(m: Match, ctx: MatchContext) -> str | None:
@@ -334,7 +334,7 @@ def _nd_swiglu(norm: bool, with_add: bool = True):
                 _add_nodes(m, chain)
                 return (f"the normalized activation {source.name} is also read by {other.name} (the norm is needed "
                         "on its own)")
-            sub, why = _norm_at(source, with_add, ctx)
+            sub, why = _norm_at(source, True, ctx)
             if sub is None:
                 return why
         for k in ("gate_out", "up_out", "proj_out"):
@@ -344,7 +344,7 @@ def _nd_swiglu(norm: bool, with_add: bool = True):
             m.bindings["up_weight"] = projs[1].weight
         _add_nodes(m, chain)
         if sub is not None:
-            _take_norm(m, sub, with_add)
+            _take_norm(m, sub, True)
         return None
 
     return check
@@ -408,7 +408,6 @@ def _inputs(with_bias: bool):
 @pattern(
     name="linear",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=3,
     spellings=lambda: [lambda x, weight: F.linear(x, weight)],
     input_names=("x", "weight"),
@@ -428,7 +427,6 @@ def linear(b, x, weight, **_):
 @pattern(
     name="linear_bias",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=4,
     spellings=lambda: [lambda x, weight, bias: F.linear(x, weight, bias)],
     input_names=("x", "weight", "bias"),
@@ -470,7 +468,6 @@ def check_add_norm_linear(m: Match, ctx: MatchContext) -> str | None:
 @pattern(
     name="add_rms_norm_linear",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=25,
     spellings=lambda: [_add_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "residual", "weight", "eps", "proj_weight"),
@@ -505,7 +502,6 @@ def _projection_only(*args: Any) -> Any:
 @pattern(
     name="rms_norm_linear",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=12,  # below add_rms_norm_linear at the same anchor (the mm): a norm of x + residual takes the add too
     spellings=lambda: [_norm_linear(s) for s in rms_norm_spellings()] + [_projection_only],
     input_names=("x", "weight", "eps", "proj_weight"),
@@ -630,7 +626,6 @@ def _swiglu_inputs(dtype: torch.dtype, *, norm: bool) -> tuple:
 @pattern(
     name="linear_silu_mul",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=8,  # above silu_and_mul at the same anchor (the product): that one would take the activation alone
     spellings=lambda: (_swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))
                        + _swiglu_nd_spellings((_split_halves, _chunk_halves), (_silu_mul, _fxp_silu_mul))),
@@ -658,7 +653,6 @@ def _add_norm_swiglu(spelling: Any, swiglu: Any) -> Any:
 @pattern(
     name="add_rms_norm_linear_silu_mul",
     needs=holds_cuda_tensor,
-    needs_doc="a CUDA tensor in the graph (the op picks kernels on CUDA only)",
     benefit=27,  # above linear_silu_mul at the same anchor (the product)
     spellings=lambda: ([_add_norm_swiglu(s, g) for s in rms_norm_spellings()
                         for g in _swiglu_spellings((_split_halves, _chunk_halves), (_silu_mul,))]

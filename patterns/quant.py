@@ -53,7 +53,6 @@ def is_fp8_cast(node: torch.fx.Node) -> bool:
 @pattern(
     name="quant_fp8",
     needs=holds_float8,
-    needs_doc="a float8 value in the graph",
     benefit=5,
     spellings=lambda: [quantize],
     input_names=("x", "scale"),
@@ -93,7 +92,6 @@ def _allreduce_add_quantized(spelling: Callable[..., Any]) -> Callable[..., Any]
 @pattern(
     name="rms_norm_quant_fp8",
     needs=holds_float8,
-    needs_doc="a float8 value in the graph",
     benefit=15,
     spellings=lambda: [_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "weight", "eps", "scale"),
@@ -109,7 +107,6 @@ def rms_norm_quant_fp8(b, x, weight, eps, scale, **_):
 @pattern(
     name="add_rms_norm_quant_fp8",
     needs=holds_float8,
-    needs_doc="a float8 value in the graph",
     benefit=25,
     spellings=lambda: [_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale"),
@@ -125,7 +122,6 @@ def add_rms_norm_quant_fp8(b, x, residual, weight, eps, scale, **_):
 @pattern(
     name="allreduce_add_rms_norm_quant_fp8",
     needs=holds_float8,
-    needs_doc="a float8 value in the graph",
     benefit=35,
     spellings=lambda: [_allreduce_add_quantized(s) for s in rms_norm_spellings()],
     input_names=("x", "residual", "weight", "eps", "scale", "group"),

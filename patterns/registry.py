@@ -68,9 +68,9 @@ class Pattern:
     # a graph without it is not searched for this pattern, and the pattern's spellings are traced only when a
     # graph first has it (tracing is most of a first compile's pattern cost: the CUDA-only projection patterns
     # are over half of it, and a CPU graph can never hold their match). None: every graph is searched. Must be
-    # implied by every match (tests/test_pattern_needs.py compiles with needs on and off and compares).
+    # implied by every match (tests/test_pattern_needs.py compiles with needs on and off and compares). Its
+    # docstring says what it needs.
     needs: Callable[[torch.fx.Graph], bool] | None = None
-    needs_doc: str = ""
 
 
 # ---- cheap graph facts for ``Pattern.needs`` -------------------------------------------------------------------
@@ -95,24 +95,6 @@ def holds_cuda_tensor(graph: torch.fx.Graph) -> bool:
 def holds_float8(graph: torch.fx.Graph) -> bool:
     """Whether any value of ``graph`` is a float8 tensor (the fp8 quantization patterns produce one)."""
     return any(v.dtype in FLOAT8_DTYPES for v in _tensor_values(graph))
-
-
-def _called(node: torch.fx.Node) -> Any:
-    """The operator packet ``node`` calls, looking through ``auto_functionalized(_v2)`` (a mutating op in a
-    functional graph) to the op it wraps."""
-    if node.op != "call_function":
-        return None
-    target = node.target
-    if target in compat.auto_functionalized_ops() and node.args:
-        target = node.args[0]
-    return getattr(target, "overloadpacket", target)
-
-
-def calls(*packets: Any) -> Callable[[torch.fx.Graph], bool]:
-    """A ``needs``: the graph calls one of these operators (any overload, functionalized or not)."""
-    def needs(graph: torch.fx.Graph) -> bool:
-        return any(_called(node) in packets for node in graph.nodes)
-    return needs
 
 
 _REGISTRY: dict[str, Pattern] = {}
@@ -267,7 +249,11 @@ class PatternSet:
     def searched(self, graph: torch.fx.Graph) -> list[Pattern]:
         """The active patterns ``graph`` could hold a match of (``Pattern.needs``), largest benefit first, each
         with its spellings traced."""
-        out = [p for p in self.active if p.needs is None or p.needs(graph)]
+        facts: dict[Callable[[torch.fx.Graph], bool], bool] = {}  # one scan per fact, however many need it
+        for p in self.active:
+            if p.needs is not None and p.needs not in facts:
+                facts[p.needs] = p.needs(graph)
+        out = [p for p in self.active if p.needs is None or facts[p.needs]]
         for p in out:
             self._traced(p)
         return out

@@ -22,7 +22,7 @@ FP8 = {"quant_fp8", "rms_norm_quant_fp8", "add_rms_norm_quant_fp8", "allreduce_a
 
 
 def test_the_patterns_that_need_something_of_the_graph():
-    needy = {p.name: p.needs_doc for p in patterns.all() if p.needs is not None}
+    needy = {p.name: p.needs.__doc__ for p in patterns.all() if p.needs is not None}
     assert set(needy) == CUDA_ONLY | FP8 | {"rope_attention"}
     assert all(needy.values()), "every needs says what it needs"
 
