@@ -75,18 +75,24 @@ class Config:
     programs: int = 0  # fused 1-token GEMV only: persistent, this many programs per SM (0: one per column block)
     split: int = 0  # block_m 16/32 only: >= 1 selects the split-K kernel with (at most) this many K splits
     swap: bool = False  # split-K kernel only: W's tile is the dot's A operand (swap-AB), x^T the B operand
+    one_pass: bool = False  # fused 1-token GEMV only: the one-pass norm prologue (see _gemv_body), not the two-pass
 
     def __str__(self) -> str:
         persistent = f"p{self.programs}" if self.programs else ""
         split = f"x{self.split}{'t' if self.swap else ''}" if self.split else ""
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{persistent}{split}"
+        one_pass = "-onepass" if self.one_pass else ""
+        return (f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{persistent}{split}"
+                f"{one_pass}")
 
 
 @triton.jit
-def _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM: tl.constexpr,
-                HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr):
-    """Output columns ``nb * BLOCK_N ...`` of row ``m``: the K walk, the epilogue and the store (see _gemv_body)."""
+def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow,
+                NORM: tl.constexpr, NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                ROW_IN_REGS: tl.constexpr):
+    """Output columns ``nb * BLOCK_N ...`` of row ``m``: the K walk, the epilogue and the store (see _gemv_body).
+    ``rstd`` / ``arow``: the two-pass prologue's results; the one-pass prologue (``NORM_ONE_PASS``) makes its own
+    from ``eps``."""
     dt = X.dtype.element_ty
     rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -94,6 +100,7 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, 
     w2_ptrs = W2 + rn.to(tl.int64)[:, None] * swn + rk[None, :]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_K], dtype=tl.float32)  # NORM_ONE_PASS: the row's sum of squares, per lane
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + rk) < K
         wmask = (rn[:, None] < N) & kmask[None, :]
@@ -110,9 +117,15 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, 
                 a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
                 a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
+                if NORM_ONE_PASS:  # the add's output, written once per row: by the program of column block 0
+                    tl.store(ROUT + m * srom + k0 + rk, a.to(ROUT.dtype.element_ty), mask=kmask & (nb == 0))
             if NORM:
                 nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-                a = round_as(nw * round_as(a * rstd, dt), dt)
+                if NORM_ONE_PASS:  # rstd unknown yet: g * h unrounded here, rstd applied to the dot product
+                    squares += a * a
+                    a = nw * a
+                else:
+                    a = round_as(nw * round_as(a * rstd, dt), dt)
         acc += w.to(tl.float32) * a[None, :]
         if SILU_MUL:
             if EVEN:
@@ -121,35 +134,56 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, 
                 w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
             acc2 += w2.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
+    if NORM_ONE_PASS:  # rstd factors out of the dot product: applied once, in float32, before any rounding
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        y = y * rstd
     if HAS_BIAS:
         y += tl.load(B + rn, mask=rn < N, other=0.0).to(tl.float32)
     if SILU_MUL:
         gate = round_as(y, dt)
-        up = round_as(tl.sum(acc2, axis=1), dt)
+        up = tl.sum(acc2, axis=1)
+        if NORM_ONE_PASS:
+            up = up * rstd
+        up = round_as(up, dt)
         y = round_as(gate / (1.0 + tl.exp(-gate)), dt) * up
     tl.store(OUT + m * som + rn, y.to(OUT.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit
 def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
-               HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr,
-               PERSISTENT: tl.constexpr):
+               NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+               SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
     """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
 
     Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
     ``w * a`` elementwise in float32 registers and summing once at the end.
 
-    ``NORM`` (prologue): ``a`` is the row's RMSNorm, not ``x``. A first pass over the whole row (``BLOCK_ROW`` =
-    K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then recomputes each
-    chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds it
-    (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
+    ``NORM`` (prologue, two-pass): ``a`` is the row's RMSNorm, not ``x``. A first pass over the whole row
+    (``BLOCK_ROW`` = K rounded up to a power of two, a few KB from L2) gives the float32 ``rstd``; the K walk then
+    recomputes each chunk of the normalized row, rounded exactly as ``ops/triton_kernels.py``'s norm kernel rounds
+    it (``round_as(w * round_as(h * rstd))``). With ``HAS_RESIDUAL``, ``h = x + r`` rounded to the dtype (eager's
     add) and program 0 of the row writes it to ``ROUT``. ``ROW_IN_REGS`` (``BLOCK_K == BLOCK_ROW``: one step
     covers the row) normalizes the row once in registers instead of loading x (and r) again per block.
 
+    ``NORM`` with ``NORM_ONE_PASS`` (prologue, one pass): no first pass. ``RMSNorm(h) . W[n] = rstd * sum_k W[n, k]
+    * g[k] * h[k]`` with ``rstd = 1 / sqrt(sum_k h[k]^2 / K + eps)``: rstd factors out of the dot product, so
+    the K walk accumulates ``w * (g * h)`` and, from the same chunk loads, ``h^2``, and the program multiplies its
+    float32 sums by rstd once at the end (for SiLU-and-mul both gate and up), before any rounding. The program's
+    first weight load no longer waits for a pass over the row. With ``HAS_RESIDUAL``, ``h`` is ``x + r`` rounded
+    to the dtype per chunk (eager's add, bit for bit) and the program of column block 0 stores it to ``ROUT`` as it
+    walks. Numerics: not bit-identical to the norm kernel followed by the GEMV. Eager (and the two-pass prologue)
+    rounds the normalized row to the dtype before the projection, ``a = round(g * round(h * rstd))``, and rounds
+    the product ``round(sum_k W * a)``; the one-pass prologue keeps ``g * h`` in float32 and rounds once,
+    ``round(rstd * sum_k W * (g * h))``. The difference is rounding order only (two fewer roundings per element,
+    so closer to the exact result, as the GEMV already differs from cuBLAS by its summation order): results equal
+    the unfused kernels within bf16 GEMM tolerance and are within the GEMV's relative error of a float64
+    reference, not bit for bit. ``rstd``'s float32 sum of squares is summed per chunk lane, then across lanes
+    (another order than the norm kernel's single reduction). ``ROW_IN_REGS`` does not apply (it is False).
+
     ``PERSISTENT``: the grid has fewer programs than column blocks and each program walks blocks ``pid, pid + P,
-    ...``, so the prologue's cost (the row's loads and, with ``ROW_IN_REGS``, its normalization) is paid once per
-    program, not once per block.
+    ...``, so the two-pass prologue's cost (the row's loads and, with ``ROW_IN_REGS``, its normalization) is paid
+    once per program, not once per block (the one-pass prologue works per block either way).
 
     ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
     both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
@@ -157,7 +191,7 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
-    if NORM:
+    if NORM and not NORM_ONE_PASS:
         dt = X.dtype.element_ty
         rr = tl.arange(0, BLOCK_ROW)
         hrow = tl.load(X + m * sxm + rr, mask=rr < K, other=0.0).to(tl.float32)
@@ -168,48 +202,51 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
         rstd = 1.0 / tl.sqrt(tl.sum(hrow * hrow, axis=0) / K + eps)
         if ROW_IN_REGS:
             nw = tl.load(NW + rr, mask=rr < K, other=0.0).to(tl.float32)
-            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd,
-                         round_as(nw * round_as(hrow * rstd, dt), dt), NORM, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN,
-                         BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd,
+                         round_as(nw * round_as(hrow * rstd, dt), dt), NORM, NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS,
+                         SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
         else:
-            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, rstd, NORM,
-                         HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+            _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, rstd,
+                         NORM, NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS,
+                         PERSISTENT)
     else:
-        _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, 0.0, 0.0, NORM, HAS_RESIDUAL,
-                     HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+        _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, 0.0, 0.0, NORM,
+                     NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
 
 
 @triton.jit
-def _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
+def _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow,
+                 NORM: tl.constexpr, NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
     """This program's column block, or with ``PERSISTENT`` every ``num_programs``-th block from it."""
     if PERSISTENT:
         for nb in range(pid_n, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _gemv_block(nb, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM, HAS_RESIDUAL,
-                        HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+            _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow, NORM,
+                        NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
     else:
-        _gemv_block(pid_n, X, R, NW, W, W2, B, OUT, N, K, sxm, srm, swn, som, m, rstd, arow, NORM, HAS_RESIDUAL,
-                    HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+        _gemv_block(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow, NORM,
+                    NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
 
 
 @triton.jit
 def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``fxp.linear`` at one token: the GEMV without prologue or epilogue (one column block per program)."""
-    _gemv_block(tl.program_id(0), X, X, X, W, W, B, OUT, N, K, sxm, 0, swn, som, tl.program_id(1).to(tl.int64), 0.0,
-                0.0, False, False, HAS_BIAS, False, EVEN, BLOCK_N, BLOCK_K, False)
+    _gemv_block(tl.program_id(0), X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som,
+                tl.program_id(1).to(tl.int64), 0.0, 0.0, 0.0, False, False, False, HAS_BIAS, False, EVEN, BLOCK_N,
+                BLOCK_K, False)
 
 
 @triton.jit
 def _fused_gemv_kernel(X, R, NW, W, W2, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
-                       HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
+                       NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                       EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
                        ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
-    """The fused ops at one token: the same GEMV with the norm prologue and/or the SiLU-and-mul epilogue (its own
-    name, so a profiler's kernel census tells the fused launches from plain ones)."""
-    _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, HAS_RESIDUAL, False,
-               SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS, PERSISTENT)
+    """The fused ops at one token: the same GEMV with the norm prologue (two-pass, or ``NORM_ONE_PASS``) and/or the
+    SiLU-and-mul epilogue (its own name, so a profiler's kernel census tells the fused launches from plain ones)."""
+    _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, NORM_ONE_PASS,
+               HAS_RESIDUAL, False, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS, PERSISTENT)
 
 
 @triton.jit
@@ -611,9 +648,18 @@ UNFUSED_SILU: set[tuple[int, int]] = set()
 # kernel it saves: same run, 1B qkv 7.27 us fused vs 7.00, 8B qkv 20.5 vs 17.6, gate_up + SiLU 0.80-0.84x of
 # add_rms_norm + linear_silu_mul. The one win: 8B qkv at TP 2, whose unfused projection is cuBLAS (no table tile).
 NORM_FUSED: set[tuple[str, int, int]] = {("norm", 3072, 4096)}  # 11.56 us vs 14.27
+# The one-pass norm prologue (``_gemv_body``: the sum of squares accumulated in the GEMV's own K walk, rstd applied
+# to the dot products at the end, no pass over the row first), keyed like NORM_FUSED, with the tile measured best for
+# it (``benchmarks/gemm.py --fused --onepass-tiles`` prints these entries; the Config's block_n counts output
+# columns, so for "silu" each program reads 2 * block_n weight rows). Listed only where it beat the best unfused
+# pair (norm kernel + our GEMV or linear_silu_mul, or cuBLAS) by at least 2%; it takes precedence over NORM_FUSED.
+# Not bit-identical to the norm kernel + GEMV (see _gemv_body): within bf16 GEMM tolerance, like the GEMV itself.
+NORM_ONE_PASS: dict[tuple[str, int, int], Config] = {}
 ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the norm
 # prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to
-# measure that design in a whole decode step)
+# measure that design in a whole decode step); "onepass": the one-pass norm prologue wherever the kernel can take
+# it (NORM_ONE_PASS's tile where it lists the shape, else the GEMV's tile), for whole-step A/B runs
+ENV_VALUES = ("", "0", "norm", "onepass")
 # A persistent grid with the whole row in one K step, so each program normalizes the row once (4 programs per SM)
 # instead of once per 2-4 columns, for rows up to 4096 (Llama-3-8B's hidden size). Measured slower than the norm
 # kernel + GEMV too (gemm.py --fused --fused-tiles, H200, 2026-11-29: 1B qkv 7.67 vs 7.05 us, 8B qkv 19.59 vs
@@ -624,18 +670,34 @@ NORM_TRIAL = dict(block_n=2, num_warps=8, num_stages=2, programs=4)
 def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> Config | None:
     """The 1-token GEMV tile for a fused op whose output has ``n`` columns (``silu_mul``: the activation width; the
     program then reads ``2 * block_n`` weight rows; ``norm``: with the RMSNorm prologue), or None where that op
-    runs its unfused kernels (the norm prologue's op then runs the norm kernel and, for SiLU, ``linear_silu_mul``)."""
+    runs its unfused kernels (the norm prologue's op then runs the norm kernel and, for SiLU, ``linear_silu_mul``).
+    With ``norm``: the one-pass prologue (``one_pass`` set) on NORM_ONE_PASS's shapes, or everywhere with
+    ``FXPASSES_UNFUSED_GEMV=onepass``; else the two-pass prologue on NORM_FUSED's shapes (rows of at most
+    ``MAX_NORM_K``)."""
     env = os.environ.get(ENV_OFF, "")
-    if m != 1 or k < 1 or n < 1 or env not in ("", "0", "norm"):
+    if m != 1 or k < 1 or n < 1 or env not in ENV_VALUES:
         return None
     rows = 2 * n if silu_mul else n
     if rows * k > MAX_FUSED_ELEMENTS or (silu_mul and (n, k) in UNFUSED_SILU):
         return None
-    if norm and ("silu" if silu_mul else "norm", n, k) not in NORM_FUSED:
+    key = ("silu" if silu_mul else "norm", n, k)
+    if norm and key in NORM_ONE_PASS:
+        return dataclasses.replace(NORM_ONE_PASS[key], one_pass=True)
+    if norm and env == "onepass":
+        return dataclasses.replace(_gemv_tile(n, k, silu_mul), one_pass=True)
+    if norm and k > MAX_NORM_K:
+        return None
+    if norm and key not in NORM_FUSED:
         if env != "norm":
             return None
         if triton.next_power_of_2(k) <= 4096:
             return Config(1, block_k=triton.next_power_of_2(k), **NORM_TRIAL)
+    return _gemv_tile(n, k, silu_mul)
+
+
+def _gemv_tile(n: int, k: int, silu_mul: bool) -> Config:
+    """The fused GEMV's tile without a measured prologue tile: the GEMV table's (or the default)."""
+    rows = 2 * n if silu_mul else n
     c = TABLE.get((1, rows, k)) or TABLE.get((1, n, k))
     c = c if c is not None and c.block_m == 1 else default_config(1, n, k)
     # SiLU-and-mul: half the columns of the tile measured for the concatenated [2I, K] GEMV (or for one half, or
@@ -647,16 +709,17 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
                  eps: float = 0.0, residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch of ``_fused_gemv_kernel`` on ``x2 [M, K]`` (last dim contiguous) -> ``(out [M, N], h [M, K] or
-    None)``. ``norm_weight``: the RMSNorm prologue (``residual``: with the add, ``h`` its sum). ``up_weight``
-    ``[N, K]``: the SiLU-and-mul epilogue, ``weight`` being the gate. Weights contiguous. Public for the tests
-    and the benchmark."""
+    None)``. ``norm_weight``: the RMSNorm prologue (``residual``: with the add, ``h`` its sum), two-pass or, with
+    ``config.one_pass``, one-pass (see ``_gemv_body``). ``up_weight`` ``[N, K]``: the SiLU-and-mul epilogue,
+    ``weight`` being the gate. Weights contiguous. Public for the tests and the benchmark."""
     m, k = x2.shape
     n = weight.shape[0]
     if out is None:
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     h = torch.empty((m, k), dtype=x2.dtype, device=x2.device) if residual is not None else None
     norm = norm_weight is not None
-    row = triton.next_power_of_2(k) if norm else 1
+    one_pass = norm and config.one_pass
+    row = triton.next_power_of_2(k) if norm and not one_pass else 1  # the two-pass prologue's first pass
     if m and n and k:
         c = config
         blocks = triton.cdiv(n, c.block_n)
@@ -665,9 +728,10 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
         _fused_gemv_kernel[(programs, m)](
             x2, r, norm_weight if norm else x2, weight, up_weight if up_weight is not None else weight, out,
             h if h is not None else out, n, k, x2.stride(0), r.stride(0), h.stride(0) if h is not None else 0,
-            weight.stride(0), out.stride(0), eps, NORM=norm, HAS_RESIDUAL=residual is not None,
+            weight.stride(0), out.stride(0), eps, NORM=norm, NORM_ONE_PASS=one_pass, HAS_RESIDUAL=residual is not None,
             SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
-            BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and c.block_k == row, PERSISTENT=programs < blocks,
+            BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and not one_pass and c.block_k == row,
+            PERSISTENT=programs < blocks,
             num_warps=c.num_warps, num_stages=c.num_stages)
     return out, h
 
@@ -696,11 +760,10 @@ def _split_silu_weights(weight: torch.Tensor, up_weight: torch.Tensor | None) ->
 
 
 def _fusable(x, weight, up_weight, norm_weight, residual) -> bool:
-    """Whether the fused kernel can take these operands: bf16/fp16 throughout, dense weights, a unit-stride norm
-    weight and a row the prologue can hold."""
-    k = x.shape[-1]
+    """Whether the fused kernel can take these operands: bf16/fp16 throughout, dense weights and a unit-stride norm
+    weight (``fused_config`` checks the row length the two-pass prologue can hold)."""
     return (x.dtype in _DTYPES and all(t is None or t.dtype == x.dtype for t in (weight, up_weight, norm_weight, residual))
-            and _dense(weight, up_weight) and (norm_weight is None or (norm_weight.stride(0) == 1 and k <= MAX_NORM_K)))
+            and _dense(weight, up_weight) and (norm_weight is None or norm_weight.stride(0) == 1))
 
 
 def _tokens(x: torch.Tensor) -> int:
