@@ -130,19 +130,27 @@ def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_nam
 
 
 def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompositions: dict | None = None) -> torch.fx.Graph:
-    """The functional ATen graph AOT autograd makes of ``fn``: the same machinery that makes the graphs we match
-    (make_fx alone keeps in-place ops from some decompositions, e.g. F.rms_norm's ``add_``)."""
-    from functorch.compile import aot_function, make_boxed_func
+    """The functional ATen graph AOT autograd makes of ``fn``, made the way AOT makes it but without AOT's wrapper:
+    ``make_fx`` under AOT's Python functionalization (``compat.functionalization``), ``decompositions`` applied
+    inside it, dead code dropped. Plain ``make_fx`` keeps in-place ops that decompositions emit (F.rms_norm's
+    ``add_``); ``aot_function`` gives the same graphs (checked for every registered pattern, with and without
+    Inductor's table) at twice the cost, most of it metadata collection and RNG-state set-up a pattern never
+    needs. An op registered as effectful gets AOT's effect token, which a pattern cannot match: refused."""
+    from torch.fx.experimental.proxy_tensor import make_fx
 
-    captured: list[torch.fx.GraphModule] = []
+    def functional(*args: torch.Tensor) -> Any:
+        with compat.below_functionalization():
+            result = fn(*[compat.to_functional(a) for a in args])
+            return torch.utils._pytree.tree_map(compat.from_functional, result)
 
-    def capture(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
-        captured.append(gm)
-        return make_boxed_func(gm.forward)
-
-    with torch.no_grad():
-        aot_function(fn, fw_compiler=capture, decompositions=decompositions)(*tensors)
-    return captured[0].graph
+    with torch.no_grad(), compat.functionalization():
+        gm = make_fx(functional, decomposition_table=decompositions or {}, tracing_mode="fake",
+                     _allow_non_fake_inputs=True)(*tensors)
+    if any(n.op == "call_function" and n.target is torch.ops.higher_order.with_effects for n in gm.graph.nodes):
+        raise PatternTraceError("the traced spelling threads an effect token (an op in it is registered as "
+                                "effectful), so it cannot be matched")
+    gm.graph.eliminate_dead_code()
+    return gm.graph
 
 
 class PatternTraceError(ValueError):
