@@ -58,6 +58,20 @@ def batch(n):
                  torch.full((n,), 3).to(device), torch.arange(n).to(device))
 
 import os, cProfile, pstats, io
+triton_compiles = None if device != "cuda" else [0, 0.0]  # count, seconds: every Triton kernel this process compiled in-process (cache misses)
+if device == "cuda":
+    try:
+        import triton
+        def _listen(*, src, times, cache_hit, **_):
+            if not cache_hit:
+                triton_compiles[0] += 1
+                triton_compiles[1] += times.total / 1e6
+                if profiler:
+                    print(f"triton compile {getattr(src, 'name', src)}: {times.total / 1e6:.3f} s "
+                          f"{dict(times.lowering_stages)}", file=sys.stderr)
+        triton.knobs.compilation.listener = _listen
+    except (ImportError, AttributeError):  # an older Triton: the column stays empty
+        triton_compiles = None
 profile_path = os.environ.get("WARM_START_PROFILE")
 profiler = cProfile.Profile() if profile_path else None
 if profiler:
@@ -86,6 +100,7 @@ with torch.inference_mode():
     start, cpu = time.perf_counter() - t0, time.process_time() - c0
     if profiler:
         profiler.disable()
+        profiler.dump_stats(profile_path + ".pstats")  # for sorting by own time, callers, ... afterwards
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(70)
         from fxpasses.compat import dynamo_compile_times
@@ -107,7 +122,11 @@ events = ([str(status)] if status is not None else []) + (
     [str(e) for e in backend.cache_events] if backend is not None else [])
 hits = (int(status.loaded) if status is not None else
         sum(e.hit for e in backend.cache_events) if backend is not None else 0)
-print(json.dumps({"imports": imports, "start": start, "cpu": cpu, "equal": equal, "diff": worst, "events": events,
+phases = {"backend": backend.report.compile_seconds if backend is not None else None,
+          "patterns": backend.pattern_setup_seconds if backend is not None else None,
+          "pipeline": backend.report.pipeline_seconds if backend is not None else None,
+          "triton": triton_compiles}
+print(json.dumps({"imports": imports, "start": start, "phases": phases, "cpu": cpu, "equal": equal, "diff": worst, "events": events,
                   "hits": hits, "traced": dynamo_frames_traced(),
                   "graphs": backend.report.graphs if backend is not None else None,
                   "torch": torch.__version__}))
@@ -119,7 +138,9 @@ def run_child(mode: str, args: argparse.Namespace, cache: Path, index: int) -> d
                if args.profile_dir else {})
     env = dict(os.environ, **profile, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                FXPASSES_CACHE_DIR=str(cache / "fxpasses"), TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"),
-               TRITON_CACHE_DIR=str(cache / "triton"), FXPASSES_VERIFY="0")
+               TRITON_CACHE_DIR=str(cache / "triton"), FXPASSES_VERIFY="0",
+               # an 8B model's weights drawn on the GPU: seconds, not minutes of CPU draws per process
+               FXPASSES_DRAW_WEIGHTS_ON_DEVICE="1" if args.device == "cuda" else "0")
     env.pop("FXPASSES_CACHE", None)
     out = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, args.device,
                           ",".join(map(str, args.tokens))], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -173,6 +194,18 @@ def main() -> None:
         print(f"| {mode} | {cold:.2f} | {', '.join(f'{w:.2f}' for w in warm)} | {ratio:.2f} | {cpu} | "
               f"{all(r['equal'] for r in runs)} ({max(r['diff'] for r in runs):.1e}) | {cache} | "
               f"{[r['traced'] for r in runs]} |")
+    print("\nWhere each start went (s): `backend` is the Backend's compile calls (AOT autograd, pattern tracing "
+          "and the pipeline, or a cache hit; Dynamo and the first calls are the rest of `start`); `triton` counts "
+          "the Triton kernels compiled in the process (Inductor compiles its own in worker processes: not counted)."
+          "\n\n| mode | process | start | backend | pattern tracing | pipeline | triton compiles (n, s) |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, runs in results.items():
+        for i, r in enumerate(runs):
+            ph = r["phases"]
+            cell = lambda v: "-" if v is None else f"{v:.2f}"
+            tri = "-" if ph["triton"] is None else f"{ph['triton'][0]}, {ph['triton'][1]:.2f}"
+            print(f"| {mode} | {i + 1} ({'cold' if i == 0 else 'warm'}) | {r['start']:.2f} | {cell(ph['backend'])} | "
+                  f"{cell(ph['patterns'])} | {cell(ph['pipeline'])} | {tri} |")
     for mode, runs in results.items():
         for i, r in enumerate(runs):
             for e in r["events"]:

@@ -8,6 +8,7 @@ model with the same seed have the same weights.
 from __future__ import annotations
 
 import math
+import os
 import zlib
 from dataclasses import dataclass
 from typing import Sequence
@@ -19,12 +20,20 @@ from fxpasses import compat
 from fxpasses.mapping import Mapping
 
 
+DRAW_ON_DEVICE = "FXPASSES_DRAW_WEIGHTS_ON_DEVICE"
+
+
 def make_weight(seed: int, name: str, shape: Sequence[int], dtype: torch.dtype, std: float | None = None) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    """Deterministic weights, drawn on the CPU (the generator's device) so that a model built under ``with
+    torch.device("cuda")`` gets the same weights as one built on the CPU, then placed on the default device.
+
+    ``FXPASSES_DRAW_WEIGHTS_ON_DEVICE=1`` draws on the default device instead: other values (the same on every run
+    there), but an 8B model's 8e9 draws take seconds on a GPU instead of minutes on the CPU. Benchmarks that time
+    kernels, not numbers against a CPU build, set it."""
+    device = torch.get_default_device() if os.environ.get(DRAW_ON_DEVICE) == "1" else torch.device("cpu")
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     std = std if std is not None else 1.0 / math.sqrt(shape[-1])
-    # drawn on the CPU (the generator's device) so a model built under ``with torch.device("cuda")`` gets the same
-    # weights as one built on the CPU, then placed on the default device
-    return (torch.randn(*shape, generator=g, device="cpu") * std).to(device=torch.get_default_device(), dtype=dtype)
+    return (torch.randn(*shape, generator=g, device=device) * std).to(device=torch.get_default_device(), dtype=dtype)
 
 
 def shard(t: torch.Tensor, dim: int, rank: int, parts: int) -> torch.Tensor:
