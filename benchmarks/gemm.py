@@ -29,11 +29,18 @@ CUDA graph per row the same way (norm weight, residual and activations are tiny 
   vs the fully fused kernel, and ``fxp.add_rms_norm_linear_silu_mul`` as chosen;
 
 at Llama-3.2-1B's and Llama-3-8B's shapes and at TP 2 shards of 8B (``--fused-tiles`` then times other tiles of
-the fused kernel, persistent grids among them, to choose the prologue's tile).
+the fused kernel, persistent grids among them, to choose the prologue's tile). Both rows time the fused kernel
+with the two-pass norm prologue ("fused kernel") and with the one-pass prologue at the same tile ("one-pass
+kernel", ``Config.one_pass``). ``--onepass-tiles`` then searches the one-pass kernel's tile at each shape (column
+blocks 2/4/8, K steps 256-2048, 2/4/8 warps: ``ONEPASS_SPACE``; compiled first in ``--jobs`` processes, 16 by
+default; ``--compile-only`` then stops), checks each against the unfused kernels, and prints the best tile with
+its ``NORM_ONE_PASS`` entry for ``ops/triton_linear.py`` (marked "leave out" unless it beats the best of the unfused
+pairs and the two-pass kernel by at least 2%).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -217,8 +224,89 @@ def other_tiles(k: int) -> list[tl_lin.Config]:
                ((1, 4, 3, 8), (2, 4, 3, 4), (2, 8, 2, 4), (4, 8, 3, 2), (8, 8, 2, 2))])
 
 
-def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool, failures: list[str]) -> None:
-    """One row of ``--fused`` (or, with ``tiles``, the fused kernel's other tiles at that shape)."""
+# num_stages: one value. Triton 3.6's pipeliner leaves this kernel's loads alone (they feed no tl.dot): compiled for
+# sm_90, num_stages 1, 2, 3 and 4 give the same PTX (no cp.async), so more values would time the same code again.
+ONEPASS_SPACE = dict(block_n=(2, 4, 8), block_k=(256, 512, 1024, 2048), num_warps=(2, 4, 8), num_stages=(1,))
+
+
+def onepass_candidates(silu_mul: bool) -> list[tl_lin.Config]:
+    """The one-pass kernel's tiles to search: ``ONEPASS_SPACE`` with at least 256 and at most 128 float32
+    accumulators per thread (``silu_mul``: the program holds gate and up accumulators, twice as many)."""
+    rows = 2 if silu_mul else 1
+    space = ONEPASS_SPACE
+    return [tl_lin.Config(1, bn, bk, w, st, one_pass=True)
+            for bn, bk, w, st in itertools.product(space["block_n"], space["block_k"], space["num_warps"],
+                                                   space["num_stages"])
+            if 256 * w <= rows * bn * bk <= 128 * 32 * w]
+
+
+def _compile_fused(work: list[tuple[bool, tl_lin.Config]]) -> int:
+    """Worker of ``precompile_fused``: one launch of each one-pass tile on a small shape with the same
+    specialization as the benchmark's (dimensions and strides multiples of 16, EVEN, the residual); the number
+    that failed."""
+    failed = 0
+    k, n = 2048, 64
+    dt = torch.bfloat16
+    x, r, nw = (torch.ones(1, k, device="cuda", dtype=dt) for _ in range(3))
+    w = torch.zeros(2 * n, k, device="cuda", dtype=dt)
+    for silu_mul, c in work:
+        try:
+            tl_lin.launch_fused(x, w[:n], c, norm_weight=nw[0], eps=1e-5, residual=r,
+                                up_weight=w[n:] if silu_mul else None)
+        except Exception:  # out of resources: the search skips it too
+            failed += 1
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile_fused(work: list[tuple[bool, tl_lin.Config]], jobs: int) -> None:
+    """Compile the one-pass search's kernels in ``jobs`` processes first (Triton's on-disk cache serves the
+    search): compiling a tile takes a second or two, timing it tens of milliseconds."""
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter()
+    chunks = [c for c in (work[i::jobs] for i in range(jobs)) if c]
+    with concurrent.futures.ProcessPoolExecutor(len(chunks), mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = sum(pool.map(_compile_fused, chunks))
+    print(f"precompiled {len(work)} one-pass kernels in {len(chunks)} processes ({failed} failed) "
+          f"[{time.perf_counter() - start:.0f} s]", flush=True)
+
+
+def onepass_search(model: str, name: str, n: int, k: int, weights: list[torch.Tensor], x: torch.Tensor,
+                   kernel, want: torch.Tensor, best_other: tuple[float, str], failures: list[str]) -> None:
+    """``--onepass-tiles`` at one shape: every candidate tile checked against the unfused kernels and timed; the
+    best printed, with its ``NORM_ONE_PASS`` entry where it beats ``best_other`` (time, what) by 2%."""
+    silu_mul = name == "gate_up"
+    start = time.perf_counter()
+    timed: list[tuple[float, tl_lin.Config]] = []
+    for c in onepass_candidates(silu_mul):
+        try:
+            got = kernel(c)(x, weights[0]).double()
+            err = ((got - want).norm() / want.norm()).item()
+            if err > 1e-2:
+                failures.append(f"one-pass {c} {model} {name}: relative error {err:.2e} against the unfused ops")
+                continue
+            timed.append((graph_time_us(kernel(c), weights, x), c))
+        except Exception as exc:  # out of shared memory or registers for this tile: skip it
+            print(f"    skip {c} at {model} {name}: {type(exc).__name__}", flush=True)
+    if not timed:
+        return
+    timed.sort(key=lambda tc: tc[0])
+    t, c = timed[0]
+    key = ("silu", n // 2, k) if silu_mul else ("norm", n, k)
+    print(f"    {model} {name} one-pass best {t:.2f} us {c} ({best_other[0] / t:.2f}x {best_other[1]} "
+          f"{best_other[0]:.2f}); next: " + ", ".join(f"{cc} {tt:.2f}" for tt, cc in timed[1:4])
+          + f" [{len(timed)} tiles, {time.perf_counter() - start:.0f} s]", flush=True)
+    verdict = "" if t < 0.98 * best_other[0] else "  (NOT 2% faster: leave out)"
+    print(f"    NORM_ONE_PASS entry: {key}: Config(1, {c.block_n}, {c.block_k}, {c.num_warps}, {c.num_stages}, "
+          f"one_pass=True),  # {t:.2f} us vs {best_other[0]:.2f} ({best_other[1]}){verdict}", flush=True)
+
+
+def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool, failures: list[str],
+                 search: bool = False) -> None:
+    """One row of ``--fused`` (or, with ``tiles``, the fused kernel's other tiles at that shape; with ``search``,
+    then the one-pass kernel's tile search)."""
     lin, silu, add_norm = torch.ops.fxp.linear, torch.ops.fxp.silu_and_mul, torch.ops.fxp.add_rms_norm
     copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -256,36 +344,52 @@ def _fused_shape(model: str, name: str, n: int, k: int, copy: float, tiles: bool
         variants["norm + linear_silu_mul"] = lambda x, w: torch.ops.fxp.linear_silu_mul(add_norm(x, r, nw, 1e-5)[0], w)
         variants["op"] = lambda x, w: torch.ops.fxp.add_rms_norm_linear_silu_mul(x, r, nw, 1e-5, w)[0]
     variants["fused kernel"] = kernel(config)
+    variants["one-pass kernel"] = kernel(dataclasses.replace(config, one_pass=True))
     variants["GEMV alone"] = lambda x, w: lin(x, w)  # fxp.linear by itself: against docs/performance.md's table
     times = {v: graph_time_us(fn, weights, x) for v, fn in variants.items()}
     want = variants["unfused, cuBLAS"](x, weights[0]).double()
-    for v in ("fused kernel", "op"):
+    for v in ("fused kernel", "one-pass kernel", "op"):
         got = variants[v](x, weights[0]).double()
         err = ((got - want).norm() / want.norm()).item()
         if err > 1e-2:
             failures.append(f"{v} {model} {name}: relative error {err:.2e} against the unfused ops")
     best = min(t for v, t in times.items() if v.startswith("unfused"))
     silu_only = f"{times['norm + linear_silu_mul']:.2f}" if silu_mul else "-"
+    pairs = [v for v in times if v.startswith("unfused") or v == "norm + linear_silu_mul"]
+    best_pair = min(times[v] for v in pairs)
+    one = times["one-pass kernel"]
     print(f"| {model} | {name} | {n} x {k} | {times['unfused, cuBLAS']:.2f} | {times['unfused, op']:.2f} | "
-          f"{times['fused kernel']:.2f} ({best / times['fused kernel']:.2f}x) | {silu_only} | {times['op']:.2f} "
+          f"{times['fused kernel']:.2f} ({best / times['fused kernel']:.2f}x) | {silu_only} | "
+          f"{one:.2f} ({best_pair / one:.2f}x) | {times['op']:.2f} "
           f"({best / times['op']:.2f}x) | {n * k * 2 / times['op'] / 1e3 / copy:.0%} | {config} | "
           f"{times['GEMV alone']:.2f} |", flush=True)
+    if search:  # against the best the op could run otherwise: an unfused pair, or the two-pass kernel
+        best_other = min([(times[v], v) for v in pairs] + [(times["fused kernel"], "two-pass fused kernel")])
+        onepass_search(model, name, n, k, weights, x, kernel, want, best_other, failures)
 
 
-def fused_rows(models: list[str], copy: float, tiles: bool) -> None:
+def fused_rows(models: list[str], copy: float, tiles: bool, search: bool = False, jobs: int = 16,
+               compile_only: bool = False) -> None:
     """``--fused``: one-token fused ops against their unfused kernels (see the module docstring); the other tiles
-    after every row (so a run cut short keeps the rows)."""
+    after every row, the one-pass tile search (``search``) after each row (so a run cut short keeps the rows).
+    ``compile_only``: compile the search's kernels in ``jobs`` processes and stop."""
+    start = time.perf_counter()
+    if search and jobs > 1:
+        precompile_fused([(silu, c) for silu in (False, True) for c in onepass_candidates(silu)], jobs)
+    if compile_only:
+        return
     print("| model | proj | N x K | unfused, cuBLAS us | unfused, op us | fused kernel us (vs best unfused) | "
-          "norm + linear_silu_mul us | op as chosen us (vs best unfused) | op % copy (weight) | tile | "
-          "fxp.linear alone us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "norm + linear_silu_mul us | one-pass kernel us (vs best unfused pair) | op as chosen us (vs best "
+          "unfused) | op % copy (weight) | tile | fxp.linear alone us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     failures: list[str] = []
     chosen = [(m, name, n, k) for m in FUSED_SHAPES if m.split("-")[0] in models
               for name, (n, k) in FUSED_SHAPES[m].items()]
     for phase in ((False, True) if tiles else (False,)):
         for model, name, n, k in chosen:
-            _fused_shape(model, name, n, k, copy, phase, failures)
+            _fused_shape(model, name, n, k, copy, phase, failures, search=search and not phase)
             torch.cuda.empty_cache()
+    print(f"[fused rows: {time.perf_counter() - start:.0f} s]", flush=True)
     if failures:
         print("\nFAILURES:\n" + "\n".join(failures))
 
@@ -305,13 +409,15 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="only these projections (names in SHAPES)")
     parser.add_argument("--fused", action="store_true", help="time the fused decode ops against the unfused kernels")
     parser.add_argument("--fused-tiles", action="store_true", help="with --fused: also time other tiles")
+    parser.add_argument("--onepass-tiles", action="store_true", help="with --fused: search the one-pass norm "
+                        "prologue's tile at each shape and print NORM_ONE_PASS entries")
     args = parser.parse_args()
     torch.manual_seed(0)
-    copy = copy_bandwidth()
+    copy = copy_bandwidth() if not args.compile_only else 0.0
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"copy bandwidth {copy:.0f} GB/s\n")
     if args.fused:
-        fused_rows(args.models, copy, args.fused_tiles)
+        fused_rows(args.models, copy, args.fused_tiles, args.onepass_tiles, args.jobs or 16, args.compile_only)
         return
     if args.sweep and args.jobs > 1:
         tasks: dict[int, set[tl_lin.Config]] = {}

@@ -8,8 +8,9 @@ split-K kernel splits K, and it reduces in the same launch:
   program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating ``w * x``
   elementwise in float32 registers and summing once at the end. Small ``BLOCK_N`` gives enough programs to cover
   every SM even at N = 2048 (and K-contiguous loads of 16 bytes). Constexpr flags add an RMSNorm prologue (with or
-  without the residual add) and a SiLU-and-mul epilogue (the program also walks the matching rows of the up
-  projection), so one kernel body serves ``linear``, ``rms_norm_linear``, ``add_rms_norm_linear``,
+  without the residual add; two-pass, or one-pass: ``NORM_ONE_PASS``, the sum of squares taken in the GEMV's own K
+  walk and rstd applied to the dot products) and a SiLU-and-mul epilogue (the program also walks the matching rows
+  of the up projection), so one kernel body serves ``linear``, ``rms_norm_linear``, ``add_rms_norm_linear``,
   ``linear_silu_mul`` and ``add_rms_norm_linear_silu_mul``.
 - ``_gemv_rows_kernel`` (2 <= M <= 8): each weight tile multiplied with every row.
 - ``_small_m_kernel`` (2 <= M <= 32): the same walk with ``tl.dot`` on an ``[BLOCK_M, BLOCK_K] x [BLOCK_K,
@@ -21,15 +22,16 @@ split-K kernel splits K, and it reduces in the same launch:
   (``_Ring``), so CUDA-graph replays need no memset.
 
 All accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
-a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit. The prologue and epilogue
-round every intermediate where the unfused kernels round it (``round_as``), so the fused ops differ from the
-unfused sequence only by that summation order.
+a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit. The two-pass prologue and
+the epilogue round every intermediate where the unfused kernels round it (``round_as``), so the fused ops differ
+from the unfused sequence only by that summation order; the one-pass prologue also skips the rounding of the
+normalized row (rstd is known only at the end of the walk), so it differs by rounding order too (``_gemv_body``).
 
 Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a table measured on an H200
 (``benchmarks/gemm.py --sweep``); shapes and token counts it does not name go to cuBLAS, as do fp32, strided
 weights and M above 32. The fused ops run their kernel at one token where it was measured faster
 (``fused_config``: the SiLU-and-mul epilogue on every gate/up projection; the norm prologue only on the shapes
-``NORM_FUSED`` lists), else their unfused kernels. Capture-safe: no host synchronization, no allocation but the
+``NORM_ONE_PASS`` (one-pass) or ``NORM_FUSED`` (two-pass) lists), else their unfused kernels. Capture-safe: no host synchronization, no allocation but the
 outputs and the split-K workspace (torch's caching allocator; a graph's pool under capture).
 """
 from __future__ import annotations
@@ -86,6 +88,15 @@ class Config:
 
 
 @triton.jit
+def _row_chunk(ptrs, kmask, EVEN: tl.constexpr):
+    """A chunk of a row (x, the residual, the norm weight) as float32: unmasked where K is a whole number of steps."""
+    if EVEN:
+        return tl.load(ptrs).to(tl.float32)
+    else:
+        return tl.load(ptrs, mask=kmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow,
                 NORM: tl.constexpr, NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -115,16 +126,17 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, so
                 a = tl.load(X + m * sxm + k0 + rk).to(tl.float32)
             else:
                 a = tl.load(X + m * sxm + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
-                if NORM_ONE_PASS:  # the add's output, written once per row: by the program of column block 0
+            if NORM and NORM_ONE_PASS:
+                if HAS_RESIDUAL:  # eager's add; its output written once per row, by the program of column block 0
+                    a = round_as(a + _row_chunk(R + m * srm + k0 + rk, kmask, EVEN), dt)
                     tl.store(ROUT + m * srom + k0 + rk, a.to(ROUT.dtype.element_ty), mask=kmask & (nb == 0))
-            if NORM:
-                nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
-                if NORM_ONE_PASS:  # rstd unknown yet: g * h unrounded here, rstd applied to the dot product
-                    squares += a * a
-                    a = nw * a
-                else:
+                squares += a * a
+                a = _row_chunk(NW + k0 + rk, kmask, EVEN) * a  # rstd unknown yet: g * h, unrounded
+            else:
+                if HAS_RESIDUAL:
+                    a = round_as(a + tl.load(R + m * srm + k0 + rk, mask=kmask, other=0.0).to(tl.float32), dt)
+                if NORM:
+                    nw = tl.load(NW + k0 + rk, mask=kmask, other=0.0).to(tl.float32)
                     a = round_as(nw * round_as(a * rstd, dt), dt)
         acc += w.to(tl.float32) * a[None, :]
         if SILU_MUL:
@@ -134,7 +146,7 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, so
                 w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
             acc2 += w2.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
-    if NORM_ONE_PASS:  # rstd factors out of the dot product: applied once, in float32, before any rounding
+    if NORM and NORM_ONE_PASS:  # rstd factors out of the dot product: applied once, in float32, before any rounding
         rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
         y = y * rstd
     if HAS_BIAS:
@@ -142,7 +154,7 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, so
     if SILU_MUL:
         gate = round_as(y, dt)
         up = tl.sum(acc2, axis=1)
-        if NORM_ONE_PASS:
+        if NORM and NORM_ONE_PASS:
             up = up * rstd
         up = round_as(up, dt)
         y = round_as(gate / (1.0 + tl.exp(-gate)), dt) * up

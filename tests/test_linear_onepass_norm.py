@@ -191,24 +191,29 @@ def test_one_pass_prologue_compiles_for_hopper():
 
 
 # ---- GPU ------------------------------------------------------------------------------------------------------
-# (activation / projection width, K, SiLU-and-mul): Llama-3.2-1B qkv and gate_up (its 8192-wide halves), Llama-3-8B
-# qkv and gate_up, both at TP 2, and odd shapes (N not a multiple of any tile, K not a multiple of 16)
-GPU_SHAPES = [(3072, 2048, False), (8192, 2048, True), (6144, 4096, False), (14336, 4096, True), (3072, 4096, False),
-              (7168, 4096, True), (37, 4104, False), (1000, 300, True)]
+# (activation / projection width, K, SiLU-and-mul, dtype): Llama-3.2-1B qkv and gate_up (its 8192-wide halves),
+# Llama-3-8B qkv and gate_up, both at TP 2 (bf16, as the models run), and odd shapes (N not a multiple of any tile,
+# K not a multiple of 16) in both dtypes. Few tiles each: every (tile, flags) pair is a compile of its own.
+GPU_SHAPES = [(3072, 2048, False, torch.bfloat16), (8192, 2048, True, torch.bfloat16),
+              (6144, 4096, False, torch.bfloat16), (14336, 4096, True, torch.bfloat16),
+              (3072, 4096, False, torch.bfloat16), (7168, 4096, True, torch.bfloat16),
+              (37, 4104, False, torch.float16), (1000, 300, True, torch.bfloat16)]
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,k,silu", GPU_SHAPES)
+@pytest.mark.parametrize("n,k,silu,dtype", GPU_SHAPES)
 def test_one_pass_prologue_matches_float64_and_the_unfused_kernels(n, k, silu, dtype, monkeypatch):
+    """The tile ``FXPASSES_UNFUSED_GEMV=onepass`` picks (the GEMV's), one of the search's with pipelined loads, and
+    a persistent grid, each with and without the residual."""
     from fxpasses.ops import triton_linear as tl_lin
 
     monkeypatch.setenv(tl_lin.ENV_OFF, "onepass")
     forced = tl_lin.fused_config(1, n, k, silu_mul=silu, norm=True)
     assert forced is not None and forced.one_pass
-    configs = {forced, tl_lin.Config(1, 2, 512, 4, 3, one_pass=True), tl_lin.Config(1, 8, 256, 8, 2, one_pass=True),
-               tl_lin.Config(1, 4, 1024, 4, 4, programs=2, one_pass=True)}
+    configs = {forced, tl_lin.Config(1, 4, 512, 4, 3, one_pass=True)}
+    if n < 2000:  # odd shapes: a persistent grid too (the residual stored by whichever program walks block 0)
+        configs.add(tl_lin.Config(1, 2, 256, 4, 2, programs=1, one_pass=True))
     x, r, nw, gate, up = operands(n, k, dtype, device="cuda")
     tols = dict(ref_tol=5e-3, silu_tol=1e-2, gemm_tol=dict(rtol=2e-2, atol=2e-2 if dtype == torch.bfloat16 else 2e-3))
     for c in configs:
@@ -218,13 +223,13 @@ def test_one_pass_prologue_matches_float64_and_the_unfused_kernels(n, k, silu, d
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_ops_with_the_one_pass_prologue_replay_in_a_cuda_graph(dtype, monkeypatch):
-    """The three norm ops through their CUDA entry points with ``FXPASSES_UNFUSED_GEMV=onepass`` (1B shapes): one
-    fused launch each, captured once in a CUDA graph; outputs poisoned before every replay; replays equal fresh
+def test_ops_with_the_one_pass_prologue_replay_in_a_cuda_graph(monkeypatch):
+    """The three norm ops through their CUDA entry points with ``FXPASSES_UNFUSED_GEMV=onepass`` (1B shapes, bf16):
+    one fused launch each, captured once in a CUDA graph; outputs poisoned before every replay; replays equal fresh
     calls bit for bit, the unfused kernels within tolerance, the residual sum eager's add bit for bit."""
     from fxpasses.ops import triton_linear as tl_lin
 
+    dtype = torch.bfloat16
     monkeypatch.setenv(tl_lin.ENV_OFF, "onepass")
     k, i = 2048, 8192
     _, _, nw, wqkv, _ = operands(3072, k, dtype, device="cuda")
