@@ -141,7 +141,7 @@ def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompos
     def functional(*args: torch.Tensor) -> Any:
         with compat.below_functionalization():
             result = fn(*[compat.to_functional(a) for a in args])
-            return torch.utils._pytree.tree_map(compat.from_functional, result)
+            return torch.fx.node.map_aggregate(result, compat.from_functional)
 
     with torch.no_grad(), compat.functionalization():
         gm = make_fx(functional, decomposition_table=decompositions or {}, tracing_mode="fake",
