@@ -439,6 +439,8 @@ class Backend:
 
         runner = PiecewiseCudaGraphs(gm, token.expr, self.cuda_graph_sizes, self.splitting_ops,
                                      warmup_only=self.cuda_graph_warmup_only)
+        if runner.compile_ahead is not None:
+            runner.compile_ahead.on_done = lambda result: self.report.note(f"graph {index}: {result}")
         self.runners.append(runner)
         return runner
 

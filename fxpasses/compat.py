@@ -528,3 +528,8 @@ def pickle_graph_module_values(gm: torch.fx.GraphModule, keep: Any) -> bytes:
     finally:
         for node, meta in metas.items():
             node.meta = meta
+
+
+def has_kernel_for(op: "OpOverload", dispatch_key: str) -> bool:
+    """Does ``op`` have a kernel registered for this dispatch key itself (not a composite or fallback)?"""
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), dispatch_key))

@@ -38,6 +38,8 @@ import torch.fx
 from torch.fx.passes.split_module import split_module
 
 from fxpasses import compat, ops
+from fxpasses.compile_ahead import CompileAhead
+from fxpasses.compile_ahead import enabled as compile_ahead_enabled
 from fxpasses.effects import base_of, node_args_by_name, written_tensors
 
 log = logging.getLogger("fxpasses")
@@ -261,6 +263,9 @@ class PiecewiseCudaGraphs:
         self.warmup_only = warmup_only
         self.pool = None if warmup_only else torch.cuda.graph_pool_handle()
         self.split, self.pieces = self._split(gm, token, set(splitting_ops))
+        # our Triton kernels for every captured size, compiled in the background until the first call
+        self.compile_ahead = (CompileAhead(gm, token, self.sizes)
+                              if not warmup_only and compile_ahead_enabled() else None)
 
     def _split(self, gm: torch.fx.GraphModule, token: sympy.Expr, splitting: set[str]):
         part, assign = 0, {}
@@ -294,6 +299,8 @@ class PiecewiseCudaGraphs:
 
     def __call__(self, args: list[Any]) -> Any:
         """Boxed calling convention (AOT's): a list of flat inputs."""
+        if self.compile_ahead is not None and self.compile_ahead.result is None:
+            self.compile_ahead.wait()
         if self.static_tokens is not None:  # one size: nothing to pad; fresh inputs are copied into the graph's own
             self.call.size = self.call.tokens = self.static_tokens
             out = self.split(*args)
