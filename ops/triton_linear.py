@@ -663,14 +663,23 @@ NORM_FUSED: set[tuple[str, int, int]] = {("norm", 3072, 4096)}  # 11.56 us vs 14
 # The one-pass norm prologue (``_gemv_body``: the sum of squares accumulated in the GEMV's own K walk, rstd applied
 # to the dot products at the end, no pass over the row first), keyed like NORM_FUSED, with the tile measured best for
 # it (``benchmarks/gemm.py --fused --onepass-tiles`` prints these entries; the Config's block_n counts output
-# columns, so for "silu" each program reads 2 * block_n weight rows). Listed only where it beat the best unfused
-# pair (norm kernel + our GEMV or linear_silu_mul, or cuBLAS) by at least 2%; it takes precedence over NORM_FUSED.
-# Not bit-identical to the norm kernel + GEMV (see _gemv_body): within bf16 GEMM tolerance, like the GEMV itself.
-NORM_ONE_PASS: dict[tuple[str, int, int], Config] = {}
-ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the norm
-# prologue is fused wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to
-# measure that design in a whole decode step); "onepass": the one-pass norm prologue wherever the kernel can take
-# it (NORM_ONE_PASS's tile where it lists the shape, else the GEMV's tile), for whole-step A/B runs
+# columns, so for "silu" each program would read 2 * block_n weight rows). Listed only where it beat the best the op
+# ran before (norm kernel + our GEMV or cuBLAS, or the two-pass kernel) by at least 2%; it takes precedence over
+# NORM_FUSED. Not bit-identical to the norm kernel + GEMV (see _gemv_body): closer to a float64 reference than the
+# unfused kernels (tests/test_linear_onepass_norm.py). H200, torch 2.11 / Triton 3.6, 2026-11-29, one run of the
+# search (31 tiles per shape), us per call, the op's previous choice in parentheses. Not on gate_up + SiLU-and-mul,
+# where the best one-pass tile lost to the norm kernel + linear_silu_mul: 1B 21.78 vs 20.88, 8B 64.91 vs 59.58,
+# 8B at TP 2 36.49 vs 33.32 (each program reloads x, the residual and the norm weight from L2 for 2-8 of the 16384+
+# gate/up columns).
+NORM_ONE_PASS: dict[tuple[str, int, int], Config] = {
+    ("norm", 3072, 2048): Config(1, 8, 1024, 4, 1, one_pass=True),  # 1B qkv: 5.97 (norm kernel + GEMV 6.98)
+    ("norm", 6144, 4096): Config(1, 8, 512, 2, 1, one_pass=True),  # 8B qkv: 15.85 (17.31)
+    ("norm", 3072, 4096): Config(1, 8, 1024, 4, 1, one_pass=True),  # 8B qkv at TP 2: 9.20 (two-pass kernel 11.34)
+}
+ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the two-pass
+# norm prologue wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to measure
+# that design in a whole decode step; NORM_ONE_PASS ignored); "onepass": the one-pass norm prologue wherever the
+# kernel can take it (NORM_ONE_PASS's tile where it lists the shape, else the GEMV's tile), for whole-step A/B runs
 ENV_VALUES = ("", "0", "norm", "onepass")
 # A persistent grid with the whole row in one K step, so each program normalizes the row once (4 programs per SM)
 # instead of once per 2-4 columns, for rows up to 4096 (Llama-3-8B's hidden size). Measured slower than the norm
@@ -684,8 +693,8 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> 
     program then reads ``2 * block_n`` weight rows; ``norm``: with the RMSNorm prologue), or None where that op
     runs its unfused kernels (the norm prologue's op then runs the norm kernel and, for SiLU, ``linear_silu_mul``).
     With ``norm``: the one-pass prologue (``one_pass`` set) on NORM_ONE_PASS's shapes, or everywhere with
-    ``FXPASSES_UNFUSED_GEMV=onepass``; else the two-pass prologue on NORM_FUSED's shapes (rows of at most
-    ``MAX_NORM_K``)."""
+    ``FXPASSES_UNFUSED_GEMV=onepass``; else the two-pass prologue on NORM_FUSED's shapes, or everywhere with
+    ``FXPASSES_UNFUSED_GEMV=norm`` (rows of at most ``MAX_NORM_K``)."""
     env = os.environ.get(ENV_OFF, "")
     if m != 1 or k < 1 or n < 1 or env not in ENV_VALUES:
         return None
@@ -693,7 +702,7 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> 
     if rows * k > MAX_FUSED_ELEMENTS or (silu_mul and (n, k) in UNFUSED_SILU):
         return None
     key = ("silu" if silu_mul else "norm", n, k)
-    if norm and key in NORM_ONE_PASS:
+    if norm and key in NORM_ONE_PASS and env != "norm":
         return dataclasses.replace(NORM_ONE_PASS[key], one_pass=True)
     if norm and env == "onepass":
         return dataclasses.replace(_gemv_tile(n, k, silu_mul), one_pass=True)
