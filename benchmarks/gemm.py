@@ -32,7 +32,7 @@ at Llama-3.2-1B's and Llama-3-8B's shapes and at TP 2 shards of 8B (``--fused-ti
 the fused kernel, persistent grids among them, to choose the prologue's tile). Both rows time the fused kernel
 with the two-pass norm prologue ("fused kernel") and with the one-pass prologue at the same tile ("one-pass
 kernel", ``Config.one_pass``). ``--onepass-tiles`` then searches the one-pass kernel's tile at each shape (column
-blocks 2/4/8, K steps 256-2048, 2/4/8 warps: ``ONEPASS_SPACE``; compiled first in ``--jobs`` processes, 16 by
+blocks 2-16, K steps 256-2048, 2/4/8 warps: ``ONEPASS_SPACE``; compiled first in ``--jobs`` processes, 16 by
 default; ``--compile-only`` then stops), checks each against the unfused kernels, and prints the best tile with
 its ``NORM_ONE_PASS`` entry for ``ops/triton_linear.py`` (marked "leave out" unless it beats the best of the unfused
 pairs and the two-pass kernel by at least 2%).
@@ -226,7 +226,9 @@ def other_tiles(k: int) -> list[tl_lin.Config]:
 
 # num_stages: one value. Triton 3.6's pipeliner leaves this kernel's loads alone (they feed no tl.dot): compiled for
 # sm_90, num_stages 1, 2, 3 and 4 give the same PTX (no cp.async), so more values would time the same code again.
-ONEPASS_SPACE = dict(block_n=(2, 4, 8), block_k=(256, 512, 1024, 2048), num_warps=(2, 4, 8), num_stages=(1,))
+# block_n 16: added after the first search (H200, 2026-11-29), whose best tiles sat at its edge, block_n 8, on every
+# qkv shape; the gate_up + SiLU shapes lost with every tile of that search (at most 2 * 8 weight rows per program).
+ONEPASS_SPACE = dict(block_n=(2, 4, 8, 16), block_k=(256, 512, 1024, 2048), num_warps=(2, 4, 8), num_stages=(1,))
 
 
 def onepass_candidates(silu_mul: bool) -> list[tl_lin.Config]:

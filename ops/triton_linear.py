@@ -679,8 +679,10 @@ NORM_ONE_PASS: dict[tuple[str, int, int], Config] = {
 ENV_OFF = "FXPASSES_UNFUSED_GEMV"  # "1": every fused op runs its unfused kernels (A/B timings); "norm": the two-pass
 # norm prologue wherever the kernel can take it, not only on NORM_FUSED's shapes, with NORM_TRIAL's tile (to measure
 # that design in a whole decode step; NORM_ONE_PASS ignored); "onepass": the one-pass norm prologue wherever the
-# kernel can take it (NORM_ONE_PASS's tile where it lists the shape, else the GEMV's tile), for whole-step A/B runs
-ENV_VALUES = ("", "0", "norm", "onepass")
+# kernel can take it (NORM_ONE_PASS's tile where it lists the shape, else the GEMV's tile), for whole-step A/B runs;
+# "twopass": the policy without NORM_ONE_PASS (the norm kernel, or the two-pass prologue on NORM_FUSED's shapes), the
+# "before" of a whole-step A/B run of the one-pass prologue
+ENV_VALUES = ("", "0", "norm", "onepass", "twopass")
 # A persistent grid with the whole row in one K step, so each program normalizes the row once (4 programs per SM)
 # instead of once per 2-4 columns, for rows up to 4096 (Llama-3-8B's hidden size). Measured slower than the norm
 # kernel + GEMV too (gemm.py --fused --fused-tiles, H200, 2026-11-29: 1B qkv 7.67 vs 7.05 us, 8B qkv 19.59 vs
@@ -693,8 +695,8 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> 
     program then reads ``2 * block_n`` weight rows; ``norm``: with the RMSNorm prologue), or None where that op
     runs its unfused kernels (the norm prologue's op then runs the norm kernel and, for SiLU, ``linear_silu_mul``).
     With ``norm``: the one-pass prologue (``one_pass`` set) on NORM_ONE_PASS's shapes, or everywhere with
-    ``FXPASSES_UNFUSED_GEMV=onepass``; else the two-pass prologue on NORM_FUSED's shapes, or everywhere with
-    ``FXPASSES_UNFUSED_GEMV=norm`` (rows of at most ``MAX_NORM_K``)."""
+    ``FXPASSES_UNFUSED_GEMV=onepass`` (``twopass``: never); else the two-pass prologue on NORM_FUSED's shapes, or
+    everywhere with ``FXPASSES_UNFUSED_GEMV=norm`` (rows of at most ``MAX_NORM_K``)."""
     env = os.environ.get(ENV_OFF, "")
     if m != 1 or k < 1 or n < 1 or env not in ENV_VALUES:
         return None
@@ -702,7 +704,7 @@ def fused_config(m: int, n: int, k: int, silu_mul: bool, norm: bool = False) -> 
     if rows * k > MAX_FUSED_ELEMENTS or (silu_mul and (n, k) in UNFUSED_SILU):
         return None
     key = ("silu" if silu_mul else "norm", n, k)
-    if norm and key in NORM_ONE_PASS and env != "norm":
+    if norm and key in NORM_ONE_PASS and env not in ("norm", "twopass"):
         return dataclasses.replace(NORM_ONE_PASS[key], one_pass=True)
     if norm and env == "onepass":
         return dataclasses.replace(_gemv_tile(n, k, silu_mul), one_pass=True)

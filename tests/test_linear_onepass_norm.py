@@ -151,8 +151,8 @@ def interpreter_checks() -> None:
 def policy_checks(tl_lin) -> None:
     """``fused_config``: NORM_ONE_PASS's shapes get its tile with the one-pass prologue; ``FXPASSES_UNFUSED_GEMV=
     onepass`` forces it for every norm op (even rows the two-pass prologue cannot hold), ``1`` turns every fused
-    op off, ``norm`` forces the two-pass prologue (NORM_ONE_PASS ignored); ops without the norm never get the
-    flag. The measured table: the qkv projections of 1B, 8B and 8B at TP 2 (not gate_up + SiLU: it lost)."""
+    op off, ``norm`` forces the two-pass prologue and ``twopass`` keeps the policy before NORM_ONE_PASS (both
+    ignore it); ops without the norm never get the flag. The measured table: the qkv projections of 1B, 8B and 8B at TP 2 (not gate_up + SiLU: it lost)."""
     env = tl_lin.ENV_OFF
     saved = os.environ.pop(env, None)
     shapes = [(False, 3072, 2048), (True, 8192, 2048), (False, 6144, 4096), (True, 14336, 4096), (False, 3072, 4096),
@@ -177,6 +177,9 @@ def policy_checks(tl_lin) -> None:
             os.environ[env] = "norm"
             trial = tl_lin.fused_config(1, n, k, silu_mul=silu, norm=True)
             assert trial is None or not trial.one_pass, key  # the two-pass design, for A/B
+            os.environ[env] = "twopass"  # the policy before NORM_ONE_PASS
+            before = tl_lin.fused_config(1, n, k, silu_mul=silu, norm=True)
+            assert (before is not None) == (key in tl_lin.NORM_FUSED) and not (before and before.one_pass), key
             del os.environ[env]
         assert tl_lin.fused_config(1, 512, 16384, silu_mul=False, norm=True) is None  # above MAX_NORM_K, two-pass
         assert all(c.block_m == 1 and not c.programs and not c.split for c in tl_lin.NORM_ONE_PASS.values())
