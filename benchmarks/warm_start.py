@@ -119,7 +119,8 @@ with torch.inference_mode():
         equal = equal and bool(same)
 from fxpasses.compat import dynamo_frames_traced
 events = ([str(status)] if status is not None else []) + (
-    [str(e) for e in backend.cache_events] if backend is not None else [])
+    [str(e) for e in backend.cache_events] + [n for n in backend.report.notes if "kernel(s) ahead" in n]
+    if backend is not None else [])
 hits = (int(status.loaded) if status is not None else
         sum(e.hit for e in backend.cache_events) if backend is not None else 0)
 phases = {"backend": backend.report.compile_seconds if backend is not None else None,

@@ -60,10 +60,11 @@ class CompileAheadResult:
     skipped: tuple[str, ...]  # why calls were left to compile at their first launch
     seconds: float  # from the rehearsal's start to the last kernel compiled
     workers: int
+    waited: float = 0.0  # how long the first call waited for them (the rest overlapped the compile)
 
     def __str__(self) -> str:
-        text = (f"compiled {self.kernels} Triton kernel(s) ahead in {self.seconds:.2f} s on {self.workers} thread(s) "
-                f"({self.rehearsed} op call(s) rehearsed")
+        text = (f"compiled {self.kernels} Triton kernel(s) ahead in {self.seconds:.2f} s on {self.workers} thread(s), "
+                f"the first call waited {self.waited:.2f} s ({self.rehearsed} op call(s) rehearsed")
         text += f", {self.failed} failed and left to their first launch" if self.failed else ""
         if self.skipped:
             text += f"; not rehearsed: {'; '.join(sorted(set(self.skipped)))}"
@@ -96,9 +97,11 @@ class CompileAhead:
 
     def wait(self) -> CompileAheadResult:
         if self.result is None:
+            t0 = time.perf_counter()
             failed = sum(not f.result() for f in self._futures)
+            done = time.perf_counter()
             self.result = CompileAheadResult(len(self._futures) - failed, self._rehearsed, failed,
-                                             tuple(self._skipped), time.perf_counter() - self._t0, self._workers)
+                                             tuple(self._skipped), done - self._t0, self._workers, done - t0)
             log.info("fxpasses: %s", self.result)
             if self.on_done is not None:
                 self.on_done(self.result)
