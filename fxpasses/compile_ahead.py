@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,6 +112,9 @@ class CompileAhead:
         calls = [n for n in gm.graph.nodes if _has_triton_kernel(n)]
         seen: set[Any] = set()
         rehearsed = 0
+        if torch.cuda.is_current_stream_capturing():  # a compile inside someone's capture: allocate nothing
+            self._skipped.append("every call: the compile ran inside a CUDA-graph capture")
+            return [], 0
         with _recording() as recorded:
             for size in sizes:
                 bindings = {s: sympy.Integer(size) for s in token.free_symbols}
@@ -122,8 +126,11 @@ class CompileAhead:
                     if key in seen:
                         continue
                     seen.add(key)
-                    rehearsed += 1
-                    node.target(*args[0], **args[1])
+                    try:
+                        node.target(*args[0], **args[1])
+                        rehearsed += 1
+                    except Exception as err:  # noqa: BLE001 - its real call raises the same, with its own message
+                        self._skipped.append(f"{node.target}: the rehearsal raised {type(err).__name__}")
                     del args
         unique: dict[str, tuple[Any, str]] = {}
         for fn, key, data in recorded:
@@ -203,13 +210,17 @@ def _layout_key(args: tuple[list, dict]) -> tuple:
 # ---- Triton: the only code here that knows Triton's hooks (3.6: knobs.runtime.jit_cache_hook, JITFunction.preload) --
 @contextlib.contextmanager
 def _recording() -> Iterator[list[tuple[Any, str, str]]]:
-    """While inside, a Triton launch that would compile records (jit function, cache key, specialization data) and
-    neither compiles nor launches."""
+    """While inside, a Triton launch *on this thread* that would compile records (jit function, cache key,
+    specialization data) and neither compiles nor launches. Triton's hook is process-wide: launches on other threads
+    (a server still running requests, earlier compile-ahead workers) pass through untouched."""
     import triton
 
     recorded: list[tuple[Any, str, str]] = []
+    owner = threading.get_ident()
 
-    def hook(*, fn: Any, compile: dict[str, Any], **_: Any) -> bool:
+    def hook(*, fn: Any, compile: dict[str, Any], **_: Any) -> bool | None:
+        if threading.get_ident() != owner:
+            return previous(fn=fn, compile=compile, **_) if previous is not None else None
         recorded.append((fn.jit_function, str(compile["key"]), compile["specialization_data"]))
         return True  # handled: _do_compile returns None and run() launches nothing
 
