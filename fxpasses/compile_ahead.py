@@ -20,7 +20,8 @@ Never a different result:
   launched for real, on zeros (indices 0: in bounds), into scratch;
 - what is compiled is exactly what a launch would compile (the recorded specialization), so a launch finds it in
   Triton's caches, or compiles it itself as before if anything here failed;
-- ops with side effects (``ops.SIDE_EFFECT_OPS``: sends, receives) are never rehearsed.
+- ops with side effects or communication (``ops.SIDE_EFFECT_OPS``, anything with a process group: sends,
+  receives, all-reduces) are never rehearsed.
 
 Not rehearsed (they compile at their first launch, as before): calls whose sizes need a symbol other than the token
 count, calls whose scratch would exceed ``SCRATCH_LIMIT_BYTES`` (a server's KV cache), and nodes without fake
@@ -43,6 +44,7 @@ import torch
 import torch.fx
 
 from fxpasses import compat, ops
+from fxpasses.effects import effect_keys
 
 log = logging.getLogger("fxpasses")
 
@@ -166,10 +168,12 @@ class CompileAhead:
 
 
 def _has_triton_kernel(node: torch.fx.Node) -> bool:
+    """An ``fxp`` op with a CUDA kernel of its own (ours are Triton) and no ordered effect: a collective or a
+    registered side effect (a send) is never rehearsed, whatever its kernel."""
     target = node.target
     return (node.op == "call_function" and isinstance(target, compat.OpOverload)
             and target.namespace == ops.NAMESPACE and target not in ops.SIDE_EFFECT_OPS
-            and compat.has_kernel_for(target, "CUDA"))
+            and compat.has_kernel_for(target, "CUDA") and not effect_keys(node, set())[0])
 
 
 def _concrete(value: Any, bindings: dict[sympy.Symbol, sympy.Integer]) -> int | None:
