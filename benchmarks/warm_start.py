@@ -19,6 +19,11 @@ cache: Dynamo traces in every process; on CUDA both use full CUDA graphs, ``spli
 ``fxpasses`` (median warm over cold, wall clock); on CUDA, lines before it compare each fxpasses mode's warm and
 cold start with reduce-overhead's. CPU time of each start is printed too: on a shared machine it varies less than
 wall time. The last column counts the graphs Dynamo traced in each process (0 for a loaded precompile).
+
+A second table says where each start went: the Backend's compile calls (AOT, pattern tracing, the pipeline),
+pattern tracing and the pipeline alone, and the Triton kernels compiled in the process (count and seconds, from
+Triton's compilation listener; with compile-ahead they overlap the rest, so their sum can exceed the start).
+On CUDA the model's weights are drawn on the GPU (``FXPASSES_DRAW_WEIGHTS_ON_DEVICE``): seconds for 8B, not minutes.
 """
 from __future__ import annotations
 

@@ -19,6 +19,10 @@ argument's padded rows with the marker. Any other such op is refused with a mess
 *Static graphs*: Dynamo specializes a token count of 1 (its 0/1 rule), so a 1-token decode arrives as a second
 graph without a token symbol. It is captured at its one size when that size is at most the largest captured one.
 
+*Compile-ahead*: when the runner is built, the Triton kernels its ops will launch at every captured size are
+compiled in background threads (``fxpasses/compile_ahead.py``); the first call waits for them, so a cold start does
+not compile them one by one as the warm-ups launch them.
+
 Which inputs and outputs carry the token count is read from the graph's symbolic shapes: the token SymInt found
 on the Dynamo graph (``fxpasses.tokens``), placeholders equal to it, and tensors whose first dimension is it.
 A captured input is read in place when it is the same tensor object at warm-up and capture (weights, caches) or

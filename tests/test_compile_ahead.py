@@ -64,3 +64,32 @@ def test_a_runner_without_a_device_rehearses_nothing():
     gm = torch.fx.symbolic_trace(lambda x: x + 1)
     runner = PiecewiseCudaGraphs(gm, __import__("sympy").Integer(4), [4], warmup_only=True)
     assert runner.compile_ahead is None
+
+
+def test_scratch_takes_each_tensors_layout_at_the_captured_size_and_refuses_other_symbols():
+    """What the rehearsal hands an op (CPU: the layout logic; the GPU test above runs the whole path): the fake
+    tensor's shape, strides and storage offset with the token symbol bound, zero-filled; a size that needs another
+    symbol, or scratch above the budget, is refused with its reason (that call then compiles at its first launch)."""
+    import sympy
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from fxpasses.compile_ahead import SCRATCH_LIMIT_BYTES, _zeros_like_layout
+
+    env = ShapeEnv()
+    tokens, other = env.create_unbacked_symint(), env.create_unbacked_symint()
+    with FakeTensorMode(shape_env=env):
+        view = torch.empty(tokens * 8 + 4).as_strided((tokens, 8), (8, 1), 4)  # a view at an offset
+        pair = torch.empty(2 * tokens + 1, 3).t()
+        unbound = torch.empty(other, 3)
+    bind = {tokens.node.expr: sympy.Integer(5)}
+    why: list[str] = []
+    z = _zeros_like_layout(view, bind, [SCRATCH_LIMIT_BYTES], why)
+    assert (z.shape, z.stride(), z.storage_offset(), why) == ((5, 8), (8, 1), 4, [])
+    assert not z.any()
+    z = _zeros_like_layout(pair, bind, [SCRATCH_LIMIT_BYTES], why)
+    assert (z.shape, z.stride()) == ((3, 11), (1, 3))
+    assert _zeros_like_layout(unbound, bind, [SCRATCH_LIMIT_BYTES], why) is None
+    assert why == ["sizes with symbols other than the token count"]
+    why.clear()
+    assert _zeros_like_layout(view, bind, [100], why) is None and "scratch above" in why[0]
