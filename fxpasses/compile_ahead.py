@@ -113,22 +113,23 @@ class CompileAhead:
 
     def _rehearse(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int]) -> tuple[list, int]:
         calls = [n for n in gm.graph.nodes if _has_triton_kernel(n)]
-        seen: set[Any] = set()
-        rehearsed = 0
         if torch.cuda.is_current_stream_capturing():  # a compile inside someone's capture: allocate nothing
             self._skipped.append("every call: the compile ran inside a CUDA-graph capture")
             return [], 0
+        seen: set[Any] = set()
+        rehearsed = 0
         with _recording() as recorded:
             for size in sizes:
                 bindings = {s: sympy.Integer(size) for s in token.free_symbols}
                 for node in calls:
-                    args = self._scratch_call(node, bindings)
+                    layouts = self._layouts(node, bindings)
+                    if layouts is None or (node.target, layouts) in seen:
+                        continue
+                    seen.add((node.target, layouts))
+                    args = _scratch(layouts)
                     if args is None:
+                        self._skipped.append(f"{node.target}: no device memory for its scratch")
                         continue
-                    key = (node.target, _layout_key(args))
-                    if key in seen:
-                        continue
-                    seen.add(key)
                     try:
                         node.target(*args[0], **args[1])
                         rehearsed += 1
@@ -140,11 +141,12 @@ class CompileAhead:
             unique.setdefault(f"{id(fn)}:{key}", (fn, data))
         return list(unique.values()), rehearsed
 
-    def _scratch_call(self, node: torch.fx.Node, bindings: dict[sympy.Symbol, sympy.Integer]) -> tuple[list, dict] | None:
+    def _layouts(self, node: torch.fx.Node, bindings: dict[sympy.Symbol, sympy.Integer]) -> tuple | None:
+        """The call's arguments at this size, each tensor as its ``Layout``; None (and why) if one cannot be had."""
         budget = [SCRATCH_LIMIT_BYTES]
         why: list[str] = []
 
-        def scratch(value: Any) -> Any:
+        def concrete(value: Any) -> Any:
             if isinstance(value, torch.fx.Node):
                 val = value.meta.get("val")
                 if val is None:
@@ -156,16 +158,75 @@ class CompileAhead:
                 if out is None:
                     why.append("sizes with symbols other than the token count")
                 return out
+            if isinstance(value, (torch.SymFloat, torch.SymBool)):
+                why.append("a symbolic float or bool argument")
+                return None
             if isinstance(value, torch.Tensor):
-                return _zeros_like_layout(value, bindings, budget, why)
+                return Layout.of(value, bindings, budget, why)
             return value
 
-        args = torch.fx.node.map_aggregate(node.args, scratch)
-        kwargs = torch.fx.node.map_aggregate(node.kwargs, scratch)
+        args = _freeze(torch.fx.node.map_aggregate(node.args, concrete))
+        kwargs = tuple(sorted((k, _freeze(v)) for k, v in torch.fx.node.map_aggregate(node.kwargs, concrete).items()))
         if why:
             self._skipped.append(f"{node.target}: {why[0]}")
             return None
-        return list(args), dict(kwargs)
+        return args, kwargs
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A tensor argument at one captured size: what a Triton launch specializes on (and the device it is on)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(t: torch.Tensor, bindings: dict[sympy.Symbol, sympy.Integer], budget: list[int],
+           why: list[str]) -> "Layout | None":
+        shape = tuple(_concrete(s, bindings) for s in t.shape)
+        stride = tuple(_concrete(s, bindings) for s in t.stride())
+        offset = _concrete(t.storage_offset(), bindings)
+        if None in shape or None in stride or offset is None:
+            why.append("sizes with symbols other than the token count")
+            return None
+        layout = Layout(shape, stride, offset, t.dtype, t.device)  # type: ignore[arg-type]
+        budget[0] -= layout.extent() * t.element_size()
+        if budget[0] < 0:
+            why.append(f"scratch above {SCRATCH_LIMIT_BYTES >> 20} MiB (a large cache)")
+            return None
+        return layout
+
+    def extent(self) -> int:
+        """Elements of storage the tensor spans from the storage's start."""
+        return self.offset + (1 + sum((n - 1) * s for n, s in zip(self.shape, self.stride)) if all(self.shape) else 0)
+
+    def zeros(self) -> torch.Tensor:
+        """Zeros with this layout, in a fresh storage (the same 16-byte alignment class as the real tensor's
+        whenever its offset is what makes the difference)."""
+        return torch.zeros(max(self.extent(), 1), dtype=self.dtype, device=self.device).as_strided(
+            self.shape, self.stride, self.offset)
+
+
+def _freeze(value: Any) -> Any:
+    """Lists to tuples, so a call's layouts can key a set."""
+    return tuple(_freeze(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _scratch(layouts: tuple) -> tuple[list, dict] | None:
+    """The call's arguments with every Layout made zeros; None if the device has no memory for them."""
+    def make(value: Any) -> Any:
+        if isinstance(value, Layout):
+            return value.zeros()
+        return [make(v) for v in value] if isinstance(value, tuple) else value
+
+    args, kwargs = layouts
+    try:
+        return [make(a) for a in args], {k: make(v) for k, v in kwargs}
+    except torch.OutOfMemoryError:
+        return None
 
 
 def _has_triton_kernel(node: torch.fx.Node) -> bool:
@@ -182,38 +243,6 @@ def _concrete(value: Any, bindings: dict[sympy.Symbol, sympy.Integer]) -> int | 
         return int(value)
     expr = sympy.sympify(sympy.sympify(value.node.expr).xreplace(bindings))
     return int(expr) if expr.is_Integer else None
-
-
-def _zeros_like_layout(t: torch.Tensor, bindings: dict[sympy.Symbol, sympy.Integer], budget: list[int],
-                       why: list[str]) -> torch.Tensor | None:
-    """Zeros with ``t``'s shape, strides, storage offset, dtype and device at this size (a fresh storage: the same
-    16-byte alignment class as the real tensor's whenever its offset is what makes the difference)."""
-    shape = [_concrete(s, bindings) for s in t.shape]
-    stride = [_concrete(s, bindings) for s in t.stride()]
-    offset = _concrete(t.storage_offset(), bindings)
-    if None in shape or None in stride or offset is None:
-        why.append("sizes with symbols other than the token count")
-        return None
-    extent = offset + (1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0)
-    budget[0] -= extent * t.element_size()
-    if budget[0] < 0:
-        why.append(f"scratch above {SCRATCH_LIMIT_BYTES >> 20} MiB (a large cache)")
-        return None
-    try:
-        return torch.zeros(max(extent, 1), dtype=t.dtype, device=t.device).as_strided(shape, stride, offset)
-    except torch.OutOfMemoryError:
-        why.append("no device memory for its scratch")
-        return None
-
-
-def _layout_key(args: tuple[list, dict]) -> tuple:
-    def one(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            return (tuple(v.shape), v.stride(), v.storage_offset(), v.dtype, str(v.device))
-        if isinstance(v, (list, tuple)):
-            return tuple(one(x) for x in v)
-        return repr(v)
-    return one(args[0]), tuple((k, one(v)) for k, v in sorted(args[1].items()))
 
 
 # ---- Triton: the only code here that knows Triton's hooks (3.6: knobs.runtime.jit_cache_hook, JITFunction.preload) --

@@ -74,7 +74,7 @@ def test_scratch_takes_each_tensors_layout_at_the_captured_size_and_refuses_othe
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    from fxpasses.compile_ahead import SCRATCH_LIMIT_BYTES, _zeros_like_layout
+    from fxpasses.compile_ahead import SCRATCH_LIMIT_BYTES, Layout
 
     env = ShapeEnv()
     tokens, other = env.create_unbacked_symint(), env.create_unbacked_symint()
@@ -84,12 +84,13 @@ def test_scratch_takes_each_tensors_layout_at_the_captured_size_and_refuses_othe
         unbound = torch.empty(other, 3)
     bind = {tokens.node.expr: sympy.Integer(5)}
     why: list[str] = []
-    z = _zeros_like_layout(view, bind, [SCRATCH_LIMIT_BYTES], why)
-    assert (z.shape, z.stride(), z.storage_offset(), why) == ((5, 8), (8, 1), 4, [])
-    assert not z.any()
-    z = _zeros_like_layout(pair, bind, [SCRATCH_LIMIT_BYTES], why)
+    layout = Layout.of(view, bind, [SCRATCH_LIMIT_BYTES], why)
+    assert layout == Layout((5, 8), (8, 1), 4, torch.float32, torch.device("cpu")) and not why
+    z = layout.zeros()
+    assert (z.shape, z.stride(), z.storage_offset()) == ((5, 8), (8, 1), 4) and not z.any()
+    z = Layout.of(pair, bind, [SCRATCH_LIMIT_BYTES], why).zeros()
     assert (z.shape, z.stride()) == ((3, 11), (1, 3))
-    assert _zeros_like_layout(unbound, bind, [SCRATCH_LIMIT_BYTES], why) is None
+    assert Layout.of(unbound, bind, [SCRATCH_LIMIT_BYTES], why) is None
     assert why == ["sizes with symbols other than the token count"]
     why.clear()
-    assert _zeros_like_layout(view, bind, [100], why) is None and "scratch above" in why[0]
+    assert Layout.of(view, bind, [100], why) is None and "scratch above" in why[0]
