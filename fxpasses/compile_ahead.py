@@ -86,8 +86,14 @@ class CompileAhead:
     def __init__(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int]) -> None:
         self._t0 = time.perf_counter()
         self._skipped: list[str] = []
-        with compat.outside_tracing(), torch.no_grad():
-            recorded, self._rehearsed = self._rehearse(gm, token, sizes)
+        try:
+            with compat.outside_tracing(), torch.no_grad():
+                recorded, self._rehearsed = self._rehearse(gm, token, sizes)
+        except Exception as err:  # noqa: BLE001 - an optimization: without it every kernel compiles at its launch
+            log.warning("fxpasses: compile-ahead skipped (%s: %s); kernels compile at their first launch",
+                        type(err).__name__, err)
+            self._skipped.append(f"every call: the rehearsal failed ({type(err).__name__}: {err})")
+            recorded, self._rehearsed = [], 0
         self._workers = min(MAX_WORKERS, len(recorded), max(1, (os.cpu_count() or 1) // 2))
         self._futures: list[Future] = []
         self._pool = None
