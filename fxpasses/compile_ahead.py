@@ -96,12 +96,11 @@ class CompileAhead:
             recorded, self._rehearsed = [], 0
         self._workers = min(MAX_WORKERS, len(recorded), max(1, (os.cpu_count() or 1) // 2))
         self._futures: list[Future] = []
-        self._pool = None
         if recorded:
             device = torch.cuda.current_device()
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fxpasses-compile-ahead")
-            self._futures = [self._pool.submit(_compile, fn, data, device) for fn, data in recorded]
-            self._pool.shutdown(wait=False)
+            pool = ThreadPoolExecutor(self._workers, thread_name_prefix="fxpasses-compile-ahead")
+            self._futures = [pool.submit(_compile, fn, data, device) for fn, data in recorded]
+            pool.shutdown(wait=False)  # the submitted compiles still run; wait() collects them
         self.result: CompileAheadResult | None = None
         self.on_done: Callable[[CompileAheadResult], None] | None = None  # e.g. a note in the Backend's report
 
@@ -118,10 +117,10 @@ class CompileAhead:
         return self.result
 
     def _rehearse(self, gm: torch.fx.GraphModule, token: sympy.Expr, sizes: Sequence[int]) -> tuple[list, int]:
-        calls = [n for n in gm.graph.nodes if _has_triton_kernel(n)]
         if torch.cuda.is_current_stream_capturing():  # a compile inside someone's capture: allocate nothing
             self._skipped.append("every call: the compile ran inside a CUDA-graph capture")
             return [], 0
+        calls = [n for n in gm.graph.nodes if _has_triton_kernel(n)]
         seen: set[Any] = set()
         rehearsed = 0
         with _recording() as recorded:
@@ -142,9 +141,9 @@ class CompileAhead:
                     except Exception as err:  # noqa: BLE001 - its real call raises the same, with its own message
                         self._skipped.append(f"{node.target}: the rehearsal raised {type(err).__name__}")
                     del args
-        unique: dict[str, tuple[Any, str]] = {}
+        unique: dict[tuple[int, str], tuple[Any, str]] = {}  # two calls may record one specialization
         for fn, key, data in recorded:
-            unique.setdefault(f"{id(fn)}:{key}", (fn, data))
+            unique.setdefault((id(fn), key), (fn, data))
         return list(unique.values()), rehearsed
 
     def _layouts(self, node: torch.fx.Node, bindings: dict[sympy.Symbol, sympy.Integer]) -> tuple | None:

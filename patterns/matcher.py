@@ -125,11 +125,11 @@ def trace_pattern(fn: Callable[..., Any], example_args: Sequence[Any], input_nam
             full[pos] = t
         return fn(*full)
 
-    return _to_pattern(_aot_graph(tensors_only, [example_args[i] for i in tensor_positions], decompositions),
+    return _to_pattern(_functional_graph(tensors_only, [example_args[i] for i in tensor_positions], decompositions),
                        tensor_names)
 
 
-def _aot_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompositions: dict | None = None) -> torch.fx.Graph:
+def _functional_graph(fn: Callable[..., Any], tensors: Sequence[torch.Tensor], decompositions: dict | None = None) -> torch.fx.Graph:
     """The functional ATen graph AOT autograd makes of ``fn``, made the way AOT makes it but without AOT's wrapper:
     ``make_fx`` under AOT's Python functionalization (``compat.functionalization``), ``decompositions`` applied
     inside it, dead code dropped. Plain ``make_fx`` keeps in-place ops that decompositions emit (F.rms_norm's
