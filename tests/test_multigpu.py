@@ -26,12 +26,20 @@ def _gpus() -> int:
 
 
 def _config(model: str):
-    return dataclasses.replace(MODELS[model][0](), num_layers=4, dtype=torch.bfloat16)
+    # DeepSeek routes each token to its top-k experts: in bf16, two experts' scores often differ by less than the
+    # rounding that a TP all-reduce's order changes, so a TP rank and the single-GPU model can route a token
+    # differently and both be right (seen over NCCL: step 4 of the TP2 run). Comparing layouts needs the routing
+    # to be stable, so DeepSeek runs in float32 here; Llama, which has no routing, in bf16.
+    dtype = torch.float32 if model == "deepseek" else torch.bfloat16
+    return dataclasses.replace(MODELS[model][0](), num_layers=4, dtype=dtype)
 
 
 def _steps(config):
     return [dataclasses.replace(b, **{f.name: getattr(b, f.name).cuda() for f in dataclasses.fields(b)})
             for b in make_steps(config.vocab_size, PROMPT_LENS, decode_steps=DECODE_STEPS)]
+
+
+CUDA_GRAPH_SPLITS = {"none": None, "full": (), "piecewise": ("fxp.attention",)}
 
 
 def run_rank_on_gpu(rank, world_size, model, tp, pp, cuda_graphs):
@@ -40,7 +48,9 @@ def run_rank_on_gpu(rank, world_size, model, tp, pp, cuda_graphs):
     init_process_groups(mapping)
     config = _config(model)
     stage = build_model(model, config, mapping).cuda()
-    backend = Backend(mapping, cuda_graph_sizes=SIZES if cuda_graphs else None, splitting_ops=())
+    splits = CUDA_GRAPH_SPLITS[cuda_graphs]
+    backend = Backend(mapping, cuda_graph_sizes=SIZES if splits is not None else None,
+                      splitting_ops=splits if splits is not None else ("fxp.attention",))
     outputs = run_steps(stage, _steps(config), torch.compile(stage, backend=backend))
     return {
         "matches": dict(backend.report.matches),
@@ -63,7 +73,7 @@ def reference():
     return logits
 
 
-@pytest.mark.parametrize("cuda_graphs", [False, True], ids=["eager-graph", "full-cuda-graphs"])
+@pytest.mark.parametrize("cuda_graphs", list(CUDA_GRAPH_SPLITS))
 @pytest.mark.parametrize("model", ["llama", "deepseek"])
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
 def test_layout_over_nccl(reference, model, tp, pp, cuda_graphs, monkeypatch):
@@ -77,6 +87,7 @@ def test_layout_over_nccl(reference, model, tp, pp, cuda_graphs, monkeypatch):
     for r in results:
         assert r["errors"] == [], r["errors"]
         assert r["matches"] == r["predicted"] if model == "llama" else ("allreduce_add_rms_norm" in r["matches"]) == (tp > 1)
+        tol = 5e-2 if model == "llama" else 1e-3
         for step, (got, want) in enumerate(zip(r["logits"] or [], expected)):
-            torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2, msg=f"step {step}")
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m, step=step: f"step {step}: {m}")
     assert sum(r["logits"] is not None for r in results) == tp
