@@ -533,3 +533,38 @@ def pickle_graph_module_values(gm: torch.fx.GraphModule, keep: Any) -> bytes:
 def has_kernel_for(op: "OpOverload", dispatch_key: str) -> bool:
     """Does ``op`` have a kernel registered for this dispatch key itself (not a composite or fallback)?"""
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), dispatch_key))
+
+
+def symm_mem_unavailable(device: torch.device) -> str | None:
+    """Why torch's symmetric memory cannot serve ``device`` (None when it can): the fused all-reduce kernels
+    (ops.triton_allreduce) need its peer pointers. A fact of the build and the device, so the same on every rank."""
+    if device.type != "cuda":
+        return f"the tensors are on {device}, not CUDA"
+    if not torch.distributed.is_available():
+        return "this torch build has no torch.distributed"
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+    except ImportError as err:
+        return f"torch.distributed._symmetric_memory does not import ({err})"
+    if not hasattr(symm_mem, "rendezvous") or not hasattr(symm_mem, "empty"):
+        return "this torch's symmetric memory has no empty/rendezvous"
+    return None
+
+
+def symm_mem_rendezvous(nbytes: int, device: torch.device, group_name: str) -> tuple[torch.Tensor, Any]:
+    """Allocate ``nbytes`` of symmetric memory on ``device`` and rendezvous it over ``group_name`` (collective:
+    every rank of the group must call it, outside any CUDA-graph capture). Returns (local buffer, handle)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)
+    return buffer, symm_mem.rendezvous(buffer, group_name)
+
+
+def symm_mem_signal_pad_bytes() -> int:
+    """Bytes of each symmetric allocation's signal pad (torch's default where this build has no getter)."""
+    import torch.distributed._symmetric_memory as symm_mem
+
+    getter = getattr(symm_mem, "get_signal_pad_size", None)
+    if getter is not None:
+        return int(getter())
+    return int(getattr(torch._C._distributed_c10d._SymmetricMemory, "signal_pad_size", 2048))
