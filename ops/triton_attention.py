@@ -26,10 +26,21 @@ two RoPE launches per layer go.
 
 Precision follows the reference: scores and the softmax in float32; the probabilities are rounded to the cache
 dtype for the second product in bf16/fp16 (as FlashAttention does), and every product is IEEE float32 for float32
-caches (no TF32). Known limit: one program per (token, kv head) means a single long sequence is read by few
-programs; a split over the context (flash-decoding) is not done.
+caches (no TF32).
+
+Long contexts: one program per (token, kv head) would leave most SMs idle for a small decode batch (Llama-1B at
+one token: 8 programs on 132 SMs). Such launches split each token's context over several programs
+(``plan_splits``, flash-decoding): each folds its chunk of positions into its own running max, sum and weighted
+values, writes them to a float32 workspace and takes a ticket from an arrival counter per (token, kv head); the
+last to arrive merges the splits in split order and stores the output, then zeroes the counter (the split-K
+counters of ``triton_linear``, with the same rules for CUDA graphs). Deterministic run to run; not bit-identical to
+the unsplit walk (the merge rescales partial sums in another order), within the same tolerance of the reference.
 """
 from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -37,6 +48,7 @@ import triton.language as tl
 
 from fxpasses.ops.attention import PAD_SLOT, _check, _check_rope, _rotate_last
 from fxpasses.ops.library import LIB, TOKEN_PADDING
+from fxpasses.ops.triton_linear import _counters as arrival_counters
 from fxpasses.ops.triton_rounding import round_as
 
 
@@ -116,14 +128,35 @@ def _online_softmax_step(q, k, v, visible, m, denom, acc, scale, IEEE: tl.conste
 
 
 @triton.jit
-def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s, svc_l,
-                      svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, BLOCK_G: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
-                      IEEE: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
+def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, sqh, skc_s, skc_l, skc_h,
+                      svc_s, svc_l, svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK,
+                      BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
+                      UPCAST: tl.constexpr, WRITE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
     slot = tl.load(SLOT + t)
     pos = tl.load(POS + t)
+    n_keys = tl.where(slot >= 0, pos + 1, 0)  # padded tokens read nothing
+    # Splits over the context (flash-decoding): program ``split`` walks positions [split * CHUNK, +CHUNK); only
+    # the first ``used`` splits hold any of this token's keys, the others have nothing to do. The last used split
+    # is the one whose chunk holds ``pos``: it writes the token's row (WRITE) and folds in the batch's own rows.
+    used = tl.maximum((n_keys + CHUNK - 1) // CHUNK, 1)
+    if split < used:
+        _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s,
+                         svc_l, svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK, t, h,
+                         split, used, slot, pos, n_keys, SLOT, POS, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV, BLOCK_T,
+                         SPLITS, IEEE, ROPE, UPCAST, WRITE)
+
+
+@triton.jit
+def _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s, svc_l,
+                     svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK, t, h, split, used,
+                     slot, pos, n_keys, SLOT, POS, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+                     IEEE: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
+    last = split == used - 1
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
     dv = tl.arange(0, BLOCK_DV)
@@ -132,15 +165,16 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
         # head, then reads them back with the rest of the slot; the barrier makes the block's global stores visible
         # to all of its threads. Rows that *other* tokens of this batch write into this slot (a prefill chunk) may
         # not have landed yet: they are masked out of the cache walk and taken from the k and v inputs instead.
-        _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h,
-                  svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
+        # Split over the context, only the last used split holds ``pos``: it alone writes and reads the row back.
+        if last:
+            _write_kv(K, V, KC, VC, COS, SIN, t, h, slot, pos, skt, skh, svt, svh, sct, sst, skc_s, skc_l, skc_h,
+                      svc_s, svc_l, svc_h, DK, DV, HALF, BLOCK_DK, BLOCK_DV, ROPE, UPCAST)
         tl.debug_barrier()
         tt = tl.arange(0, BLOCK_T)
         b_slot = tl.load(SLOT + tt, mask=tt < T, other=-1)
         b_pos = tl.load(POS + tt, mask=tt < T, other=0)
         shared = (b_slot == slot) & (slot >= 0) & (tt != t) & (b_pos <= pos)  # batch rows this token reads
         conflict = tl.sum(shared.to(tl.int32), axis=0) > 0
-    n_keys = tl.where(slot >= 0, pos + 1, 0)  # padded tokens read nothing
     slot = tl.maximum(slot, 0)
     heads = h * GROUP + g
     if ROPE:
@@ -152,10 +186,11 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-    start = 0
-    while start < n_keys:  # a while loop (not range) so Triton's CPU interpreter runs it too
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, n_keys)
+    while start < end:  # a while loop (not range) so Triton's CPU interpreter runs it too
         n = start + tl.arange(0, BLOCK_N)
-        visible = n < n_keys
+        visible = n < end
         if WRITE:
             if conflict:
                 written = tl.max((shared[None, :] & (b_pos[None, :] == n[:, None])).to(tl.int32), axis=1) > 0
@@ -167,7 +202,7 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
         m, denom, acc = _online_softmax_step(q, k, v, visible, m, denom, acc, scale, IEEE)
         start += BLOCK_N
     if WRITE:
-        if conflict:  # the batch's own rows of this slot, from the inputs, rounded as the cache stores them
+        if conflict and last:  # the batch's own rows of this slot, from the inputs, rounded as the cache stores them
             if ROPE:
                 kb = _rotated_row(K + tt[:, None] * skt + h * skh, COS + tt[:, None] * sct, SIN + tt[:, None] * sst,
                                   dk[None, :], shared[:, None], DK, HALF, UPCAST)
@@ -178,6 +213,44 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
                          other=0.0)
             m, denom, acc = _online_softmax_step(q, kb.to(KC.dtype.element_ty), vb.to(VC.dtype.element_ty), shared,
                                                  m, denom, acc, scale, IEEE)
+    if SPLITS > 1:
+        if used > 1:  # this split's running max, sum and weighted values to the workspace; the last to arrive
+            # merges every used split's in split order 0..used-1 (so the result does not depend on which program
+            # finished last: the same bits every run), as split-K does in ops/triton_linear.py
+            part = (t * tl.num_programs(1) + h) * SPLITS
+            tl.store(WS + ((part + split) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :], acc)
+            tl.store(WSM + (part + split) * 2 * BLOCK_G + g, m)
+            tl.store(WSM + ((part + split) * 2 + 1) * BLOCK_G + g, denom)
+            tl.debug_barrier()  # every thread's partial stores, then one release at GPU scope
+            counter = CNT + t * tl.num_programs(1) + h
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if ticket == used - 1:
+                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+                denom = tl.zeros([BLOCK_G], tl.float32)
+                acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+                i = 0
+                while i < used:
+                    m_i = tl.load(WSM + (part + i) * 2 * BLOCK_G + g, cache_modifier=".cg")
+                    d_i = tl.load(WSM + ((part + i) * 2 + 1) * BLOCK_G + g, cache_modifier=".cg")
+                    a_i = tl.load(WS + ((part + i) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :],
+                                  cache_modifier=".cg")
+                    m_new = tl.maximum(m, m_i)
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible in either yet
+                    alpha, beta = tl.exp(m - m_safe), tl.exp(m_i - m_safe)
+                    denom = denom * alpha + d_i * beta
+                    acc = acc * alpha[:, None] + a_i * beta[:, None]
+                    m = m_new
+                    i += 1
+                _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
+        else:
+            _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+    else:
+        _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+
+
+@triton.jit
+def _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom):
     out = tl.where(denom[:, None] > 0, acc / tl.maximum(denom, 1e-30)[:, None], 0.0)
     tl.store(OUT + t * sot + heads[:, None] * soh + dv[None, :], out.to(OUT.dtype.element_ty),
              mask=(g[:, None] < GROUP) & (dv[None, :] < DV))
@@ -186,18 +259,50 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, scale, sqt, sqh
 # Batches up to this many tokens run one launch (the attention program writes its own row); larger ones (prefill)
 # keep the cache-write launch. Each program of a one-launch batch compares its slot with every token's.
 MAX_FUSED_TOKENS = 64
+# Splits over the context: a launch of fewer (token, kv head) programs than the GPU has SMs cuts each program's
+# positions into chunks of at least MIN_CHUNK, up to SPLIT_WAVES programs per SM in all. The split count comes from
+# the cache's length (a shape), never from the positions (values): no host sync, and a captured size always runs
+# the same way; chunks past a token's position return at once, so a short context pays only their launch.
+MIN_CHUNK = 64
+SPLIT_WAVES = 2
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """How a launch cuts the context: ``splits`` programs per (token, kv head), ``chunk`` positions each."""
+
+    splits: int
+    chunk: int
+
+
+def plan_splits(programs: int, cache_len: int, block_n: int, sms: int) -> SplitPlan:
+    """The split of the context for a launch of ``programs`` (token, kv head) programs on a GPU of ``sms`` SMs."""
+    whole = SplitPlan(1, max(cache_len, 1))
+    if os.environ.get("FXPASSES_ATTENTION_SPLIT", "1") == "0" or programs >= sms or cache_len <= MIN_CHUNK:
+        return whole
+    splits = min(triton.cdiv(cache_len, MIN_CHUNK), triton.cdiv(SPLIT_WAVES * sms, programs))
+    chunk = triton.cdiv(triton.cdiv(cache_len, splits), block_n) * block_n
+    splits = triton.cdiv(cache_len, chunk)
+    return whole if splits < 2 else SplitPlan(splits, chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tuple | None, fuse_write: bool):
+def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tuple | None, fuse_write: bool,
+            split: SplitPlan | None = None):
     """Both launches (cache write, then attention), or the attention launch alone writing the cache itself.
 
     ``rope``: None, or ``(cos_rows, sin_rows, upcast)`` with one [tokens, head_dim] row per token.
     ``fuse_write`` is decided from the shape alone (at most ``MAX_FUSED_TOKENS`` tokens), never from values: no
-    host sync, so the launch can be captured in a CUDA graph, and a captured size always runs the same way."""
+    host sync, so the launch can be captured in a CUDA graph, and a captured size always runs the same way.
+    ``split``: the context split (``plan_splits`` for this GPU when None)."""
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("fxp.attention: the caches' last dimension must be contiguous (they are written in place).")
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
@@ -220,13 +325,22 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
         )
     group = heads // kv_heads
     block_n = 32 if max(block_dk, block_dv) <= 128 else 16
-    _attention_kernel[(tokens, kv_heads)](
-        q, k_cache, v_cache, slot_ids, position_ids, out, k, v, cos, sin, float(scale), q.stride(0), q.stride(1),
-        *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1), k.stride(0), k.stride(1),
-        v.stride(0), v.stride(1), sct, sst, group, dk, dv, half, tokens,
-        BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
-        BLOCK_T=max(triton.next_power_of_2(tokens), 16) if fuse_write else 16, IEEE=k_cache.dtype == torch.float32,
-        WRITE=fuse_write, num_warps=4, **common,
+    block_g = max(triton.next_power_of_2(group), 16)
+    if split is None:
+        split = plan_splits(tokens * kv_heads, k_cache.shape[1], block_n, _sm_count(q.device))
+    counters = arrival_counters(q.device, tokens * kv_heads) if split.splits > 1 else None
+    if counters is None:  # no split, or no counters to be had (first use inside a capture): the whole context
+        split = SplitPlan(1, max(k_cache.shape[1], 1))
+        ws = wsm = counters = out  # unread
+    else:
+        ws = torch.empty(tokens * kv_heads * split.splits * block_g * block_dv, dtype=torch.float32, device=q.device)
+        wsm = torch.empty(tokens * kv_heads * split.splits * 2 * block_g, dtype=torch.float32, device=q.device)
+    _attention_kernel[(tokens, kv_heads, split.splits)](
+        q, k_cache, v_cache, slot_ids, position_ids, out, k, v, cos, sin, ws, wsm, counters, float(scale),
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), sct, sst, group, dk, dv, half, tokens, split.chunk,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_T=max(triton.next_power_of_2(tokens), 16) if fuse_write else 16,
+        SPLITS=split.splits, IEEE=k_cache.dtype == torch.float32, WRITE=fuse_write, num_warps=4, **common,
     )
     return out
 

@@ -394,6 +394,28 @@ for dtype, rope in itertools.product([torch.float32, torch.float16], [True, Fals
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     if not (torch.equal(kc1, kc2) and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)):
         fails.append(("descending chunk", dtype, rope))
+# Split over the context (flash-decoding): forced plans, a prefill chunk whose rows fall in several splits, padding,
+# rope; the arrival counters are back at zero afterwards.
+from fxpasses.ops.triton_linear import counters_idle
+for dtype, tokens, rope, plan in [(torch.float32, 1, False, ta.SplitPlan(10, 8)), (torch.float16, 5, True, ta.SplitPlan(3, 32)),
+                                  (torch.float32, 9, True, ta.SplitPlan(5, 4))]:
+    q, k, v, kc, vc, s, p = attention_inputs(tokens, 4, 2, 8, 8, slots=40, max_len=80, dtype=dtype, pad=1)
+    if tokens == 9:  # descending positions of one slot, across chunks of 4
+        s, p = torch.tensor([2, 2, 2, 2, 0, 2, 1, 3, -1]), torch.tensor([9, 8, 7, 6, 4, 10, 3, 0, 5])
+    ang = torch.rand(tokens, 1, 8) * 6
+    cos, sin = ang.cos(), ang.sin()
+    kc1, vc1, kc2, vc2 = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    if rope:
+        a = rope_attention_reference(q, k, v, kc1, vc1, s, p, 0.3, cos, sin, True)
+        b = ta._launch(q, k, v, kc2, vc2, s, p, 0.3, (cos[:, 0], sin[:, 0], True), True, split=plan)
+    else:
+        a = _attention(q, k, v, kc1, vc1, s, p, 0.3)
+        b = ta._launch(q, k, v, kc2, vc2, s, p, 0.3, None, True, split=plan)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    if not (torch.equal(kc1, kc2) and torch.equal(vc1, vc2) and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)):
+        fails.append(("split", dtype, tokens, rope, plan))
+if not counters_idle():
+    fails.append("arrival counters left non-zero")
 print("FAILS", fails)
 sys.exit(1 if fails else 0)
 """
@@ -408,6 +430,22 @@ def test_triton_kernels_under_the_interpreter():
     done = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=root, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not importable")
+def test_context_split_plan(monkeypatch):
+    """Small decode batches split long contexts over the idle SMs; a batch that fills the GPU, a short cache or
+    FXPASSES_ATTENTION_SPLIT=0 does not; chunks are whole key blocks and cover the cache."""
+    from fxpasses.ops import triton_attention as ta
+
+    plan = ta.plan_splits(programs=8, cache_len=4104, block_n=32, sms=132)  # Llama-1B, one token, 4K context
+    assert plan.splits > 1 and plan.chunk % 32 == 0 and plan.chunk >= ta.MIN_CHUNK
+    assert (plan.splits - 1) * plan.chunk < 4104 <= plan.splits * plan.chunk
+    assert 8 * plan.splits <= ta.SPLIT_WAVES * 132 + 8
+    assert ta.plan_splits(programs=264, cache_len=4104, block_n=32, sms=132).splits == 1  # fills the GPU already
+    assert ta.plan_splits(programs=8, cache_len=40, block_n=32, sms=132).splits == 1  # nothing worth splitting
+    monkeypatch.setenv("FXPASSES_ATTENTION_SPLIT", "0")
+    assert ta.plan_splits(programs=8, cache_len=4104, block_n=32, sms=132).splits == 1
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -479,6 +517,42 @@ def test_gpu_one_token_single_launch_reads_the_row_it_wrote(rope):
         graph.replay()
         torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[dtype])
     torch.testing.assert_close(kc2.cpu(), kc_ref.to(dtype), **TOL[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens, pad", [(1, 0), (6, 2)])
+def test_gpu_long_context_split_matches_the_reference(dtype, tokens, pad):
+    """Contexts of up to 3000 positions split over the SMs (flash-decoding) as the op plans them: outputs equal the
+    float64 reference, caches written as unsplit, eager and in CUDA-graph replays, counters back at zero."""
+    from fxpasses.ops import triton_attention as ta
+    from fxpasses.ops.triton_linear import counters_idle
+
+    q, k, v, kc, vc, slot, pos = attention_inputs(tokens, 32, 8, 64, 64, slots=9, max_len=3008, dtype=dtype,
+                                                  device="cuda", pad=pad)
+    pos = torch.tensor([2999, 1500, 64, 63, 0, 700][:tokens], device="cuda")
+    plan = ta.plan_splits(tokens * 8, 3008, 32, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert plan.splits > 1
+    cos, sin = tables(tokens, 64, torch.float32, device="cuda")
+    rq, rk = _rotated_ref(q, k, cos, sin, True)
+    out_ref, kc_ref, _ = attention_ref64(rq, rk, v, kc, vc, slot, pos, 0.125)
+    kc1, vc1 = kc.clone(), vc.clone()
+    out = fxp.attention.rope(q, k, v, kc1, vc1, slot, pos, 0.125, cos, sin, True)
+    torch.testing.assert_close(out.double().cpu(), out_ref, **TOL[dtype])
+    kc2, vc2 = kc.clone(), vc.clone()
+    whole = ta._launch(q, k, v, kc2, vc2, slot, pos, 0.125, (cos[:, 0], sin[:, 0], True), True,
+                       split=ta.SplitPlan(1, 3008))
+    assert torch.equal(kc1, kc2) and torch.equal(vc1, vc2)  # the same cache write, split or not
+    torch.testing.assert_close(out, whole, **TOL[dtype])
+    kc3, vc3 = kc.clone(), vc.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fxp.attention.rope(q, k, v, kc3, vc3, slot, pos, 0.125, cos, sin, True)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(captured, out)  # deterministic: the splits merge in a fixed order
+    torch.cuda.synchronize()
+    assert counters_idle()
 
 
 @pytest.mark.gpu
