@@ -16,12 +16,13 @@ def _register_gpu_kernels() -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    from fxpasses.ops import triton_attention, triton_elementwise, triton_kernels, triton_linear
+    from fxpasses.ops import triton_allreduce, triton_attention, triton_elementwise, triton_kernels, triton_linear
 
     triton_kernels.register()
     triton_attention.register()
     triton_elementwise.register()
     triton_linear.register()
+    triton_allreduce.register()
     return True
 
 
