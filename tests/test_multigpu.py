@@ -73,16 +73,35 @@ def reference():
     return logits
 
 
+@pytest.fixture(scope="module")
+def rank_pool():
+    """One pool of NCCL ranks per world size, shared by the module's tests (starting ranks and NCCL costs seconds
+    per test on the GPU machine, whose time is scarce); a pool whose rank failed is dropped and started again."""
+    pools: dict[int, RankPool] = {}
+
+    def run(world_size, fn, *args):
+        if world_size not in pools:
+            pools[world_size] = RankPool(world_size, backend="nccl", timeout=600)
+        try:
+            return pools[world_size].run(fn, *args)
+        except BaseException:
+            pools.pop(world_size).kill()
+            raise
+
+    yield run
+    for pool in pools.values():
+        pool.close()
+
+
 @pytest.mark.parametrize("cuda_graphs", list(CUDA_GRAPH_SPLITS))
 @pytest.mark.parametrize("model", ["llama", "deepseek"])
 @pytest.mark.parametrize("tp, pp", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2pp2"])
-def test_layout_over_nccl(reference, model, tp, pp, cuda_graphs, monkeypatch):
+def test_layout_over_nccl(reference, rank_pool, model, tp, pp, cuda_graphs, monkeypatch):
     if _gpus() < tp * pp:
         pytest.skip(f"needs {tp * pp} GPUs, {_gpus()} visible")
-    for key, value in NCCL_SAFE_ENVIRONMENT.items():
+    for key, value in NCCL_SAFE_ENVIRONMENT.items():  # the ranks set them too (RankPool's NCCL set-up)
         monkeypatch.setenv(key, value)
-    with RankPool(tp * pp, backend="nccl", timeout=600) as pool:
-        results = pool.run(run_rank_on_gpu, model, tp, pp, cuda_graphs)
+    results = rank_pool(tp * pp, run_rank_on_gpu, model, tp, pp, cuda_graphs)
     expected = reference(model)
     for r in results:
         assert r["errors"] == [], r["errors"]
