@@ -29,6 +29,7 @@ The selection and the workspace code import without Triton (CI's CPU venv tests 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -71,6 +72,7 @@ class Gate:
     cuda: bool = True  # x, residual and weight are CUDA tensors
     contiguous: bool = True  # x and residual are contiguous
     same_dtype: bool = True  # weight has x's dtype (the norm kernel's output dtype then equals eager's)
+    nccl_group: bool = True  # the group is an NCCL group (a fake or gloo group has no GPU peers to map)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ def choose_allreduce(tokens: int, hidden: int, world_size: int, dtype: torch.dty
         return Choice("nccl", f"TP size {world_size}: nothing to reduce across ranks")
     if not gate.cuda:
         return Choice("nccl", "not CUDA tensors")
+    if not gate.nccl_group:
+        return Choice("nccl", "the group is not an NCCL group")
     if gate.symm_mem is not None:
         return Choice("nccl", f"no symmetric memory: {gate.symm_mem}")
     if dtype not in SUPPORTED_DTYPES:
@@ -127,11 +131,18 @@ def workspace_bytes(world_size: int) -> int:
     return 3 * (-(-area // 16) * 16)
 
 
-def gate_for(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor) -> Gate:
-    """The :class:`Gate` of one call's tensors in this process."""
+@functools.lru_cache(maxsize=None)
+def _symm_mem_unavailable(device_type: str) -> str | None:
+    return compat.symm_mem_unavailable(torch.device(device_type))
+
+
+def gate_for(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, group_name: str | None = None) -> Gate:
+    """The :class:`Gate` of one call's tensors in this process (and of its group, where named)."""
     return Gate(
         enabled=os.environ.get(ENV_SWITCH, "1") != "0",
-        symm_mem=compat.symm_mem_unavailable(x.device),
+        symm_mem=_symm_mem_unavailable(x.device.type),
+        nccl_group=group_name is None or "nccl" in str(torch.distributed.get_backend(
+            compat.resolve_process_group(group_name))).lower(),
         cuda=x.is_cuda and residual.is_cuda and weight.is_cuda,
         contiguous=x.is_contiguous() and residual.is_contiguous(),
         same_dtype=weight.dtype == x.dtype,
@@ -176,9 +187,9 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
     call, which every rank reaches together. Inside a capture it cannot (allocation and the store exchange are not
     capturable): that call returns None and takes the NCCL path, with a warning.
     """
+    device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
     # the default group's identity too: a destroyed and re-made world reuses group names
-    key = (group_name, device.index if device.index is not None else torch.cuda.current_device(),
-           id(torch.distributed.group.WORLD))
+    key = (group_name, device.index, id(torch.distributed.group.WORLD))
     ws = _WORKSPACES.get(key)
     if ws is not None and ws.nbytes >= min_bytes:
         return ws
@@ -388,7 +399,7 @@ def select(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, group_
     """The path this call takes (before the workspace check)."""
     hidden = x.shape[-1] if x.dim() else 0
     tokens = x.numel() // hidden if hidden else 0
-    return choose_allreduce(tokens, hidden, group_size(group_name), x.dtype, gate_for(x, residual, weight))
+    return choose_allreduce(tokens, hidden, group_size(group_name), x.dtype, gate_for(x, residual, weight, group_name))
 
 
 def allreduce_add_rms_norm_cuda(x, residual, weight, eps, group_name):

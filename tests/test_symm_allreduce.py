@@ -42,6 +42,7 @@ def test_choice_follows_the_table_by_bytes(tokens, path):
     (ta.Gate(enabled=False), 2, torch.bfloat16, 4096, 1, "FXPASSES_SYMM_ALLREDUCE=0"),
     (ta.Gate(), 1, torch.bfloat16, 4096, 1, "TP size 1"),
     (ta.Gate(cuda=False), 2, torch.bfloat16, 4096, 1, "not CUDA"),
+    (ta.Gate(nccl_group=False), 2, torch.bfloat16, 4096, 1, "not an NCCL group"),
     (ta.Gate(symm_mem="no peer access"), 2, torch.bfloat16, 4096, 1, "no symmetric memory: no peer access"),
     (ta.Gate(), 2, torch.float64, 4096, 1, "dtype torch.float64"),
     (ta.Gate(same_dtype=False), 2, torch.bfloat16, 4096, 1, "weight dtype"),
@@ -93,6 +94,14 @@ def test_every_rank_of_a_mapping_makes_the_same_choice(tp, pp):
         assert len(set(choices)) == 1, choices
         fits = tokens * hidden * 2 <= max(ta.TWO_SHOT_MAX_BYTES.values())
         assert (choices[0].path == "nccl") == (tp == 1 or not fits), choices[0]
+
+
+def test_a_fake_or_gloo_group_is_not_an_nccl_group():
+    """A real CUDA run under the fake group (or gloo) must never try to map peers it does not have."""
+    x = torch.randn(2, 8)
+    with fake_process_group(2, 0) as world:
+        assert not ta.gate_for(x, x, torch.ones(8), world.group_name).nccl_group
+        assert ta.select(x, x, torch.ones(8), world.group_name).path == "nccl"
 
 
 def test_cpu_op_is_untouched_by_the_cuda_kernel():
