@@ -203,11 +203,12 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
     if handle.world_size != world:
         raise RuntimeError(f"fxp.allreduce_add_rms_norm: symmetric memory rendezvous over group {group_name!r} gave "
                            f"world size {handle.world_size}, but the group has {world} ranks.")
+    ptrs = _buffer_pointers(buffer, handle, group_name, nbytes)
     slots = compat.symm_mem_signal_pad_bytes() // 4 // world
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     ws = Workspace(
         group_name=group_name, device=device, buffer=buffer, handle=handle,
-        buffer_ptrs=torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device),
+        buffer_ptrs=torch.tensor(ptrs, dtype=torch.int64, device=device),
         signal_ptrs=torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device),
         rank=handle.rank, world_size=world, nbytes=nbytes, max_programs=max(1, min(slots, sms)),
     )
@@ -217,6 +218,28 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
     log.info("fxp.allreduce_add_rms_norm: symmetric workspace of %d bytes on %s for group %s (rank %d of %d)",
              nbytes, device, group_name, ws.rank, world)
     return ws
+
+
+def _buffer_pointers(buffer: torch.Tensor, handle: Any, group_name: str, nbytes: int) -> list[int]:
+    """Each rank's address of the workspace, in group rank order.
+
+    ``handle.buffer_ptrs`` are the bases of the peers' allocations; where torch's symmetric memory pool placed the
+    tensor inside a larger block, the tensor sits at an offset from that base. The offset is checked to be the same
+    on every rank (one all-gather, once): reading a peer at another rank's offset would read the wrong memory."""
+    offset = buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
+    group = compat.resolve_process_group(group_name)
+    mine = torch.tensor([offset], dtype=torch.int64, device=buffer.device)
+    every = torch.empty(group.size(), dtype=torch.int64, device=buffer.device)
+    torch.distributed.all_gather_into_tensor(every, mine, group=group)
+    offsets = every.tolist()
+    if len(set(offsets)) != 1 or offset < 0:
+        raise RuntimeError(f"fxp.allreduce_add_rms_norm: the symmetric workspace sits at different offsets in the "
+                           f"ranks' allocations ({offsets}); set {ENV_SWITCH}=0 to use NCCL.")
+    size = getattr(handle, "buffer_size", None)
+    if size is not None and offset + nbytes > size:
+        raise RuntimeError(f"fxp.allreduce_add_rms_norm: the symmetric workspace ({nbytes} bytes at offset {offset}) "
+                           f"overruns its allocation of {size} bytes; set {ENV_SWITCH}=0 to use NCCL.")
+    return [base + offset for base in handle.buffer_ptrs]
 
 
 def signal_pad(ws: Workspace) -> torch.Tensor:
