@@ -19,6 +19,14 @@ costs about 2.2 µs of fixed time on top of its bytes (docs/performance.md): ``r
 activation as the gate/up projection's epilogue) and ``add_rms_norm_linear_silu_mul`` (both). Each one's CPU
 reference is the composition it replaces, op for op, so bit-identical to it; on CUDA the fused kernel rounds where
 the unfused kernels round, and runs at one token only (elsewhere the op runs the unfused kernels).
+
+Every projection op here takes a trailing ``weight_stable=False``. On CUDA the Triton kernels are launched with
+programmatic dependent launch (``ops/triton_linear.pdl_enabled``: the next kernel starts while the previous one
+drains, and waits with ``gdc_wait`` before reading anything a kernel may have written). ``weight_stable=True`` says
+that no kernel of the step writes ``weight`` (and ``up_weight``), so the 1-token GEMV may load its first weight
+block *before* that wait, overlapping the previous kernel's tail. It is a promise about the graph, not the data:
+``fxpasses.stable_weights`` sets it only where it proved it (the weight is a graph input or attribute that no node
+writes); nothing else should. It never changes a result, and CPU (the reference) ignores it.
 """
 from __future__ import annotations
 
@@ -49,17 +57,19 @@ def check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                          f"({weight.shape[0]}) in x's dtype {x.dtype}.")
 
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     weight_stable: bool = False) -> torch.Tensor:
     check_linear(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-def _linear_fake(x, weight, bias=None):
+def _linear_fake(x, weight, bias=None, weight_stable=False):
     check_linear(x, weight, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor", linear_reference, _linear_fake)
+linear = define_op("linear(Tensor x, Tensor weight, Tensor? bias=None, bool weight_stable=False) -> Tensor",
+                   linear_reference, _linear_fake)
 
 
 # ---- add + RMSNorm folded into the following projection ------------------------------------------------------
@@ -72,14 +82,14 @@ def _check_add_rms_norm_linear(x, residual, norm_weight, weight):
 
 
 def add_rms_norm_linear_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                  weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                  weight: torch.Tensor, weight_stable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual``; ``(F.linear(rms_norm(h), weight), h)``: eager's ops, in eager's order."""
     _check_add_rms_norm_linear(x, residual, norm_weight, weight)
     h = x + residual
     return F.linear(rms_norm_reference(h, norm_weight, eps), weight), h
 
 
-def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight):
+def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight, weight_stable=False):
     _check_add_rms_norm_linear(x, residual, norm_weight, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0])), torch.empty_like(x)
 
@@ -89,8 +99,8 @@ def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight):
 # from L2), the first one writing h, so the norm kernel disappears; it runs only for the projections its measured
 # list names (none yet), elsewhere fxp.add_rms_norm then fxp.linear, as unfused.
 add_rms_norm_linear = define_op(
-    "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight)"
-    " -> (Tensor out, Tensor residual_out)",
+    "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight,"
+    " bool weight_stable=False) -> (Tensor out, Tensor residual_out)",
     add_rms_norm_linear_reference,
     _add_rms_norm_linear_fake,
 )
@@ -105,20 +115,20 @@ def _check_rms_norm_linear(x, norm_weight, weight):
 
 
 def rms_norm_linear_reference(x: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                              weight: torch.Tensor) -> torch.Tensor:
+                              weight: torch.Tensor, weight_stable: bool = False) -> torch.Tensor:
     """``F.linear(rms_norm(x), weight)``: eager's ops, in eager's order."""
     _check_rms_norm_linear(x, norm_weight, weight)
     return F.linear(rms_norm_reference(x, norm_weight, eps), weight)
 
 
-def _rms_norm_linear_fake(x, norm_weight, eps, weight):
+def _rms_norm_linear_fake(x, norm_weight, eps, weight, weight_stable=False):
     _check_rms_norm_linear(x, norm_weight, weight)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # The first layer's input norm (the embedding is the residual, so there is no add) feeding the qkv projection.
-rms_norm_linear = define_op("rms_norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight) -> Tensor",
-                            rms_norm_linear_reference, _rms_norm_linear_fake)
+rms_norm_linear = define_op("rms_norm_linear(Tensor x, Tensor norm_weight, float eps, Tensor weight,"
+                            " bool weight_stable=False) -> Tensor", rms_norm_linear_reference, _rms_norm_linear_fake)
 
 
 # ---- SiLU-and-mul in the gate/up projection's epilogue ---------------------------------------------------------
@@ -152,8 +162,8 @@ def silu_mul_of(y: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor
     return F.silu(gate) * up
 
 
-def linear_silu_mul_reference(x: torch.Tensor, weight: torch.Tensor,
-                              up_weight: torch.Tensor | None = None) -> torch.Tensor:
+def linear_silu_mul_reference(x: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None = None,
+                              weight_stable: bool = False) -> torch.Tensor:
     """``gate, up = F.linear(x, weight).split(2)`` (or ``F.linear(x, weight)``, ``F.linear(x, up_weight)``);
     ``silu(gate) * up``: the composition it replaces, op for op."""
     check_silu_mul_weights("linear_silu_mul", x, weight, up_weight)
@@ -162,7 +172,7 @@ def linear_silu_mul_reference(x: torch.Tensor, weight: torch.Tensor,
     return silu_mul_of(F.linear(x, weight), F.linear(x, up_weight))
 
 
-def _linear_silu_mul_fake(x, weight, up_weight=None):
+def _linear_silu_mul_fake(x, weight, up_weight=None, weight_stable=False):
     width = check_silu_mul_weights("linear_silu_mul", x, weight, up_weight)
     return x.new_empty((*x.shape[:-1], width))
 
@@ -170,7 +180,8 @@ def _linear_silu_mul_fake(x, weight, up_weight=None):
 # SwiGLU's gate/up projection and its activation as one op: out[..., i] = silu(x . gate_i) * (x . up_i). The CUDA
 # kernel (ops/triton_linear.py) has each 1-token GEMV program compute matching gate and up columns, so the
 # [tokens, 2I] product is never written and the silu_and_mul kernel disappears.
-linear_silu_mul = define_op("linear_silu_mul(Tensor x, Tensor weight, Tensor? up_weight=None) -> Tensor",
+linear_silu_mul = define_op("linear_silu_mul(Tensor x, Tensor weight, Tensor? up_weight=None,"
+                            " bool weight_stable=False) -> Tensor",
                             linear_silu_mul_reference, _linear_silu_mul_fake)
 
 
@@ -183,8 +194,8 @@ def _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_wei
 
 
 def add_rms_norm_linear_silu_mul_reference(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
-                                           eps: float, weight: torch.Tensor, up_weight: torch.Tensor | None = None
-                                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                                           eps: float, weight: torch.Tensor, up_weight: torch.Tensor | None = None,
+                                           weight_stable: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``h = x + residual``; ``(linear_silu_mul(rms_norm(h), weight, up_weight), h)``: eager's ops, in order."""
     _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_weight)
     h = x + residual
@@ -194,7 +205,7 @@ def add_rms_norm_linear_silu_mul_reference(x: torch.Tensor, residual: torch.Tens
     return silu_mul_of(F.linear(normed, weight), F.linear(normed, up_weight)), h
 
 
-def _add_rms_norm_linear_silu_mul_fake(x, residual, norm_weight, eps, weight, up_weight=None):
+def _add_rms_norm_linear_silu_mul_fake(x, residual, norm_weight, eps, weight, up_weight=None, weight_stable=False):
     width = _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_weight)
     return x.new_empty((*x.shape[:-1], width)), torch.empty_like(x)
 
@@ -203,7 +214,7 @@ def _add_rms_norm_linear_silu_mul_fake(x, residual, norm_weight, eps, weight, up
 # and SiLU-and-mul, in one kernel at one token (two kernels fewer than add_rms_norm + linear + silu_and_mul).
 add_rms_norm_linear_silu_mul = define_op(
     "add_rms_norm_linear_silu_mul(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight,"
-    " Tensor? up_weight=None) -> (Tensor out, Tensor residual_out)",
+    " Tensor? up_weight=None, bool weight_stable=False) -> (Tensor out, Tensor residual_out)",
     add_rms_norm_linear_silu_mul_reference,
     _add_rms_norm_linear_silu_mul_fake,
 )

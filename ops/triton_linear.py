@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fxpasses.ops.library import LIB
 from fxpasses.ops.linear import (
@@ -62,6 +63,38 @@ logger = logging.getLogger(__name__)
 
 MAX_M = 32
 _DTYPES = (torch.bfloat16, torch.float16)
+# Programmatic dependent launch (PDL) of every kernel here, on by default where it exists (sm_90+, not Triton's
+# interpreter): "0" launches them the old way, for A/B runs (benchmarks/decode.py's "-nopdl" modes).
+ENV_PDL = "FXPASSES_PDL"
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether this module's kernels are launched with ``launch_pdl=True`` on ``device``.
+
+    Why: at one token a projection's kernel costs about 2.2 µs of fixed time (launch, first-byte latency, the last
+    wave's tail) on top of its bytes (docs/performance.md). With PDL the next kernel is launched while this one
+    drains; each of our kernels calls ``gdc_wait`` before it reads anything another kernel may have written and
+    ``gdc_launch_dependents`` right after, so results are the same bits as without it (and, where the op's
+    ``weight_stable`` is set, its first weight block is already in flight when the wait returns). Off on CPU, under
+    Triton's interpreter (which runs no PTX) and below compute capability 9.0 (no ``griddepcontrol``), and with
+    ``FXPASSES_PDL=0``."""
+    value = os.environ.get(ENV_PDL, "1")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{ENV_PDL}={value!r}: set it to 1 (programmatic dependent launch, the default) or 0 "
+                         "(launch the linear kernels the old way).")
+    if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return False
+    return _capability(device) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _pdl_launch(pdl: bool) -> dict[str, bool]:
+    """The launch option (only when on: Triton's interpreter takes no such keyword)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 @dataclass(frozen=True)
@@ -100,25 +133,54 @@ def _row_chunk(ptrs, kmask, EVEN: tl.constexpr):
 def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow,
                 NORM: tl.constexpr, NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                 SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                ROW_IN_REGS: tl.constexpr):
+                ROW_IN_REGS: tl.constexpr, PDL_WAIT: tl.constexpr, PREFETCH: tl.constexpr):
     """Output columns ``nb * BLOCK_N ...`` of row ``m``: the K walk, the epilogue and the store (see _gemv_body).
     ``rstd`` / ``arow``: the two-pass prologue's results; the one-pass prologue (``NORM_ONE_PASS``) makes its own
-    from ``eps``."""
+    from ``eps``.
+
+    ``PDL_WAIT`` (programmatic dependent launch, see ``pdl_enabled``): ``gdc_wait`` before the first read of
+    anything another kernel may write (x, the residual, the norm weight, the bias; the output), then
+    ``gdc_launch_dependents`` so the next kernel's launch overlaps this one's tail. ``PREFETCH`` (with
+    ``PDL_WAIT``; the op's ``weight_stable``, which ``fxpasses.stable_weights`` sets only where the graph shows that
+    no kernel of the step writes ``W`` / ``W2``): the first ``BLOCK_K`` block of this program's weight rows is
+    loaded *before* the wait, so its DRAM latency overlaps the previous kernel's tail."""
     dt = X.dtype.element_ty
     rn = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_ptrs = W + rn.to(tl.int64)[:, None] * swn + rk[None, :]
     w2_ptrs = W2 + rn.to(tl.int64)[:, None] * swn + rk[None, :]
+    if PREFETCH:  # the weight is never written in the step: safe to read before the wait
+        if EVEN:
+            w_first = tl.load(w_ptrs)
+        else:
+            w_first = tl.load(w_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+        if SILU_MUL:
+            if EVEN:
+                w2_first = tl.load(w2_ptrs)
+            else:
+                w2_first = tl.load(w2_ptrs, mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+    if PDL_WAIT:
+        gdc_wait()
+        gdc_launch_dependents()
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     squares = tl.zeros([BLOCK_K], dtype=tl.float32)  # NORM_ONE_PASS: the row's sum of squares, per lane
     for k0 in range(0, K, BLOCK_K):
         kmask = (k0 + rk) < K
         wmask = (rn[:, None] < N) & kmask[None, :]
-        if EVEN:
-            w = tl.load(w_ptrs + k0)
+        if PREFETCH:
+            if k0 == 0:
+                w = w_first
+            else:
+                if EVEN:
+                    w = tl.load(w_ptrs + k0)
+                else:
+                    w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
         else:
-            w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
+            if EVEN:
+                w = tl.load(w_ptrs + k0)
+            else:
+                w = tl.load(w_ptrs + k0, mask=wmask, other=0.0)
         if ROW_IN_REGS:  # one step covers the row: normalized once per program, before the first block
             a = arow
         else:
@@ -140,10 +202,19 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, so
                     a = round_as(nw * round_as(a * rstd, dt), dt)
         acc += w.to(tl.float32) * a[None, :]
         if SILU_MUL:
-            if EVEN:
-                w2 = tl.load(w2_ptrs + k0)
+            if PREFETCH:
+                if k0 == 0:
+                    w2 = w2_first
+                else:
+                    if EVEN:
+                        w2 = tl.load(w2_ptrs + k0)
+                    else:
+                        w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
             else:
-                w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
+                if EVEN:
+                    w2 = tl.load(w2_ptrs + k0)
+                else:
+                    w2 = tl.load(w2_ptrs + k0, mask=wmask, other=0.0)
             acc2 += w2.to(tl.float32) * a[None, :]
     y = tl.sum(acc, axis=1)
     if NORM and NORM_ONE_PASS:  # rstd factors out of the dot product: applied once, in float32, before any rounding
@@ -165,7 +236,8 @@ def _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, so
 def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
                NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
+               BLOCK_ROW: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr, PDL_TOP: tl.constexpr,
+               PDL_WAIT: tl.constexpr, PREFETCH: tl.constexpr):
     """Program (n-block, row m) of the 1-token GEMV, with an optional prologue and epilogue (constexpr flags).
 
     Each program owns ``BLOCK_N`` output columns and walks the whole K in ``BLOCK_K`` steps, accumulating
@@ -200,9 +272,16 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
     ``SILU_MUL`` (epilogue): the program also accumulates the same columns of ``W2`` (the up projection), rounds
     both products to the dtype (the unfused GEMM's stores) and writes ``silu(gate) * up`` with silu rounded to the
     dtype, as ``fxp.silu_and_mul``'s kernel does.
+
+    Programmatic dependent launch: ``PDL_TOP`` waits (``gdc_wait``) first thing, where the program reads x before
+    its first weight block (the two-pass prologue) or walks several blocks (``PERSISTENT``); otherwise ``PDL_WAIT``
+    / ``PREFETCH`` wait inside ``_gemv_block``, after the first weight block's load where the weight is stable.
     """
     pid_n = tl.program_id(0)
     m = tl.program_id(1).to(tl.int64)
+    if PDL_TOP:
+        gdc_wait()
+        gdc_launch_dependents()
     if NORM and not NORM_ONE_PASS:
         dt = X.dtype.element_ty
         rr = tl.arange(0, BLOCK_ROW)
@@ -216,55 +295,67 @@ def _gemv_body(X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, ep
             nw = tl.load(NW + rr, mask=rr < K, other=0.0).to(tl.float32)
             _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd,
                          round_as(nw * round_as(hrow * rstd, dt), dt), NORM, NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS,
-                         SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+                         SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT, PDL_WAIT, PREFETCH)
         else:
             _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, rstd,
                          NORM, NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS,
-                         PERSISTENT)
+                         PERSISTENT, PDL_WAIT, PREFETCH)
     else:
         _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, 0.0, 0.0, NORM,
-                     NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT)
+                     NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PERSISTENT,
+                     PDL_WAIT, PREFETCH)
 
 
 @triton.jit
 def _gemv_blocks(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow,
                  NORM: tl.constexpr, NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr, EVEN: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
-    """This program's column block, or with ``PERSISTENT`` every ``num_programs``-th block from it."""
+                 BLOCK_K: tl.constexpr, ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr, PDL_WAIT: tl.constexpr,
+                 PREFETCH: tl.constexpr):
+    """This program's column block, or with ``PERSISTENT`` every ``num_programs``-th block from it (the launcher
+    then waits in ``_gemv_body``: ``PDL_WAIT`` and ``PREFETCH`` are False)."""
     if PERSISTENT:
         for nb in range(pid_n, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
             _gemv_block(nb, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow, NORM,
-                        NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+                        NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, False,
+                        False)
     else:
         _gemv_block(pid_n, X, R, NW, W, W2, B, OUT, ROUT, N, K, sxm, srm, srom, swn, som, m, eps, rstd, arow, NORM,
-                    NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS)
+                    NORM_ONE_PASS, HAS_RESIDUAL, HAS_BIAS, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, ROW_IN_REGS, PDL_WAIT,
+                    PREFETCH)
 
 
 @triton.jit
 def _gemv_kernel(X, W, B, OUT, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+                 PREFETCH: tl.constexpr = False):
     """``fxp.linear`` at one token: the GEMV without prologue or epilogue (one column block per program)."""
     _gemv_block(tl.program_id(0), X, X, X, W, W, B, OUT, OUT, N, K, sxm, 0, 0, swn, som,
                 tl.program_id(1).to(tl.int64), 0.0, 0.0, 0.0, False, False, False, HAS_BIAS, False, EVEN, BLOCK_N,
-                BLOCK_K, False)
+                BLOCK_K, False, PDL_WAIT, PREFETCH)
 
 
 @triton.jit
 def _fused_gemv_kernel(X, R, NW, W, W2, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM: tl.constexpr,
                        NORM_ONE_PASS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
                        EVEN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_ROW: tl.constexpr,
-                       ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr):
+                       ROW_IN_REGS: tl.constexpr, PERSISTENT: tl.constexpr, PDL_TOP: tl.constexpr = False,
+                       PDL_WAIT: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """The fused ops at one token: the same GEMV with the norm prologue (two-pass, or ``NORM_ONE_PASS``) and/or the
     SiLU-and-mul epilogue (its own name, so a profiler's kernel census tells the fused launches from plain ones)."""
     _gemv_body(X, R, NW, W, W2, OUT, OUT, ROUT, N, K, sxm, srm, srom, swn, som, eps, NORM, NORM_ONE_PASS,
-               HAS_RESIDUAL, False, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS, PERSISTENT)
+               HAS_RESIDUAL, False, SILU_MUL, EVEN, BLOCK_N, BLOCK_K, BLOCK_ROW, ROW_IN_REGS, PERSISTENT, PDL_TOP,
+               PDL_WAIT, PREFETCH)
 
 
 @triton.jit
 def _gemv_rows_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """GEMV for 2..8 rows: each weight tile is loaded once and multiplied with every row of x."""
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False):
+    """GEMV for 2..8 rows: each weight tile is loaded once and multiplied with every row of x. ``PDL_WAIT``:
+    programmatic dependent launch, waiting first (see ``_gemv_block``)."""
+    if PDL_WAIT:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -292,7 +383,10 @@ def _gemv_rows_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constex
 
 @triton.jit
 def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr, EVEN: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False):
+    if PDL_WAIT:  # programmatic dependent launch, waiting first (see _gemv_block)
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -321,7 +415,7 @@ def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr
 @triton.jit
 def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, HAS_BIAS: tl.constexpr,
                     EVEN_K: tl.constexpr, SPLITS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False):
     """Program (column block, K split) of the split-K small-M GEMM (see ``launch_split_k``).
 
     The program multiplies x's rows (padded to ``BLOCK_M``) with ``BLOCK_N`` weight rows over its ``k_per_split``
@@ -339,7 +433,14 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
     ``.cg``, after its acquire), adds the bias, rounds once, stores, and puts the counter back to 0, so the next
     launch (and every CUDA-graph replay) finds it zeroed. The sum's order does not depend on which program
     arrives last: the output is bit-identical run to run.
+
+    ``PDL_WAIT``: programmatic dependent launch, waiting first (see ``_gemv_block``): nothing, not even the weight,
+    is read before the wait, and the workspace and counters are touched only after it, so a launch that overlaps
+    the previous split-K launch's tail never sees its counters or partials.
     """
+    if PDL_WAIT:
+        gdc_wait()
+        gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -496,11 +597,12 @@ def split_plan(k: int, block_k: int, split: int) -> tuple[int, int]:
 
 
 def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
-                   out: torch.Tensor) -> torch.Tensor:
+                   out: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
     """``_split_k_kernel`` on ``x2 [M, K]`` (M <= ``config.block_m``, K > 0, last dim contiguous), ``weight [N, K]``
     contiguous, into ``out [M, N]``. Grid: column blocks x K splits; with more than one split, an ``[S, M, N]``
     float32 workspace from torch's caching allocator (capture-safe: under a CUDA graph it comes from the graph's
-    pool) and a run of the device's arrival counters (``_counters``)."""
+    pool) and a run of the device's arrival counters (``_counters``). ``pdl`` None: ``pdl_enabled``."""
+    pdl = pdl_enabled(out.device) if pdl is None else pdl
     m, k = x2.shape
     n = weight.shape[0]
     c = config
@@ -518,15 +620,17 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     _split_k_kernel[(tiles, splits)](
         x2, weight, bias if bias is not None else out, out, ws, counters if counters is not None else out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0), per, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
-        SPLITS=splits, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        num_warps=c.num_warps, num_stages=c.num_stages)
+        SPLITS=splits, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PDL_WAIT=pdl,
+        num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     return out
 
 
 def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None, *, pdl: bool | None = None, weight_stable: bool = False) -> torch.Tensor:
     """Run one kernel on ``x2 [M, K]`` (last dim contiguous) and ``weight [N, K]`` (contiguous) with ``config``.
-    Public for the benchmark's sweep and the tests; ``linear_cuda`` is what the op calls."""
+    Public for the benchmark's sweep and the tests; ``linear_cuda`` is what the op calls. ``pdl``: launch with
+    programmatic dependent launch (None: ``pdl_enabled``); ``weight_stable``: the caller guarantees no kernel of the
+    step writes ``weight``, so the 1-token GEMV reads its first weight block before the PDL wait."""
     m, k = x2.shape
     n = weight.shape[0]
     if out is None:
@@ -538,14 +642,15 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
     b = bias if bias is not None else out  # never read when HAS_BIAS is false
     c = config
     even = (k % c.block_k == 0) and (n % c.block_n == 0)
-    common = dict(HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                  num_warps=c.num_warps, num_stages=c.num_stages)
+    pdl = pdl_enabled(out.device) if pdl is None else pdl
+    common = dict(HAS_BIAS=bias is not None, EVEN=even, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PDL_WAIT=pdl,
+                  num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     if c.block_m == 1:
         _gemv_kernel[(triton.cdiv(n, c.block_n), m)](x2, weight, b, out, n, k, x2.stride(0), weight.stride(0),
-                                                     out.stride(0), **common)
+                                                     out.stride(0), PREFETCH=pdl and weight_stable, **common)
         return out
     if c.split:
-        return launch_split_k(x2, weight, bias, c, out)
+        return launch_split_k(x2, weight, bias, c, out, pdl=pdl)
     if c.block_m <= 8:
         if m > c.block_m:
             raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")
@@ -627,7 +732,8 @@ def choose(m: int, n: int, k: int) -> Config | None:
     return c
 
 
-def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                weight_stable: bool = False) -> torch.Tensor:
     check_linear(x, weight, bias)
     k = x.shape[-1]
     n = weight.shape[0]
@@ -639,7 +745,7 @@ def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    return launch(x2, weight, bias, config).view(*x.shape[:-1], n)
+    return launch(x2, weight, bias, config, weight_stable=weight_stable).view(*x.shape[:-1], n)
 
 
 # ---- the fused ops: RMSNorm prologue and/or SiLU-and-mul epilogue (one token) -------------------------------
@@ -730,11 +836,15 @@ def _gemv_tile(n: int, k: int, silu_mul: bool) -> Config:
 
 def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm_weight: torch.Tensor | None = None,
                  eps: float = 0.0, residual: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 out: torch.Tensor | None = None, pdl: bool | None = None,
+                 weight_stable: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One launch of ``_fused_gemv_kernel`` on ``x2 [M, K]`` (last dim contiguous) -> ``(out [M, N], h [M, K] or
     None)``. ``norm_weight``: the RMSNorm prologue (``residual``: with the add, ``h`` its sum), two-pass or, with
     ``config.one_pass``, one-pass (see ``_gemv_body``). ``up_weight`` ``[N, K]``: the SiLU-and-mul epilogue,
-    ``weight`` being the gate. Weights contiguous. Public for the tests and the benchmark."""
+    ``weight`` being the gate. Weights contiguous. Public for the tests and the benchmark. ``pdl`` and
+    ``weight_stable`` as in ``launch`` (``weight_stable`` covers ``weight`` and ``up_weight``); the prefetch before
+    the wait applies where the program reads a weight block first (not with the two-pass prologue, which reads the
+    row first, nor on a persistent grid: those wait first thing)."""
     m, k = x2.shape
     n = weight.shape[0]
     if out is None:
@@ -748,14 +858,17 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
         blocks = triton.cdiv(n, c.block_n)
         programs = min(blocks, c.programs * _sm_count(x2.device)) if c.programs else blocks
         r = residual if residual is not None else x2  # never read without HAS_RESIDUAL (nor the dummies below)
+        pdl = pdl_enabled(x2.device) if pdl is None else pdl
+        top = pdl and (programs < blocks or (norm and not one_pass))  # reads x before its first weight block
         _fused_gemv_kernel[(programs, m)](
             x2, r, norm_weight if norm else x2, weight, up_weight if up_weight is not None else weight, out,
             h if h is not None else out, n, k, x2.stride(0), r.stride(0), h.stride(0) if h is not None else 0,
             weight.stride(0), out.stride(0), eps, NORM=norm, NORM_ONE_PASS=one_pass, HAS_RESIDUAL=residual is not None,
             SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
             BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and not one_pass and c.block_k == row,
-            PERSISTENT=programs < blocks,
-            num_warps=c.num_warps, num_stages=c.num_stages)
+            PERSISTENT=programs < blocks, PDL_TOP=top, PDL_WAIT=pdl and not top,
+            PREFETCH=pdl and not top and weight_stable,
+            num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     return out, h
 
 
@@ -800,26 +913,28 @@ def _norm_config(x, norm_weight, weight, residual=None) -> Config | None:
     return fused_config(_tokens(x), weight.shape[0], x.shape[-1], silu_mul=False, norm=True)
 
 
-def rms_norm_linear_cuda(x, norm_weight, eps, weight):
+def rms_norm_linear_cuda(x, norm_weight, eps, weight, weight_stable=False):
     """One kernel at one token (see ``fused_config``); otherwise ``fxp.rms_norm`` then ``fxp.linear``."""
     _check_rms_norm_linear(x, norm_weight, weight)
     c = _norm_config(x, norm_weight, weight)
     if c is None:
-        return torch.ops.fxp.linear.default(torch.ops.fxp.rms_norm.default(x, norm_weight, eps), weight, None)
+        return torch.ops.fxp.linear.default(torch.ops.fxp.rms_norm.default(x, norm_weight, eps), weight, None,
+                                            weight_stable)
     k, n = x.shape[-1], weight.shape[0]
-    out, _ = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps)
+    out, _ = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps, weight_stable=weight_stable)
     return out.view(*x.shape[:-1], n)
 
 
-def add_rms_norm_linear_cuda(x, residual, norm_weight, eps, weight):
+def add_rms_norm_linear_cuda(x, residual, norm_weight, eps, weight, weight_stable=False):
     """One kernel at one token (see ``fused_config``); otherwise ``fxp.add_rms_norm`` then ``fxp.linear``."""
     _check_add_rms_norm_linear(x, residual, norm_weight, weight)
     c = _norm_config(x, norm_weight, weight, residual)
     if c is None:
         normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
-        return torch.ops.fxp.linear.default(normed, weight, None), h
+        return torch.ops.fxp.linear.default(normed, weight, None, weight_stable), h
     k, n = x.shape[-1], weight.shape[0]
-    out, h = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k))
+    out, h = launch_fused(_rows(x, 1, k), weight, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k),
+                          weight_stable=weight_stable)
     return out.view(*x.shape[:-1], n), h.view(x.shape)
 
 
@@ -830,41 +945,42 @@ def _silu_config(x, weight, up_weight, norm_weight=None, residual=None) -> Confi
     return fused_config(_tokens(x), width, x.shape[-1], silu_mul=True, norm=norm_weight is not None)
 
 
-def _unfused_silu(normed: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None) -> torch.Tensor:
+def _unfused_silu(normed: torch.Tensor, weight: torch.Tensor, up_weight: torch.Tensor | None,
+                  weight_stable: bool = False) -> torch.Tensor:
     """``fxp.linear`` then ``fxp.silu_and_mul`` on the product's halves (or on the two products): the kernels the
     unfused graph runs."""
     lin, silu = torch.ops.fxp.linear.default, torch.ops.fxp.silu_and_mul.default
     if up_weight is not None:
-        return silu(lin(normed, weight, None), lin(normed, up_weight, None))
-    y = lin(normed, weight, None)
+        return silu(lin(normed, weight, None, weight_stable), lin(normed, up_weight, None, weight_stable))
+    y = lin(normed, weight, None, weight_stable)
     width = weight.shape[0] // 2
     return silu(y[..., :width], y[..., width:])
 
 
-def linear_silu_mul_cuda(x, weight, up_weight=None):
+def linear_silu_mul_cuda(x, weight, up_weight=None, weight_stable=False):
     """One kernel at one token (see ``fused_config``); otherwise ``fxp.linear`` then ``fxp.silu_and_mul``."""
     width = check_silu_mul_weights("linear_silu_mul", x, weight, up_weight)
     c = _silu_config(x, weight, up_weight)
     if c is None:
-        return _unfused_silu(x, weight, up_weight)
+        return _unfused_silu(x, weight, up_weight, weight_stable)
     gate, up = _split_silu_weights(weight, up_weight)
     k = x.shape[-1]
-    out, _ = launch_fused(_rows(x, 1, k), gate, c, up_weight=up)
+    out, _ = launch_fused(_rows(x, 1, k), gate, c, up_weight=up, weight_stable=weight_stable)
     return out.view(*x.shape[:-1], width)
 
 
-def add_rms_norm_linear_silu_mul_cuda(x, residual, norm_weight, eps, weight, up_weight=None):
+def add_rms_norm_linear_silu_mul_cuda(x, residual, norm_weight, eps, weight, up_weight=None, weight_stable=False):
     """One kernel at one token where the norm prologue is on for the shape (see ``fused_config``); otherwise
     ``fxp.add_rms_norm`` then ``fxp.linear_silu_mul`` (itself one kernel at one token)."""
     width = _check_add_rms_norm_linear_silu_mul(x, residual, norm_weight, weight, up_weight)
     c = _silu_config(x, weight, up_weight, norm_weight, residual)
     if c is None:  # the norm kernel, then the projection with its SiLU-and-mul (fused where that op fuses it)
         normed, h = torch.ops.fxp.add_rms_norm.default(x, residual, norm_weight, eps)
-        return torch.ops.fxp.linear_silu_mul.default(normed, weight, up_weight), h
+        return torch.ops.fxp.linear_silu_mul.default(normed, weight, up_weight, weight_stable), h
     gate, up = _split_silu_weights(weight, up_weight)
     k = x.shape[-1]
     out, h = launch_fused(_rows(x, 1, k), gate, c, norm_weight=norm_weight, eps=eps, residual=_rows(residual, 1, k),
-                          up_weight=up)
+                          up_weight=up, weight_stable=weight_stable)
     return out.view(*x.shape[:-1], width), h.view(x.shape)
 
 
