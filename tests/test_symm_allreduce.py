@@ -282,7 +282,8 @@ def rank_bit_identical(rank, world, dtypes, tokens_list, hiddens):
 
 def rank_repeats_and_cuda_graphs(rank, world):
     """Back-to-back calls with new inputs (no sync between), then a CUDA graph of three calls (one-shot, two-shot,
-    one-shot) replayed three times with new inputs copied in: each result equals NCCL's, the pads end at zero."""
+    one-shot) replayed three times with new inputs copied in: each result equals NCCL's, the pads end at zero. Then
+    a new group's first call inside a capture (NCCL, no workspace), and its first eager call (the workspace)."""
     os.environ.update(SAFE_ENV)
     from fxpasses.ops import triton_allreduce as t
 
@@ -314,9 +315,25 @@ def rank_repeats_and_cuda_graphs(rank, world):
             ref = t.allreduce_add_rms_norm_nccl(x, r, w, 1e-5, group)
             if not (_same(graph_outs[i][0], ref[0]) and _same(graph_outs[i][1], ref[1])):
                 failures.append(f"replay {s} call {i}")
+    # a group whose first call is inside a capture: NCCL for that call (no workspace can be made there), then the
+    # first eager call makes the workspace and a later capture takes the fused path
+    fresh = torch.distributed.new_group([0, 1])
+    torch.distributed.barrier(group=fresh)  # NCCL's communicator for the group, outside the capture
+    x, r, w = batches[1][0]
+    graph2 = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph2):
+        in_capture = torch.ops.fxp.allreduce_add_rms_norm(x, r, w, 1e-5, fresh.group_name)
+    graph2.replay()
+    made_in_capture = any(k[0] == fresh.group_name for k in t._WORKSPACES)
+    eager = torch.ops.fxp.allreduce_add_rms_norm(x, r, w, 1e-5, fresh.group_name)
+    ref = t.allreduce_add_rms_norm_nccl(x, r, w, 1e-5, group)
+    for name, got in (("first call in a capture", in_capture), ("then eager", eager)):
+        if not (_same(got[0], ref[0]) and _same(got[1], ref[1])):
+            failures.append(name)
     torch.cuda.synchronize()
     return {"failures": failures, "pad_zero": bool(t.signal_pad(ws).eq(0).all()),
-            "digest": _digest(*[o for pair in graph_outs for o in pair])}
+            "digest": _digest(*[o for pair in graph_outs for o in pair]), "made_in_capture": made_in_capture,
+            "made_after": any(k[0] == fresh.group_name for k in t._WORKSPACES)}
 
 
 def rank_llama(rank, world, cuda_graphs):
@@ -377,6 +394,7 @@ def test_repeats_and_cuda_graph_replays(pool):
     results = pool.run(rank_repeats_and_cuda_graphs)
     assert results[0]["failures"] == [] and results[1]["failures"] == [], results
     assert results[0]["digest"] == results[1]["digest"] and all(r["pad_zero"] for r in results)
+    assert not any(r["made_in_capture"] for r in results) and all(r["made_after"] for r in results)
 
 
 @multigpu
