@@ -14,7 +14,11 @@ Triton kernel on CUDA). ``fxpasses+full-cudagraphs-cublas`` is full graphs witho
 projection on cuBLAS, norms unfused), to measure what the small-token GEMM path (``fxp.linear``) changes in the
 same run; ``fxpasses+full-cudagraphs-nofuse`` keeps ``fxp.linear`` but none of the decode fusions of issue 14
 (``FUSIONS``: RMSNorm in the projection's prologue, SiLU-and-mul in the gate/up epilogue, RoPE in attention), to
-measure what they change. Each fxpasses mode prints its pattern matches. Prints a markdown table;
+measure what they change. Any fxpasses mode with the suffix ``-nopdl`` runs with ``FXPASSES_PDL=0`` (the linear
+kernels launched without programmatic dependent launch, as before issue 14's PDL work) and ``-waitfirst`` with
+``FXPASSES_PDL=wait`` (PDL, but no weight block read before the wait), for A/B runs of PDL in the same process
+(``fxpasses+full-cudagraphs`` itself runs PDL with the weight prefetch where ``fxpasses.stable_weights`` marked the
+projection). Each fxpasses mode prints its pattern matches. Prints a markdown table;
 saves decode_<model>.png in ``--out`` when matplotlib is there.
 
 ``--profile`` adds the kernel census of each mode (issue 14): the step replayed 5 times under the torch profiler
@@ -39,8 +43,18 @@ from fxpasses import patterns
 from fxpasses.models import Batch, LlamaConfig, build_model
 
 MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs",
-         "fxpasses+full-cudagraphs-cublas", "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor",
-         "fxpasses+inductor+cudagraphs"]
+         "fxpasses+full-cudagraphs-nopdl", "fxpasses+full-cudagraphs-waitfirst", "fxpasses+full-cudagraphs-cublas",
+         "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor", "fxpasses+inductor+cudagraphs"]
+# mode suffix -> FXPASSES_PDL for that mode (compile, capture and replays)
+PDL_SUFFIXES = {"-nopdl": "0", "-waitfirst": "wait"}
+
+
+def pdl_setting(mode: str) -> tuple[str, str | None]:
+    """(the mode without its PDL suffix, the FXPASSES_PDL value it asks for or None)."""
+    for suffix, value in PDL_SUFFIXES.items():
+        if mode.startswith("fxpasses") and mode.endswith(suffix):
+            return mode[: -len(suffix)], value
+    return mode, None
 # the decode fusions of issue 14: what ``fxpasses+full-cudagraphs-nofuse`` leaves out
 FUSIONS = (*patterns.linear.FUSED_PATTERNS, "rope_attention")
 SHAPES = {"1b": LlamaConfig.llama_3_2_1b, "8b": LlamaConfig.llama_3_8b}
@@ -191,7 +205,11 @@ def main() -> None:
     print("|---|---|" + "---|" * len(args.tokens) + "---|")
     results, notes, censuses = {}, [], []
     for mode in args.modes:
-        fn, backend = make_fn(mode, model, args.tokens)
+        base, pdl = pdl_setting(mode)
+        saved_pdl = os.environ.get("FXPASSES_PDL")
+        if pdl is not None:  # otherwise as the caller set it (unset: PDL on)
+            os.environ["FXPASSES_PDL"] = pdl
+        fn, backend = make_fn(base, model, args.tokens)
         times, compile_s = [], 0.0
         with torch.inference_mode():
             for n in args.tokens:
@@ -213,6 +231,10 @@ def main() -> None:
                 if args.profile and n in args.profile_tokens:
                     censuses.append((mode, n, *census(call)))
         results[mode] = times
+        if saved_pdl is None:
+            os.environ.pop("FXPASSES_PDL", None)
+        else:
+            os.environ["FXPASSES_PDL"] = saved_pdl
         if backend is not None:
             r = backend.report
             notes.append(f"{mode}: {r.graphs} graphs; inside the backend {r.compile_seconds:.1f} s, of which the "

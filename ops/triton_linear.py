@@ -64,8 +64,10 @@ logger = logging.getLogger(__name__)
 MAX_M = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 # Programmatic dependent launch (PDL) of every kernel here, on by default where it exists (sm_90+, not Triton's
-# interpreter): "0" launches them the old way, for A/B runs (benchmarks/decode.py's "-nopdl" modes).
+# interpreter): "0" launches them the old way, for A/B runs (benchmarks/decode.py's "-nopdl" modes); "wait": PDL, but
+# every kernel waits first, even where ``weight_stable`` allows the weight prefetch (the "-waitfirst" modes).
 ENV_PDL = "FXPASSES_PDL"
+PDL_VALUES = ("", "0", "1", "wait")
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -78,13 +80,23 @@ def pdl_enabled(device: torch.device) -> bool:
     ``weight_stable`` is set, its first weight block is already in flight when the wait returns). Off on CPU, under
     Triton's interpreter (which runs no PTX) and below compute capability 9.0 (no ``griddepcontrol``), and with
     ``FXPASSES_PDL=0``."""
-    value = os.environ.get(ENV_PDL, "1")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"{ENV_PDL}={value!r}: set it to 1 (programmatic dependent launch, the default) or 0 "
-                         "(launch the linear kernels the old way).")
+    value = _pdl_setting()
     if value == "0" or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return False
     return _capability(device) >= (9, 0)
+
+
+def _pdl_setting() -> str:
+    value = os.environ.get(ENV_PDL, "1")
+    if value not in PDL_VALUES:
+        raise ValueError(f"{ENV_PDL}={value!r}: set it to 1 (programmatic dependent launch, the default), wait (PDL "
+                         "without the weight prefetch) or 0 (launch the linear kernels the old way).")
+    return value
+
+
+def _prefetch(pdl: bool, weight_stable: bool) -> bool:
+    """Whether a PDL launch reads its first weight block before the wait (the caller proved the weight stable)."""
+    return pdl and weight_stable and _pdl_setting() != "wait"
 
 
 @functools.lru_cache(maxsize=None)
@@ -647,7 +659,7 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
                   num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     if c.block_m == 1:
         _gemv_kernel[(triton.cdiv(n, c.block_n), m)](x2, weight, b, out, n, k, x2.stride(0), weight.stride(0),
-                                                     out.stride(0), PREFETCH=pdl and weight_stable, **common)
+                                                     out.stride(0), PREFETCH=_prefetch(pdl, weight_stable), **common)
         return out
     if c.split:
         return launch_split_k(x2, weight, bias, c, out, pdl=pdl)
@@ -867,7 +879,7 @@ def launch_fused(x2: torch.Tensor, weight: torch.Tensor, config: Config, *, norm
             SILU_MUL=up_weight is not None, EVEN=(k % c.block_k == 0) and (n % c.block_n == 0), BLOCK_N=c.block_n,
             BLOCK_K=c.block_k, BLOCK_ROW=row, ROW_IN_REGS=norm and not one_pass and c.block_k == row,
             PERSISTENT=programs < blocks, PDL_TOP=top, PDL_WAIT=pdl and not top,
-            PREFETCH=pdl and not top and weight_stable,
+            PREFETCH=not top and _prefetch(pdl, weight_stable),
             num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     return out, h
 

@@ -386,11 +386,11 @@ def test_pdl_equals_no_pdl_bit_for_bit_for_every_op(graph, prologue, pdl_env, mo
             return results
 
     want = run("0", False)
-    for stable in (False, True):
-        got = run("1", stable)
+    for setting, stable in (("1", False), ("1", True), ("wait", True)):
+        got = run(setting, stable)
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want)):
-            assert torch.equal(g, w), (i, stable, (g.float() - w.float()).abs().max().item())
+            assert torch.equal(g, w), (i, setting, stable, (g.float() - w.float()).abs().max().item())
 
 
 @gpu
