@@ -11,6 +11,12 @@ The chain is a Llama layer's four projections (qkv, o, gate_up, down at the give
 the previous one's output, all captured in one CUDA graph. Variants: cuBLAS (``F.linear``); our GEMV without PDL;
 with PDL (wait first); with PDL and the first weight block loaded before the wait. Every variant's output is
 checked against the plain GEMV's (the same arithmetic, so it must be bit-equal).
+
+The ``fxp.linear`` rows run the same chain through the op's own launcher (``ops/triton_linear.launch`` with the
+tile ``choose`` picks, or the default GEMV tile for a shape the table does not name): without PDL (what
+``FXPASSES_PDL=0`` runs), with PDL waiting first, and with PDL and ``weight_stable`` (the first weight block read
+before the wait, what a graph gets where ``fxpasses.stable_weights`` marked the projection). Each is checked
+bit-equal to the op's launch without PDL.
 """
 from __future__ import annotations
 
@@ -61,12 +67,19 @@ def main() -> None:
     outs = [torch.empty(w.shape[0], device="cuda", dtype=torch.bfloat16) for w in weights]
     x0 = torch.randn(h, device="cuda", dtype=torch.bfloat16, generator=g)
 
+    from fxpasses.ops import triton_linear as tl_lin
+
+    configs = [tl_lin.choose(1, n, k) or tl_lin.default_config(1, n, k) for w in weights for n, k in [w.shape]]
+
     def step(variant: str) -> None:
         x = x0
-        for w, y in zip(weights, outs):
+        for w, y, c in zip(weights, outs, configs):
             xin = x[: w.shape[1]]
             if variant == "cublas":
                 torch.matmul(w, xin, out=y)
+            elif variant.startswith("fxp.linear"):
+                tl_lin.launch(xin.view(1, -1), w, None, c, out=y.view(1, -1), pdl="pdl" in variant,
+                              weight_stable="prefetch" in variant)
             else:
                 gemv(xin, w, y, pdl=variant != "gemv", prefetch=variant == "gemv+pdl+prefetch")
             x = y
@@ -80,8 +93,9 @@ def main() -> None:
           f"{copy:.0f} GB/s\n")
     print("| variant | step (µs) | per GEMV (µs) | vs floor | equal to gemv |")
     print("|---|---|---|---|---|")
-    reference = None
-    for variant in ("cublas", "gemv", "gemv+pdl", "gemv+pdl+prefetch"):
+    reference = op_reference = None
+    for variant in ("cublas", "gemv", "gemv+pdl", "gemv+pdl+prefetch", "fxp.linear", "fxp.linear+pdl",
+                    "fxp.linear+pdl+prefetch"):
         try:
             step(variant)
             torch.cuda.synchronize()
@@ -94,7 +108,10 @@ def main() -> None:
             result = outs[-1].clone()
             if variant == "gemv":
                 reference = result
-            same = "-" if reference is None or variant == "cublas" else str(torch.equal(result, reference))
+            if variant == "fxp.linear":
+                op_reference = result
+            ref = op_reference if variant.startswith("fxp.linear") else reference
+            same = "-" if ref is None or variant == "cublas" else str(torch.equal(result, ref))
             us = triton.testing.do_bench(graph.replay, warmup=20, rep=200) * 1e3
             print(f"| {variant} | {us:.1f} | {us / len(weights):.2f} | {us / (bytes_read / copy / 1e3):.2f}x | {same} |",
                   flush=True)
