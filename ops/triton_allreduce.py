@@ -15,10 +15,11 @@ small barriers.
 - **nccl**: the op's eager path (functional ``all_reduce`` then ``fxp.add_rms_norm``), everywhere else.
 
 Barriers are per program: program b of rank r only waits for program b of each peer, through one int32 slot per
-(program, peer) in the allocation's signal pad. Sending is a compare-and-swap 0 -> 1 at system scope with release
-semantics (spinning while the peer has not taken the previous signal), waiting a compare-and-swap 1 -> 0 with acquire
-semantics. So after every call the pads are back at zero, which is what lets a CUDA graph replay the kernel. NVLink
-multicast is never used: plain loads and stores through the peers' pointers only.
+(barrier phase, program, peer) in the allocation's signal pad. Sending is an exchange to 1 at system scope with
+release semantics that the sender does not wait on, taking a signal a compare-and-swap 1 -> 0 with acquire
+semantics (``_barrier`` says why a signal is never lost). So after every call the pads are back at zero, which is
+what lets a CUDA graph replay the kernel. NVLink multicast is never used: plain loads and stores through the peers'
+pointers only.
 
 Every rank must take the same path or the ranks deadlock (one waits in a barrier, another in NCCL). The choice
 depends only on shapes, dtype, the group's size, this build and the environment (``FXPASSES_SYMM_ALLREDUCE``), which
@@ -169,7 +170,7 @@ class Workspace:
     rank: int
     world_size: int
     nbytes: int
-    max_programs: int  # per launch: signal-pad slots per peer, and never more programs than the device has SMs
+    max_programs: int  # per launch: each barrier phase's signal-pad slots per peer, at most the device's SMs
 
 
 _WORKSPACES: dict[tuple[str, int, int], Workspace] = {}
@@ -204,7 +205,7 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
         raise RuntimeError(f"fxp.allreduce_add_rms_norm: symmetric memory rendezvous over group {group_name!r} gave "
                            f"world size {handle.world_size}, but the group has {world} ranks.")
     ptrs = _buffer_pointers(buffer, handle, group_name, nbytes)
-    slots = compat.symm_mem_signal_pad_bytes() // 4 // world
+    slots = compat.symm_mem_signal_pad_bytes() // 4 // world // 2  # int32 slots per peer, for each of two phases
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     ws = Workspace(
         group_name=group_name, device=device, buffer=buffer, handle=handle,
@@ -253,32 +254,41 @@ if triton is not None:
     from fxpasses.ops.triton_rounding import round_as
 
     @triton.jit
-    def _barrier(SIG_PTRS, block, RANK: tl.constexpr, WORLD: tl.constexpr):
+    def _barrier(SIG_PTRS, block, slots, PHASE: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr):
         """Program ``block`` of every rank meets here. The CTA barrier first, so every thread's stores (local and
-        to peers) precede the one release; then signal each peer (release, system scope), then take each peer's
-        signal (acquire, system scope), then the CTA barrier again so every thread's later loads follow it."""
+        to peers) precede the release; then one thread signals each peer (an exchange to 1 with release semantics
+        at system scope whose result nobody reads, so the thread does not wait for the round trip), then takes
+        each peer's signal (compare-and-swap 1 -> 0, acquire, system scope), then the CTA barrier again so every
+        thread's later loads follow it.
+
+        Each of a call's two barriers (``PHASE`` 0 and 1) has its own slots, ``slots`` apart: a signal is never
+        sent into a slot whose previous signal the peer has not yet taken. The previous signal in a slot of phase
+        0 was taken by the peer before it sent its phase-1 signal of that call, which this rank waited for; the
+        previous one in a slot of phase 1 was taken at the end of the peer's earlier call, which finished before
+        the peer's phase-0 signal of this call, which this rank waited for. So every pad is back at zero after a
+        call (what a CUDA-graph replay needs) and no signal is lost."""
         tl.debug_barrier()
+        base = (PHASE * slots + block) * WORLD
         local_pad = tl.load(SIG_PTRS + RANK).to(tl.pointer_type(tl.int32))
         for p in tl.static_range(WORLD):
             if p != RANK:
                 peer_pad = tl.load(SIG_PTRS + p).to(tl.pointer_type(tl.int32))
-                while tl.atomic_cas(peer_pad + block * WORLD + RANK, 0, 1, sem="release", scope="sys") != 0:
-                    pass
+                tl.atomic_xchg(peer_pad + base + RANK, 1, sem="release", scope="sys")
         for p in tl.static_range(WORLD):
             if p != RANK:
-                while tl.atomic_cas(local_pad + block * WORLD + p, 1, 0, sem="acquire", scope="sys") != 1:
+                while tl.atomic_cas(local_pad + base + p, 1, 0, sem="acquire", scope="sys") != 1:
                     pass
         tl.debug_barrier()
+
+    @triton.jit
+    def _barrier_kernel(SIG_PTRS, slots, PHASE: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr):
+        """One barrier per program and nothing else (tests check the signal-pad protocol with it)."""
+        _barrier(SIG_PTRS, tl.program_id(0), slots, PHASE, RANK, WORLD)
 
     @triton.jit
     def _wide(i):
         """``i`` as int64 (row offsets of a large batch overflow int32); also works on the interpreter's ints."""
         return i + tl.zeros([], tl.int64)
-
-    @triton.jit
-    def _barrier_kernel(SIG_PTRS, RANK: tl.constexpr, WORLD: tl.constexpr):
-        """One barrier per program and nothing else (tests check the signal-pad protocol with it)."""
-        _barrier(SIG_PTRS, tl.program_id(0), RANK, WORLD)
 
     @triton.jit
     def _reduce_add_norm(BUF_PTRS, R, Wt, row, cols, mask, n_cols, eps, DT: tl.constexpr, WORLD: tl.constexpr):
@@ -300,7 +310,7 @@ if triton is not None:
         return y, xf
 
     @triton.jit
-    def _one_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, rows, n_cols, eps,
+    def _one_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, n_cols, eps,
                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
@@ -312,17 +322,17 @@ if triton is not None:
             off = _wide(row) * n_cols + cols
             tl.store(local + off, tl.load(X + off, mask=mask), mask=mask)
         if BARRIER:
-            _barrier(SIG_PTRS, pid, RANK, WORLD)
+            _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for row in range(pid, rows, nprog):
             y, xf = _reduce_add_norm(BUF_PTRS, R, Wt, _wide(row), cols, mask, n_cols, eps, DT, WORLD)
             off = _wide(row) * n_cols + cols
             tl.store(ROUT + off, xf.to(DT), mask=mask)
             tl.store(OUT + off, y.to(DT), mask=mask)
         if BARRIER:  # closing: no rank's next call may overwrite its buffer while a peer still reads it
-            _barrier(SIG_PTRS, pid, RANK, WORLD)
+            _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
 
     @triton.jit
-    def _two_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, rows, chunk, n_cols, eps, area,
+    def _two_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, chunk, n_cols, eps, area,
                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
         # Rank s owns rows s*chunk .. s*chunk+chunk-1. Program b handles in-share index j in b, b+G, ... of every
         # share, in every phase, so each phase only needs program b of each peer (the per-program barrier).
@@ -340,7 +350,7 @@ if triton is not None:
                 m = mask & (row < rows)
                 tl.store(local + off, tl.load(X + off, mask=m), mask=m)
         if BARRIER:
-            _barrier(SIG_PTRS, pid, RANK, WORLD)
+            _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for j in range(pid, chunk, nprog):
             row = RANK * chunk + j
             if row < rows:
@@ -354,7 +364,7 @@ if triton is not None:
                         tl.store(peer + area + off, y.to(DT), mask=mask)
                         tl.store(peer + 2 * area + off, xf.to(DT), mask=mask)
         if BARRIER:
-            _barrier(SIG_PTRS, pid, RANK, WORLD)
+            _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
         for j in range(pid, chunk, nprog):
             for s in tl.static_range(WORLD):
                 if s != RANK:
@@ -401,12 +411,12 @@ def fused_allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight
     if path == "one_shot":
         grid = (min(rows, launch.max_programs),)
         _one_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs,
-                               rows, hidden, eps, **common)
+                               launch.max_programs, rows, hidden, eps, **common)
     elif path == "two_shot":
         chunk = -(-rows // launch.world_size)
         grid = (min(chunk, launch.max_programs),)
         _two_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs,
-                               rows, chunk, hidden, eps, launch.area_bytes // x.element_size(), **common)
+                               launch.max_programs, rows, chunk, hidden, eps, launch.area_bytes // x.element_size(), **common)
     else:
         raise ValueError(f"fused_allreduce_add_rms_norm: path {path!r} must be 'one_shot' or 'two_shot'.")
     return out, rout

@@ -13,6 +13,7 @@ Llama with full and piecewise CUDA graphs equal to eager.
 """
 import hashlib
 import os
+import re
 
 import pytest
 import torch
@@ -177,15 +178,20 @@ def interpreter_checks() -> None:
     else:
         raise AssertionError("an oversized call was accepted")
 
-    # the signal-pad protocol: rank 0 of 2, with rank 1's signal already in each program's slot
-    world, programs = 2, 3
-    pads = [torch.zeros(64, dtype=torch.int32) for _ in range(world)]
-    sptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
-    for b in range(programs):
-        pads[0][b * world + 1] = 1
-    t._barrier_kernel[(programs,)](sptrs, RANK=0, WORLD=world)
-    assert pads[0].eq(0).all(), "rank 0 took each program's signal from rank 1 (its pad is back at zero)"
-    assert pads[1][: programs * world].tolist() == [1, 0] * programs, "and signalled rank 1 once per program"
+    # the signal-pad protocol: rank 0 of 2, with rank 1's signal already in each program's slot of the phase
+    world, programs, slots = 2, 3, 4
+    for phase in (0, 1):
+        pads = [torch.zeros(2 * slots * world, dtype=torch.int32) for _ in range(world)]
+        sptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
+        first = phase * slots * world
+        for b in range(programs):
+            pads[0][first + b * world + 1] = 1
+        t._barrier_kernel[(programs,)](sptrs, slots, PHASE=phase, RANK=0, WORLD=world)
+        assert pads[0].eq(0).all(), "rank 0 took each program's signal from rank 1 (its pad is back at zero)"
+        signalled = [0] * (2 * slots * world)
+        for b in range(programs):
+            signalled[first + b * world] = 1
+        assert pads[1].tolist() == signalled, "and signalled rank 1 once per program, in the phase's slots"
 
 
 @needs_triton
@@ -194,23 +200,25 @@ def test_kernels_under_triton_interpreter():
 
 
 def hopper_compile_checks() -> None:
-    """Compile both kernels for sm_90 ahead of time (no GPU needed): system-scope release and acquire
-    compare-and-swaps for the barriers, 16-byte vector loads from the peers' buffers, no multicast."""
+    """Compile both kernels for sm_90 ahead of time (no GPU needed): the barriers' system-scope release exchange
+    and acquire compare-and-swap (predicated: one thread per program), 16-byte vector loads from the peers'
+    buffers, no multicast."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
     from fxpasses.ops import triton_allreduce as t
 
     types = {"X": "*bf16", "R": "*bf16", "Wt": "*bf16", "OUT": "*bf16", "ROUT": "*bf16", "BUF_PTRS": "*i64",
-             "SIG_PTRS": "*i64", "rows": "i32", "chunk": "i32", "n_cols": "i32", "eps": "fp32", "area": "i32"}
+             "SIG_PTRS": "*i64", "slots": "i32", "rows": "i32", "chunk": "i32", "n_cols": "i32", "eps": "fp32", "area": "i32"}
     for kernel in (t._one_shot_kernel, t._two_shot_kernel):
         signature = {a: types[a] for a in kernel.arg_names if a in types}
         aligned = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in signature
-                   if a not in ("rows", "chunk", "eps")}
+                   if a not in ("rows", "chunk", "eps", "slots")}
         const = dict(RANK=1, WORLD=2, BLOCK=4096, BARRIER=True)
         src = ASTSource(kernel, {**signature, **{k: "constexpr" for k in const}}, const, aligned)
         ptx = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16)).asm["ptx"]
-        assert "atom.global.release.sys.cas.b32" in ptx and "atom.global.acquire.sys.cas.b32" in ptx
+        atomics = set(re.findall(r"@%p\d+ atom\.[\w.]+", ptx))  # each predicated: one thread per program
+        assert {a.split()[1] for a in atomics} == {"atom.global.sys.release.exch.b32", "atom.global.acquire.sys.cas.b32"}
         assert "ld.global.v4.b32" in ptx and "multimem" not in ptx
 
 
