@@ -27,6 +27,12 @@ the epilogue round every intermediate where the unfused kernels round it (``roun
 from the unfused sequence only by that summation order; the one-pass prologue also skips the rounding of the
 normalized row (rstd is known only at the end of the walk), so it differs by rounding order too (``_gemv_body``).
 
+Every kernel here is launched with programmatic dependent launch where the GPU has it (``pdl_enabled``; off with
+``FXPASSES_PDL=0``): it waits (``gdc_wait``) before reading anything another kernel may write, so the next
+kernel's launch, and with the op's ``weight_stable`` (set by ``fxpasses.stable_weights`` where the graph proves
+no kernel of the step writes the weight) the 1-token GEMV's first weight block, overlap the previous kernel's
+tail. Same bits either way.
+
 Which kernel and tile runs is decided per call from (M, N, K) by ``choose``: a table measured on an H200
 (``benchmarks/gemm.py --sweep``); shapes and token counts it does not name go to cuBLAS, as do fp32, strided
 weights and M above 32. The fused ops run their kernel at one token where it was measured faster
