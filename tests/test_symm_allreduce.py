@@ -387,7 +387,7 @@ def pool():
 
 @multigpu
 @needs_2_gpus
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_bit_identical_to_nccl_and_add_rms_norm(pool, dtype):
     results = pool.run(rank_bit_identical, [dtype], TOKENS, HIDDENS)
     assert results[0]["failures"] == [] and results[1]["failures"] == [], results[0]["failures"][:5]
