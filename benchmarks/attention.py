@@ -2,12 +2,14 @@
 (token, kv head), and the bandwidth floor.
 
     python benchmarks/attention.py [--models 1b 8b] [--tokens 1 8 32] [--contexts 32 256 1024 4096 16384]
+                                   [--waves 2 4 8]
 
 Each row is a decode step's attention at the model's shape: ``layers`` calls of ``fxp.attention.rope`` (RoPE of q
 and k, the cache write and attention in one launch, as the compiled models run it), each layer with its own cache
 (a step reads every layer's cache once, from HBM), all captured in one CUDA graph and replayed; the median replay
 per step. Every token is its own sequence with ``context`` cached positions. Columns: the unsplit kernel
-(``FXPASSES_ATTENTION_SPLIT=0``'s path), the split kernel as the op plans it, and the floor: the bytes of cache a
+(``FXPASSES_ATTENTION_SPLIT=0``'s path), the split kernel as the op plans it (``--waves``: as it would plan it
+with that many programs per SM as the target, one column each; the op's own is ``SPLIT_WAVES``), and the floor: the bytes of cache a
 step must read (k and v of every layer, position and token) at the copy bandwidth measured in the same run. Each
 split result is checked against the unsplit one (the same math merged in another order: bf16 tolerance), and the
 arrival counters must be back at zero.
@@ -84,15 +86,19 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["1b", "8b"], choices=sorted(SHAPES))
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--contexts", nargs="+", type=int, default=[32, 256, 1024, 4096, 16384])
+    parser.add_argument("--waves", nargs="+", type=int, default=None, help="split targets, programs per SM")
     parser.add_argument("--max-gb", type=float, default=24.0, help="skip rows whose caches exceed this")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bandwidth:.0f} GB/s, {sms} SMs")
-    print("| model | tokens | context | split plan | unsplit (us) | split (us) | speed-up | floor (us) | split / floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    waves = args.waves or [ta.SPLIT_WAVES]
+    print("| model | tokens | context | unsplit (us) | " + " | ".join(f"split, {w} per SM: plan, us" for w in waves)
+          + " | floor (us) | best / floor |")
+    print("|---|---|---|---|" + "---|" * len(waves) + "---|---|")
     for model in args.models:
         shape = SHAPES[model]
+        block_n = 32 if shape["dim"] <= 128 else 16
         for tokens in args.tokens:
             for context in args.contexts:
                 cache_bytes = shape["layers"] * tokens * (context + 8) * shape["kv_heads"] * shape["dim"] * 2 * 2
@@ -100,20 +106,24 @@ def main() -> None:
                     print(f"| {model} | {tokens} | {context} | skipped: {cache_bytes / 1e9:.0f} GB of cache > --max-gb |")
                     continue
                 layers = make_layers(shape, tokens, context)
-                block_n = 32 if shape["dim"] <= 128 else 16
-                plan = ta.plan_splits(tokens * shape["kv_heads"], context + 8, block_n, sms)
                 whole, out_whole = step_time_us(layers, ta.SplitPlan(1, context + 8))
-                split, out_split = step_time_us(layers, plan)
-                torch.cuda.synchronize()
-                if not counters_idle():
-                    raise SystemExit("the arrival counters were left non-zero")
-                diff = (out_split.float() - out_whole.float()).abs().max().item()
-                if diff > 5e-2:
-                    print(f"MISMATCH: split differs from unsplit by {diff:.3g} ({model}, {tokens}, {context})")
+                cells, best = [], whole
+                for w in waves:
+                    ta.SPLIT_WAVES = w
+                    plan = ta.plan_splits(tokens * shape["kv_heads"], context + 8, block_n, sms)
+                    split, out_split = step_time_us(layers, plan)
+                    torch.cuda.synchronize()
+                    if not counters_idle():
+                        raise SystemExit("the arrival counters were left non-zero")
+                    diff = (out_split.float() - out_whole.float()).abs().max().item()
+                    if diff > 5e-2:
+                        print(f"MISMATCH: split differs from unsplit by {diff:.3g} ({model}, {tokens}, {context})")
+                    cells.append(f"{plan.splits} x {plan.chunk}: {split:.1f} ({whole / split:.2f}x)")
+                    best = min(best, split)
                 read_bytes = shape["layers"] * tokens * (context + 1) * shape["kv_heads"] * shape["dim"] * 2 * 2
                 floor = read_bytes / bandwidth / 1e3
-                print(f"| {model} | {tokens} | {context} | {plan.splits} x {plan.chunk} | {whole:.1f} | {split:.1f} | "
-                      f"{whole / split:.2f}x | {floor:.1f} | {split / floor:.1f}x |")
+                print(f"| {model} | {tokens} | {context} | {whole:.1f} | " + " | ".join(cells)
+                      + f" | {floor:.1f} | {best / floor:.1f}x |")
                 del layers
 
 

@@ -131,8 +131,8 @@ def _online_softmax_step(q, k, v, visible, m, denom, acc, scale, IEEE: tl.conste
 def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, sqh, skc_s, skc_l, skc_h,
                       svc_s, svc_l, svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr,
-                      UPCAST: tl.constexpr, WRITE: tl.constexpr):
+                      BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, IEEE: tl.constexpr,
+                      ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -147,7 +147,7 @@ def _attention_kernel(Q, KC, VC, SLOT, POS, OUT, K, V, COS, SIN, WS, WSM, CNT, s
         _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, sqh, skc_s, skc_l, skc_h, svc_s,
                          svc_l, svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK, t, h,
                          split, used, slot, pos, n_keys, SLOT, POS, BLOCK_G, BLOCK_N, BLOCK_DK, BLOCK_DV, BLOCK_T,
-                         SPLITS, IEEE, ROPE, UPCAST, WRITE)
+                         SPLITS, SPLITS_P2, IEEE, ROPE, UPCAST, WRITE)
 
 
 @triton.jit
@@ -155,7 +155,8 @@ def _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, s
                      svc_h, sot, soh, skt, skh, svt, svh, sct, sst, GROUP, DK, DV, HALF, T, CHUNK, t, h, split, used,
                      slot, pos, n_keys, SLOT, POS, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
-                     IEEE: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, WRITE: tl.constexpr):
+                     SPLITS_P2: tl.constexpr, IEEE: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+                     WRITE: tl.constexpr):
     last = split == used - 1
     g = tl.arange(0, BLOCK_G)
     dk = tl.arange(0, BLOCK_DK)
@@ -225,22 +226,25 @@ def _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, s
             counter = CNT + t * tl.num_programs(1) + h
             ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if ticket == used - 1:
-                m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-                denom = tl.zeros([BLOCK_G], tl.float32)
+                # Every split's max at once, then each split's weighted values scaled to the common max: the loads
+                # are independent (unrolled, masked past ``used``), so they are in flight together, not one L2
+                # round trip after another.
+                sidx = tl.arange(0, SPLITS_P2)
+                live = sidx < used
+                m_all = tl.load(WSM + (part + sidx)[:, None] * 2 * BLOCK_G + g[None, :], mask=live[:, None],
+                                other=float("-inf"), cache_modifier=".cg")
+                d_all = tl.load(WSM + ((part + sidx) * 2 + 1)[:, None] * BLOCK_G + g[None, :], mask=live[:, None],
+                                other=0.0, cache_modifier=".cg")
+                m = tl.max(m_all, axis=0)
+                m_safe = tl.where(m == float("-inf"), 0.0, m)  # nothing visible in any split
+                denom = tl.sum(d_all * tl.exp(m_all - m_safe[None, :]), axis=0)
                 acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-                i = 0
-                while i < used:
-                    m_i = tl.load(WSM + (part + i) * 2 * BLOCK_G + g, cache_modifier=".cg")
-                    d_i = tl.load(WSM + ((part + i) * 2 + 1) * BLOCK_G + g, cache_modifier=".cg")
+                for i in tl.static_range(SPLITS):  # in split order: the same bits whichever program came last
+                    m_i = tl.load(WSM + (part + i) * 2 * BLOCK_G + g, mask=(g >= 0) & (i < used),
+                                  other=float("-inf"), cache_modifier=".cg")
                     a_i = tl.load(WS + ((part + i) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :],
-                                  cache_modifier=".cg")
-                    m_new = tl.maximum(m, m_i)
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible in either yet
-                    alpha, beta = tl.exp(m - m_safe), tl.exp(m_i - m_safe)
-                    denom = denom * alpha + d_i * beta
-                    acc = acc * alpha[:, None] + a_i * beta[:, None]
-                    m = m_new
-                    i += 1
+                                  mask=(g[:, None] >= 0) & (i < used), other=0.0, cache_modifier=".cg")
+                    acc += a_i * tl.exp(m_i - m_safe)[:, None]
                 _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
         else:
@@ -259,12 +263,13 @@ def _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom):
 # Batches up to this many tokens run one launch (the attention program writes its own row); larger ones (prefill)
 # keep the cache-write launch. Each program of a one-launch batch compares its slot with every token's.
 MAX_FUSED_TOKENS = 64
-# Splits over the context: a launch of fewer (token, kv head) programs than the GPU has SMs cuts each program's
+# Splits over the context: a launch of fewer (token, kv head) programs than SPLIT_WAVES per SM cuts each program's
 # positions into chunks of at least MIN_CHUNK, up to SPLIT_WAVES programs per SM in all. The split count comes from
 # the cache's length (a shape), never from the positions (values): no host sync, and a captured size always runs
 # the same way; chunks past a token's position return at once, so a short context pays only their launch.
 MIN_CHUNK = 64
-SPLIT_WAVES = 2
+SPLIT_WAVES = 4  # programs per SM a split launch aims at (benchmarks/attention.py --waves)
+MAX_SPLITS = 32  # the merge unrolls one load per split
 
 
 @dataclass(frozen=True)
@@ -278,9 +283,9 @@ class SplitPlan:
 def plan_splits(programs: int, cache_len: int, block_n: int, sms: int) -> SplitPlan:
     """The split of the context for a launch of ``programs`` (token, kv head) programs on a GPU of ``sms`` SMs."""
     whole = SplitPlan(1, max(cache_len, 1))
-    if os.environ.get("FXPASSES_ATTENTION_SPLIT", "1") == "0" or programs >= sms or cache_len <= MIN_CHUNK:
+    if os.environ.get("FXPASSES_ATTENTION_SPLIT", "1") == "0" or cache_len <= MIN_CHUNK:
         return whole
-    splits = min(triton.cdiv(cache_len, MIN_CHUNK), triton.cdiv(SPLIT_WAVES * sms, programs))
+    splits = min(triton.cdiv(cache_len, MIN_CHUNK), SPLIT_WAVES * sms // max(programs, 1), MAX_SPLITS)
     chunk = triton.cdiv(triton.cdiv(cache_len, splits), block_n) * block_n
     splits = triton.cdiv(cache_len, chunk)
     return whole if splits < 2 else SplitPlan(splits, chunk)
@@ -340,7 +345,7 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), sct, sst, group, dk, dv, half, tokens, split.chunk,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_T=max(triton.next_power_of_2(tokens), 16) if fuse_write else 16,
-        SPLITS=split.splits, IEEE=k_cache.dtype == torch.float32, WRITE=fuse_write, num_warps=4, **common,
+        SPLITS=split.splits, SPLITS_P2=triton.next_power_of_2(split.splits), IEEE=k_cache.dtype == torch.float32, WRITE=fuse_write, num_warps=4, **common,
     )
     return out
 
