@@ -97,7 +97,7 @@ def main() -> None:
     world = dist.get_world_size()
     group = dist.group.WORLD.group_name
     largest = max(args.tokens) * max(args.hidden) * 2
-    ws = ta.workspace(group, torch.device("cuda", local), min_bytes=3 * largest)
+    ws = ta.workspace(group, torch.device("cuda", local), min_bytes=2 * largest)
     rows = []
     for hidden in args.hidden:
         for tokens in args.tokens:

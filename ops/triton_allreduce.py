@@ -9,9 +9,9 @@ small barriers.
   sums them in rank order 0..W-1 in float32 and rounds the sum to x's dtype (at W=2 that is NCCL's number bit for
   bit, and every rank holds the same bits); then exactly what ``add_rms_norm``'s kernel does; a closing barrier so
   the next call cannot overwrite a buffer a peer is still reading.
-- **two-shot** (more tokens): rank r reduces and norms only its share of the rows, pushes the normalized and the
-  residual rows into every peer's buffer, barrier, and each rank copies the other shares out. Each rank reads 1/W of
-  the peers' data instead of all of it.
+- **two-shot** (more tokens): rank r reduces only its share of the rows and pushes the rounded sums into every
+  peer's buffer; barrier; each rank then adds and norms every row (the same bits on every rank, since every rank
+  holds the same sums). Each rank reads 1/W of the peers' data instead of all of it.
 - **nccl**: the op's eager path (functional ``all_reduce`` then ``fxp.add_rms_norm``), everywhere else.
 
 Barriers are per program: program b of rank r only waits for program b of each peer, through one int32 slot per
@@ -126,10 +126,10 @@ def choose_allreduce(tokens: int, hidden: int, world_size: int, dtype: torch.dty
 
 
 def workspace_bytes(world_size: int) -> int:
-    """Symmetric bytes per (group, device): three equal areas (inputs; the two-shot's normalized and residual rows),
-    each as large as the largest payload either path is selected for, rounded up to 16 bytes."""
+    """Symmetric bytes per (group, device): two equal areas (inputs; the two-shot's gathered sums), each as large as
+    the largest payload either path is selected for, rounded up to 16 bytes."""
     area = max(ONE_SHOT_MAX_BYTES.get(world_size, 0), TWO_SHOT_MAX_BYTES.get(world_size, 0))
-    return 3 * (-(-area // 16) * 16)
+    return 2 * (-(-area // 16) * 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -199,7 +199,7 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
                     "workspace cannot be made there, so this call uses NCCL. Run one eager call first.", group_name)
         return None
     world = group_size(group_name)
-    nbytes = max(workspace_bytes(world), -(-min_bytes // 48) * 48)  # three areas, each a multiple of 16 bytes
+    nbytes = max(workspace_bytes(world), -(-min_bytes // 32) * 32)  # two areas, each a multiple of 16 bytes
     buffer, handle = compat.symm_mem_rendezvous(nbytes, device, group_name)
     if handle.world_size != world:
         raise RuntimeError(f"fxp.allreduce_add_rms_norm: symmetric memory rendezvous over group {group_name!r} gave "
@@ -291,23 +291,27 @@ if triton is not None:
         return i + tl.zeros([], tl.int64)
 
     @triton.jit
-    def _reduce_add_norm(BUF_PTRS, R, Wt, row, cols, mask, n_cols, eps, DT: tl.constexpr, WORLD: tl.constexpr):
-        """Row ``row``: the sum over ranks 0..W-1 (float32, starting from rank 0's value so -0.0 stays -0.0, then
-        rounded to the dtype as NCCL's result is), ``+ residual`` rounded as eager's add, and the RMSNorm exactly as
-        ``ops.triton_kernels._norm_kernel`` computes it (same block and warps, so the same reduction tree)."""
-        off = row * n_cols + cols
+    def _sum_over_ranks(BUF_PTRS, off, mask, DT: tl.constexpr, WORLD: tl.constexpr):
+        """The rows at ``off`` summed over ranks 0..W-1 in float32 (starting from rank 0's value, so -0.0 stays
+        -0.0), rounded to the dtype as NCCL's result is; returned as float32."""
         acc = tl.load(tl.multiple_of(tl.load(BUF_PTRS).to(tl.pointer_type(DT)), 16) + off, mask=mask, other=0.0,
                       cache_modifier=".cv").to(tl.float32)
         for p in tl.static_range(1, WORLD):
             buf = tl.multiple_of(tl.load(BUF_PTRS + p).to(tl.pointer_type(DT)), 16)
             acc += tl.load(buf + off, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-        s = round_as(acc, DT)
+        return round_as(acc, DT)
+
+    @triton.jit
+    def _add_norm_store(s, R, Wt, OUT, ROUT, off, cols, mask, n_cols, eps, DT: tl.constexpr):
+        """``residual_out = s + residual`` rounded as eager's add, and the RMSNorm exactly as
+        ``ops.triton_kernels._norm_kernel`` computes it (same block and warps, so the same reduction tree)."""
         r = tl.load(R + off, mask=mask, other=0.0)
         xf = round_as(s + r.to(tl.float32), DT)
+        tl.store(ROUT + off, xf.to(DT), mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         w = tl.load(Wt + cols, mask=mask, other=0.0)
         y = round_as(w.to(tl.float32) * round_as(xf * rstd, DT), DT)
-        return y, xf
+        tl.store(OUT + off, y.to(DT), mask=mask)
 
     @triton.jit
     def _one_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, n_cols, eps,
@@ -324,19 +328,21 @@ if triton is not None:
         if BARRIER:
             _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for row in range(pid, rows, nprog):
-            y, xf = _reduce_add_norm(BUF_PTRS, R, Wt, _wide(row), cols, mask, n_cols, eps, DT, WORLD)
             off = _wide(row) * n_cols + cols
-            tl.store(ROUT + off, xf.to(DT), mask=mask)
-            tl.store(OUT + off, y.to(DT), mask=mask)
+            s = _sum_over_ranks(BUF_PTRS, off, mask, DT, WORLD)
+            _add_norm_store(s, R, Wt, OUT, ROUT, off, cols, mask, n_cols, eps, DT)
         if BARRIER:  # closing: no rank's next call may overwrite its buffer while a peer still reads it
             _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
 
     @triton.jit
     def _two_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, chunk, n_cols, eps, area,
                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
-        # Rank s owns rows s*chunk .. s*chunk+chunk-1. Program b handles in-share index j in b, b+G, ... of every
-        # share, in every phase, so each phase only needs program b of each peer (the per-program barrier).
-        # Buffer areas, in elements: [0, area) inputs, [area, 2*area) normalized rows, [2*area, 3*area) residual rows.
+        # Rank s owns rows s*chunk .. s*chunk+chunk-1: it sums them over the ranks and pushes the rounded sums into
+        # every peer's second area; then each rank adds and norms every row itself (bit-identical on every rank,
+        # since every rank holds the same sums). Pushing the sums, not the normalized and residual rows, halves
+        # the traffic. Program b handles in-share index j in b, b+G, ... of every share, in every phase, so each
+        # phase only needs program b of each peer (the per-program barrier).
+        # Buffer areas, in elements: [0, area) inputs, [area, 2*area) the gathered sums.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
@@ -353,16 +359,14 @@ if triton is not None:
             _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for j in range(pid, chunk, nprog):
             row = RANK * chunk + j
-            if row < rows:
-                y, xf = _reduce_add_norm(BUF_PTRS, R, Wt, _wide(row), cols, mask, n_cols, eps, DT, WORLD)
-                off = _wide(row) * n_cols + cols
-                tl.store(ROUT + off, xf.to(DT), mask=mask)
-                tl.store(OUT + off, y.to(DT), mask=mask)
-                for p in tl.static_range(WORLD):
-                    if p != RANK:
-                        peer = tl.multiple_of(tl.load(BUF_PTRS + p).to(tl.pointer_type(DT)), 16)
-                        tl.store(peer + area + off, y.to(DT), mask=mask)
-                        tl.store(peer + 2 * area + off, xf.to(DT), mask=mask)
+            off = _wide(row) * n_cols + cols
+            m = mask & (row < rows)
+            total = _sum_over_ranks(BUF_PTRS, off, m, DT, WORLD)
+            for p in tl.static_range(WORLD):
+                if p != RANK:
+                    peer = tl.multiple_of(tl.load(BUF_PTRS + p).to(tl.pointer_type(DT)), 16)
+                    tl.store(peer + area + off, total.to(DT), mask=m)
+            _add_norm_store(total, R, Wt, OUT, ROUT, off, cols, m, n_cols, eps, DT)
         if BARRIER:
             _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
         for j in range(pid, chunk, nprog):
@@ -371,8 +375,8 @@ if triton is not None:
                     row = s * chunk + j
                     off = _wide(row) * n_cols + cols
                     m = mask & (row < rows)
-                    tl.store(OUT + off, tl.load(local + area + off, mask=m, cache_modifier=".cv"), mask=m)
-                    tl.store(ROUT + off, tl.load(local + 2 * area + off, mask=m, cache_modifier=".cv"), mask=m)
+                    total = tl.load(local + area + off, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+                    _add_norm_store(total, R, Wt, OUT, ROUT, off, cols, m, n_cols, eps, DT)
 
 
 @dataclass(frozen=True)
@@ -384,13 +388,13 @@ class Launch:
     signal_ptrs: torch.Tensor
     rank: int
     world_size: int
-    area_bytes: int  # bytes of each of the three areas (the input area for one-shot)
+    area_bytes: int  # bytes of each of the two areas (one-shot uses the input area only)
     max_programs: int
     barrier: bool = True
 
 
 def launch_for(ws: Workspace) -> Launch:
-    return Launch(ws.buffer_ptrs, ws.signal_ptrs, ws.rank, ws.world_size, ws.nbytes // 3, ws.max_programs)
+    return Launch(ws.buffer_ptrs, ws.signal_ptrs, ws.rank, ws.world_size, ws.nbytes // 2, ws.max_programs)
 
 
 def fused_allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
