@@ -370,8 +370,10 @@ def rank_llama(rank, world, cuda_graphs):
     backend = Backend(mapping, patterns=names, cuda_graph_sizes=[2, 4, 8, 16], splitting_ops=splits)
     eager = run_steps(eager_stage, steps)
     compiled = run_steps(stage, steps, torch.compile(stage, backend=backend))
+    tp_group = init_process_groups(mapping).tp.group_name
     return {"matches": dict(backend.report.matches), "eager": [e.float().cpu() for e in eager],
-            "compiled": [c.float().cpu() for c in compiled]}
+            "compiled": [c.float().cpu() for c in compiled],
+            "fused_ran": any(key[0] == tp_group for key in ta._WORKSPACES)}
 
 
 @pytest.fixture(scope="module")
@@ -412,6 +414,7 @@ def test_compiled_tp2_llama_equals_eager(pool, cuda_graphs):
     results = pool.run(rank_llama, cuda_graphs, timeout=300)
     for r in results:
         assert r["matches"].get("allreduce_add_rms_norm", 0) > 0, r["matches"]
+        assert r["fused_ran"], "the fused kernel's workspace was made for the TP group (the op took a fused path)"
         for step, (got, want) in enumerate(zip(r["compiled"], r["eager"])):
             torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2, msg=lambda m, step=step: f"step {step}: {m}")
     assert all(torch.equal(a, b) for a, b in zip(results[0]["compiled"], results[1]["compiled"])), \
