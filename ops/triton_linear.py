@@ -431,9 +431,24 @@ def _small_m_kernel(X, W, B, OUT, M, N, K, sxm, swn, som, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
+def _split_w_tile(w_ptrs, k0, k_hi, rk, EVEN_K: tl.constexpr, SWAP: tl.constexpr):
+    """The split-K kernel's weight tile at ``k0`` (``w_ptrs`` already there), masked past ``k_hi``."""
+    if EVEN_K:
+        w = tl.load(w_ptrs)
+    else:
+        kmask = (k0 + rk) < k_hi
+        if SWAP:
+            w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
+    return w
+
+
+@triton.jit
 def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, HAS_BIAS: tl.constexpr,
                     EVEN_K: tl.constexpr, SPLITS: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL_WAIT: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = False):
     """Program (column block, K split) of the split-K small-M GEMM (see ``launch_split_k``).
 
     The program multiplies x's rows (padded to ``BLOCK_M``) with ``BLOCK_N`` weight rows over its ``k_per_split``
@@ -452,11 +467,12 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
     launch (and every CUDA-graph replay) finds it zeroed. The sum's order does not depend on which program
     arrives last: the output is bit-identical run to run.
 
-    ``PDL_WAIT``: programmatic dependent launch, waiting first (see ``_gemv_block``): nothing, not even the weight,
-    is read before the wait, and the workspace and counters are touched only after it, so a launch that overlaps
-    the previous split-K launch's tail never sees its counters or partials.
+    ``PDL_WAIT``: programmatic dependent launch (see ``_gemv_block``): x, the bias, the workspace and the counters
+    are touched only after the wait, so a launch that overlaps the previous split-K launch's tail never sees its
+    counters or partials; nothing is read before it either, except with ``PREFETCH`` (the op's ``weight_stable``)
+    the program's first weight tile.
     """
-    if PDL_WAIT:
+    if PDL_WAIT and not PREFETCH:
         gdc_wait()
         gdc_launch_dependents()
     pid_n = tl.program_id(0)
@@ -476,9 +492,20 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
         w_ptrs = W + rn_ld[None, :] * swn + (k_lo + rk)[:, None]  # [BLOCK_K, BLOCK_N]: W^T, K contiguous
         x_ptrs = X + rm_ld[:, None] * sxm + (k_lo + rk)[None, :]  # [BLOCK_M, BLOCK_K]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if PREFETCH:  # the weight is never written in the step: its first tile is read before the wait
+        w_first = _split_w_tile(w_ptrs, k_lo, k_hi, rk, EVEN_K, SWAP)
+        if PDL_WAIT:
+            gdc_wait()
+            gdc_launch_dependents()
     for k0 in range(k_lo, k_hi, BLOCK_K):
+        if PREFETCH:
+            if k0 == k_lo:
+                w = w_first
+            else:
+                w = _split_w_tile(w_ptrs, k0, k_hi, rk, EVEN_K, SWAP)
+        else:
+            w = _split_w_tile(w_ptrs, k0, k_hi, rk, EVEN_K, SWAP)
         if EVEN_K:
-            w = tl.load(w_ptrs)
             if SWAP:
                 x = tl.load(x_ptrs, mask=rm[None, :] < M, other=0.0)
             else:
@@ -486,10 +513,8 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
         else:
             kmask = (k0 + rk) < k_hi
             if SWAP:
-                w = tl.load(w_ptrs, mask=kmask[None, :], other=0.0)
                 x = tl.load(x_ptrs, mask=kmask[:, None] & (rm[None, :] < M), other=0.0)
             else:
-                w = tl.load(w_ptrs, mask=kmask[:, None], other=0.0)
                 x = tl.load(x_ptrs, mask=kmask[None, :] & (rm[:, None] < M), other=0.0)
         if SWAP:
             acc = tl.dot(w, x, acc)
@@ -615,11 +640,12 @@ def split_plan(k: int, block_k: int, split: int) -> tuple[int, int]:
 
 
 def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: Config,
-                   out: torch.Tensor, pdl: bool | None = None) -> torch.Tensor:
+                   out: torch.Tensor, pdl: bool | None = None, weight_stable: bool = False) -> torch.Tensor:
     """``_split_k_kernel`` on ``x2 [M, K]`` (M <= ``config.block_m``, K > 0, last dim contiguous), ``weight [N, K]``
     contiguous, into ``out [M, N]``. Grid: column blocks x K splits; with more than one split, an ``[S, M, N]``
     float32 workspace from torch's caching allocator (capture-safe: under a CUDA graph it comes from the graph's
-    pool) and a run of the device's arrival counters (``_counters``). ``pdl`` None: ``pdl_enabled``."""
+    pool) and a run of the device's arrival counters (``_counters``). ``pdl`` None: ``pdl_enabled``;
+    ``weight_stable`` as in ``launch``."""
     pdl = pdl_enabled(out.device) if pdl is None else pdl
     m, k = x2.shape
     n = weight.shape[0]
@@ -639,6 +665,7 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         x2, weight, bias if bias is not None else out, out, ws, counters if counters is not None else out, m, n, k,
         x2.stride(0), weight.stride(0), out.stride(0), per, HAS_BIAS=bias is not None, EVEN_K=k % c.block_k == 0,
         SPLITS=splits, SWAP=c.swap, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, PDL_WAIT=pdl,
+        PREFETCH=_prefetch(pdl, weight_stable),
         num_warps=c.num_warps, num_stages=c.num_stages, **_pdl_launch(pdl))
     return out
 
@@ -648,7 +675,8 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
     """Run one kernel on ``x2 [M, K]`` (last dim contiguous) and ``weight [N, K]`` (contiguous) with ``config``.
     Public for the benchmark's sweep and the tests; ``linear_cuda`` is what the op calls. ``pdl``: launch with
     programmatic dependent launch (None: ``pdl_enabled``); ``weight_stable``: the caller guarantees no kernel of the
-    step writes ``weight``, so the 1-token GEMV reads its first weight block before the PDL wait."""
+    step writes ``weight``, so the 1-token GEMV and the split-K kernel read their first weight block before the PDL
+    wait."""
     m, k = x2.shape
     n = weight.shape[0]
     if out is None:
@@ -668,7 +696,7 @@ def launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, co
                                                      out.stride(0), PREFETCH=_prefetch(pdl, weight_stable), **common)
         return out
     if c.split:
-        return launch_split_k(x2, weight, bias, c, out, pdl=pdl)
+        return launch_split_k(x2, weight, bias, c, out, pdl=pdl, weight_stable=weight_stable)
     if c.block_m <= 8:
         if m > c.block_m:
             raise ValueError(f"triton_linear.launch: {c} covers at most {c.block_m} rows, x has {m}.")

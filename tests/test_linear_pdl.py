@@ -243,6 +243,24 @@ def interpreter_checks() -> None:
         again = tl_lin.launch_fused(x, w, config, norm_weight=nw, eps=1e-5, residual=r, up_weight=up, pdl=False,
                                     weight_stable=True)
         assert torch.equal(fused[0], again[0]) and torch.equal(fused[1], again[1])
+    # the split-K kernel (2..32 tokens): its first weight tile read before the loop, K split or not, swap-AB or not
+    for m, n, k, config in [(3, 40, 96, tl_lin.Config(16, 16, 32, 4, 1, split=3)),
+                            (8, 64, 100, tl_lin.Config(16, 32, 32, 4, 1, split=2, swap=True)),
+                            (5, 16, 64, tl_lin.Config(16, 16, 16, 4, 1, split=1))]:
+        x, w = rand(m, k, dtype=dt, seed=5), rand(n, k, dtype=dt, seed=6)
+        outs = []
+        for prefetch in (False, True):
+            out = torch.full((m, n), float("nan"), dtype=dt)
+            splits, per = tl_lin.split_plan(k, config.block_k, config.split)
+            ws = torch.empty((splits, m, n), dtype=torch.float32)
+            cnt = torch.zeros(triton_cdiv(n, config.block_n), dtype=torch.int32)
+            tl_lin._split_k_kernel[(triton_cdiv(n, config.block_n), splits)](
+                x, w, out, out, ws, cnt, m, n, k, k, k, n, per, HAS_BIAS=False, EVEN_K=k % config.block_k == 0,
+                SPLITS=splits, SWAP=config.swap, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                BLOCK_K=config.block_k, PREFETCH=prefetch)
+            outs.append(out)
+            assert not cnt.any()  # the counters back at zero
+        assert torch.equal(outs[0], outs[1]) and not outs[0].isnan().any(), (m, n, k, config)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -297,8 +315,10 @@ def hopper_compile_checks() -> None:
         check(ptx(tl_lin._fused_gemv_kernel, fused, const), True, prefetch, const)
     split = {"X": "*bf16", "W": "*bf16", "B": "*bf16", "OUT": "*bf16", "WS": "*fp32", "CNT": "*i32",
              **{a: "i32" for a in ("M", "N", "K", "sxm", "swn", "som", "k_per_split")}}
-    const = dict(HAS_BIAS=False, EVEN_K=True, SPLITS=4, SWAP=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PDL_WAIT=True)
-    check(ptx(tl_lin._split_k_kernel, split, const), True, False, "split-K")
+    for prefetch, even, swap in [(False, True, True), (True, True, True), (True, False, False)]:
+        const = dict(HAS_BIAS=False, EVEN_K=even, SPLITS=4, SWAP=swap, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128,
+                     PDL_WAIT=True, PREFETCH=prefetch)
+        check(ptx(tl_lin._split_k_kernel, split, const), True, prefetch, ("split-K", const))
 
 
 @needs_triton
@@ -397,31 +417,34 @@ def test_pdl_equals_no_pdl_bit_for_bit_for_every_op(graph, prologue, pdl_env, mo
 @needs_cuda
 @pytest.mark.parametrize("m", [2, 8, 32])
 def test_small_token_kernels_with_pdl_equal_no_pdl(m, pdl_env):
-    """2-32 tokens (split-K, several-rows and tl.dot kernels, wait-first), eager and replayed in a CUDA graph."""
+    """2-32 tokens (split-K, several-rows and tl.dot kernels; split-K with its first weight tile read before the
+    wait where the weight is stable), eager and replayed in a CUDA graph."""
     fxp = torch.ops.fxp
     ws = [rand(n, k, dtype=torch.bfloat16, seed=i, device="cuda") * 0.03
           for i, (n, k) in enumerate([(2048, 2048), (512, 2048), (2048, 8192), (8192, 2048)])]
     x = rand(m, 2048, dtype=torch.bfloat16, seed=7, device="cuda")
 
-    def chain():
-        a = fxp.linear(x, ws[0])
-        b = fxp.linear(a, ws[1])
-        c = fxp.linear(torch.cat([a, a, a, a], dim=-1), ws[2])
-        return a, b, c, fxp.linear(c, ws[3])
+    def chain(stable):
+        a = fxp.linear(x, ws[0], None, stable)
+        b = fxp.linear(a, ws[1], None, stable)
+        c = fxp.linear(torch.cat([a, a, a, a], dim=-1), ws[2], None, stable)
+        return a, b, c, fxp.linear(c, ws[3], None, stable)
 
-    def run(setting):
+    def run(setting, stable):
         with pdl_env(setting):
-            eager = [t.clone() for t in chain()]
+            eager = [t.clone() for t in chain(stable)]
             torch.cuda.synchronize()
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
-                outs = chain()
+                outs = chain(stable)
             g.replay()
             torch.cuda.synchronize()
             return eager + [t.clone() for t in outs]
 
-    want, got = run("0"), run("1")
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    want = run("0", False)
+    for stable in (False, True):
+        got = run("1", stable)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), stable
 
 
 @gpu
