@@ -64,7 +64,7 @@ def step_time_us(layers: list[tuple], split: ta.SplitPlan | None, replays: int =
     return sorted(times)[len(times) // 2], out.clone()
 
 
-def make_layers(shape: dict, tokens: int, context: int) -> list[tuple]:
+def make_layers(shape: dict, tokens: int, context: int, capacity: int) -> list[tuple]:
     g = torch.Generator(device="cuda").manual_seed(tokens * 100003 + context)
     heads, kv_heads, dim = shape["heads"], shape["kv_heads"], shape["dim"]
     slot = torch.arange(tokens, device="cuda")
@@ -75,7 +75,7 @@ def make_layers(shape: dict, tokens: int, context: int) -> list[tuple]:
     for _ in range(shape["layers"]):
         def rand(*s):
             return torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)
-        kc, vc = rand(tokens, context + 8, kv_heads, dim), rand(tokens, context + 8, kv_heads, dim)
+        kc, vc = rand(tokens, capacity, kv_heads, dim), rand(tokens, capacity, kv_heads, dim)
         layers.append((rand(tokens, heads, dim), rand(tokens, kv_heads, dim), rand(tokens, kv_heads, dim), kc, vc,
                        slot, pos, cos, sin))
     return layers
@@ -87,6 +87,9 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--contexts", nargs="+", type=int, default=[32, 256, 1024, 4096, 16384])
     parser.add_argument("--waves", nargs="+", type=int, default=None, help="split targets, programs per SM")
+    parser.add_argument("--capacity", type=int, default=None,
+                        help="cache positions per sequence (default: the context + 8): a server's cache is longer "
+                             "than most contexts, and the split plan follows the capacity")
     parser.add_argument("--max-gb", type=float, default=24.0, help="skip rows whose caches exceed this")
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -101,16 +104,17 @@ def main() -> None:
         block_n = 32 if shape["dim"] <= 128 else 16
         for tokens in args.tokens:
             for context in args.contexts:
-                cache_bytes = shape["layers"] * tokens * (context + 8) * shape["kv_heads"] * shape["dim"] * 2 * 2
+                capacity = max(args.capacity or 0, context + 8)
+                cache_bytes = shape["layers"] * tokens * capacity * shape["kv_heads"] * shape["dim"] * 2 * 2
                 if cache_bytes > args.max_gb * 1e9:
                     print(f"| {model} | {tokens} | {context} | skipped: {cache_bytes / 1e9:.0f} GB of cache > --max-gb |")
                     continue
-                layers = make_layers(shape, tokens, context)
-                whole, out_whole = step_time_us(layers, ta.SplitPlan(1, context + 8))
+                layers = make_layers(shape, tokens, context, capacity)
+                whole, out_whole = step_time_us(layers, ta.SplitPlan(1, capacity))
                 cells, best = [], whole
                 for w in waves:
                     ta.SPLIT_WAVES = w
-                    plan = ta.plan_splits(tokens * shape["kv_heads"], context + 8, block_n, sms)
+                    plan = ta.plan_splits(tokens * shape["kv_heads"], capacity, block_n, sms)
                     split, out_split = step_time_us(layers, plan)
                     torch.cuda.synchronize()
                     if not counters_idle():

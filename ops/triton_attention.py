@@ -263,8 +263,9 @@ def _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom):
 # Batches up to this many tokens run one launch (the attention program writes its own row); larger ones (prefill)
 # keep the cache-write launch. Each program of a one-launch batch compares its slot with every token's.
 MAX_FUSED_TOKENS = 64
-# Splits over the context: a launch of fewer (token, kv head) programs than SPLIT_WAVES per SM cuts each program's
-# positions into chunks of at least MIN_CHUNK, up to SPLIT_WAVES programs per SM in all. The split count comes from
+# Splits over the context: a launch of fewer (token, kv head) programs than the GPU has SMs cuts each program's
+# positions into chunks of at least MIN_CHUNK, up to SPLIT_WAVES programs per SM in all (measured, H200: a launch
+# that fills the SMs already lost by splitting at 8B's head size, 0.84-0.91x, and 4 per SM beat 2 and 8 at 1B). The split count comes from
 # the cache's length (a shape), never from the positions (values): no host sync, and a captured size always runs
 # the same way; chunks past a token's position return at once, so a short context pays only their launch.
 MIN_CHUNK = 64
@@ -283,7 +284,7 @@ class SplitPlan:
 def plan_splits(programs: int, cache_len: int, block_n: int, sms: int) -> SplitPlan:
     """The split of the context for a launch of ``programs`` (token, kv head) programs on a GPU of ``sms`` SMs."""
     whole = SplitPlan(1, max(cache_len, 1))
-    if os.environ.get("FXPASSES_ATTENTION_SPLIT", "1") == "0" or cache_len <= MIN_CHUNK:
+    if os.environ.get("FXPASSES_ATTENTION_SPLIT", "1") == "0" or cache_len <= MIN_CHUNK or programs >= sms:
         return whole
     splits = min(triton.cdiv(cache_len, MIN_CHUNK), SPLIT_WAVES * sms // max(programs, 1), MAX_SPLITS)
     chunk = triton.cdiv(triton.cdiv(cache_len, splits), block_n) * block_n

@@ -442,7 +442,7 @@ def test_context_split_plan(monkeypatch):
     assert plan.splits > 1 and plan.chunk % 32 == 0 and plan.chunk >= ta.MIN_CHUNK
     assert (plan.splits - 1) * plan.chunk < 4104 <= plan.splits * plan.chunk
     assert plan.splits <= min(ta.MAX_SPLITS, ta.SPLIT_WAVES * 132 // 8)
-    assert ta.plan_splits(programs=ta.SPLIT_WAVES * 132, cache_len=4104, block_n=32, sms=132).splits == 1  # full
+    assert ta.plan_splits(programs=132, cache_len=4104, block_n=32, sms=132).splits == 1  # one full wave already
     assert ta.plan_splits(programs=8, cache_len=40, block_n=32, sms=132).splits == 1  # nothing worth splitting
     monkeypatch.setenv("FXPASSES_ATTENTION_SPLIT", "0")
     assert ta.plan_splits(programs=8, cache_len=4104, block_n=32, sms=132).splits == 1
