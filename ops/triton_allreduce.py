@@ -7,19 +7,20 @@ small barriers.
 
 - **one-shot** (few tokens): each rank copies x into its symmetric buffer; barrier; each rank reads every peer's rows,
   sums them in rank order 0..W-1 in float32 and rounds the sum to x's dtype (at W=2 that is NCCL's number bit for
-  bit, and every rank holds the same bits); then exactly what ``add_rms_norm``'s kernel does; a closing barrier so
-  the next call cannot overwrite a buffer a peer is still reading.
+  bit, and every rank holds the same bits); then exactly what ``add_rms_norm``'s kernel does. The inputs alternate
+  between two areas call by call (an epoch kept on the device), so no closing barrier is needed: the next call
+  never overwrites the area a peer may still be reading.
 - **two-shot** (more tokens): rank r reduces only its share of the rows and pushes the rounded sums into every
   peer's buffer; barrier; each rank then adds and norms every row (the same bits on every rank, since every rank
   holds the same sums). Each rank reads 1/W of the peers' data instead of all of it.
 - **nccl**: the op's eager path (functional ``all_reduce`` then ``fxp.add_rms_norm``), everywhere else.
 
 Barriers are per program: program b of rank r only waits for program b of each peer, through one int32 slot per
-(barrier phase, program, peer) in the allocation's signal pad. Sending is an exchange to 1 at system scope with
-release semantics that the sender does not wait on, taking a signal a compare-and-swap 1 -> 0 with acquire
-semantics (``_barrier`` says why a signal is never lost). So after every call the pads are back at zero, which is
-what lets a CUDA graph replay the kernel. NVLink multicast is never used: plain loads and stores through the peers'
-pointers only.
+(barrier phase, program, peer) in the allocation's signal pad, used as a counting semaphore: the sender adds 1 at
+system scope with release semantics and does not wait for the round trip; the receiver waits for its slot to reach
+1 with acquire reads and subtracts 1. After a call on every rank the pads are back at zero. The epoch and the
+semaphores live in device memory, so CUDA-graph replays keep them in step on every rank. NVLink multicast is never
+used: plain loads and stores through the peers' pointers only.
 
 Every rank must take the same path or the ranks deadlock (one waits in a barrier, another in NCCL). The choice
 depends only on shapes, dtype, the group's size, this build and the environment (``FXPASSES_SYMM_ALLREDUCE``), which
@@ -57,9 +58,12 @@ MAX_HIDDEN = 16384  # one row per program in registers, as the add_rms_norm kern
 
 # Largest all-reduced payload (tokens x hidden x element size, in bytes) each fused path takes, per TP size, where it
 # beat NCCL all_reduce + add_rms_norm in benchmarks/allreduce_norm.py (both in CUDA graphs). A world size that is
-# not here has not been measured and keeps NCCL.
-ONE_SHOT_MAX_BYTES: dict[int, int] = {2: 32 * 8192 * 2}
-TWO_SHOT_MAX_BYTES: dict[int, int] = {2: 512 * 8192 * 2}
+# not here has not been measured and keeps NCCL. H200 x2, torch 2.11 (docs/performance.md): one-shot beat NCCL + the
+# norm kernel at every size measured, 1..2048 tokens x 4096 and 8192 in bf16 (1.5-2.2x), and beat two-shot at every
+# size too (at W=2 both move the same bytes over each link direction; two-shot pays a second barrier), so two-shot
+# is not selected at TP 2. TP 4 and 8 are unmeasured (no such machine was lent).
+ONE_SHOT_MAX_BYTES: dict[int, int] = {2: 2048 * 8192 * 2}
+TWO_SHOT_MAX_BYTES: dict[int, int] = {}
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,7 @@ class Workspace:
     handle: Any
     buffer_ptrs: torch.Tensor
     signal_ptrs: torch.Tensor
+    state: torch.Tensor  # int32 [epoch, programs arrived] (ops.triton_allreduce._arrive)
     rank: int
     world_size: int
     nbytes: int
@@ -211,6 +216,7 @@ def workspace(group_name: str, device: torch.device, min_bytes: int = 0) -> Work
         group_name=group_name, device=device, buffer=buffer, handle=handle,
         buffer_ptrs=torch.tensor(ptrs, dtype=torch.int64, device=device),
         signal_ptrs=torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device),
+        state=torch.zeros(2, dtype=torch.int32, device=device),
         rank=handle.rank, world_size=world, nbytes=nbytes, max_programs=max(1, min(slots, sms)),
     )
     if key in _WORKSPACES:  # a CUDA graph may hold the old one's pointers (kernel arguments keep nothing alive)
@@ -256,34 +262,48 @@ if triton is not None:
     @triton.jit
     def _barrier(SIG_PTRS, block, slots, PHASE: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr):
         """Program ``block`` of every rank meets here. The CTA barrier first, so every thread's stores (local and
-        to peers) precede the release; then one thread signals each peer (an exchange to 1 with release semantics
-        at system scope whose result nobody reads, so the thread does not wait for the round trip), then takes
-        each peer's signal (compare-and-swap 1 -> 0, acquire, system scope), then the CTA barrier again so every
-        thread's later loads follow it.
+        to peers) precede the release; then one thread signals each peer (adds 1 to the peer's slot for this rank,
+        with release semantics at system scope; nobody reads the result, so the thread does not wait for the round
+        trip), then takes each peer's signal (waits for its own slot for that peer to reach 1 with acquire reads at
+        system scope, then subtracts 1), then the CTA barrier again so every thread's later loads follow it.
 
-        Each of a call's two barriers (``PHASE`` 0 and 1) has its own slots, ``slots`` apart: a signal is never
-        sent into a slot whose previous signal the peer has not yet taken. The previous signal in a slot of phase
-        0 was taken by the peer before it sent its phase-1 signal of that call, which this rank waited for; the
-        previous one in a slot of phase 1 was taken at the end of the peer's earlier call, which finished before
-        the peer's phase-0 signal of this call, which this rank waited for. So every pad is back at zero after a
-        call (what a CUDA-graph replay needs) and no signal is lost."""
+        The slots are counting semaphores: a signal sent before the peer took the previous one is counted, never
+        lost, and every signal is taken once, so after a call on every rank the pads are back at zero (what a
+        CUDA-graph replay needs). Each of a call's barriers (``PHASE`` 0 and 1) has its own slots, ``slots``
+        apart."""
         tl.debug_barrier()
         base = (PHASE * slots + block) * WORLD
-        local_pad = tl.load(SIG_PTRS + RANK).to(tl.pointer_type(tl.int32))
         for p in tl.static_range(WORLD):
             if p != RANK:
                 peer_pad = tl.load(SIG_PTRS + p).to(tl.pointer_type(tl.int32))
-                tl.atomic_xchg(peer_pad + base + RANK, 1, sem="release", scope="sys")
+                tl.atomic_add(peer_pad + base + RANK, 1, sem="release", scope="sys")
+        local_pad = tl.load(SIG_PTRS + RANK).to(tl.pointer_type(tl.int32))
         for p in tl.static_range(WORLD):
             if p != RANK:
-                while tl.atomic_cas(local_pad + base + p, 1, 0, sem="acquire", scope="sys") != 1:
+                while tl.atomic_add(local_pad + base + p, 0, sem="acquire", scope="sys") < 1:
                     pass
+                tl.atomic_add(local_pad + base + p, -1, sem="relaxed", scope="sys")
         tl.debug_barrier()
 
     @triton.jit
     def _barrier_kernel(SIG_PTRS, slots, PHASE: tl.constexpr, RANK: tl.constexpr, WORLD: tl.constexpr):
         """One barrier per program and nothing else (tests check the signal-pad protocol with it)."""
         _barrier(SIG_PTRS, tl.program_id(0), slots, PHASE, RANK, WORLD)
+
+    @triton.jit
+    def _epoch(STATE):
+        """This call's epoch: 0 or 1, the same in every program (it only changes after every program arrived)."""
+        return tl.load(STATE, cache_modifier=".cg")
+
+    @triton.jit
+    def _arrive(STATE):
+        """At the end of each program: the last program of the call to arrive flips the epoch (and resets the
+        count) for the next call, which the kernel boundary orders after every program's read of it."""
+        tl.debug_barrier()
+        ticket = tl.atomic_add(STATE + 1, 1, sem="acq_rel", scope="gpu")
+        if ticket == tl.num_programs(0) - 1:
+            tl.atomic_xchg(STATE + 1, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xor(STATE, 1, sem="relaxed", scope="gpu")
 
     @triton.jit
     def _wide(i):
@@ -314,14 +334,20 @@ if triton is not None:
         tl.store(OUT + off, y.to(DT), mask=mask)
 
     @triton.jit
-    def _one_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, n_cols, eps,
+    def _one_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, STATE, slots, rows, n_cols, eps, area,
                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
+        # The inputs go to area ``epoch`` (0 or 1, alternating call by call): a peer may still be reading the other
+        # area from this rank's previous call, but never the one written now. It read this area two fused calls
+        # ago, and it finished that call before it signalled the barrier of the call in between, which this rank
+        # waited for (each program waits for the same program of its peers, and a peer's program starts only after
+        # the peer's whole previous kernel finished). So one barrier per call, no closing one.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         DT: tl.constexpr = X.dtype.element_ty
-        local = tl.multiple_of(tl.load(BUF_PTRS + RANK).to(tl.pointer_type(DT)), 16)
+        first = _wide(_epoch(STATE)) * area
+        local = tl.multiple_of(tl.load(BUF_PTRS + RANK).to(tl.pointer_type(DT)), 16) + first
         for row in range(pid, rows, nprog):
             off = _wide(row) * n_cols + cols
             tl.store(local + off, tl.load(X + off, mask=mask), mask=mask)
@@ -329,43 +355,47 @@ if triton is not None:
             _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for row in range(pid, rows, nprog):
             off = _wide(row) * n_cols + cols
-            s = _sum_over_ranks(BUF_PTRS, off, mask, DT, WORLD)
+            s = _sum_over_ranks(BUF_PTRS, first + off, mask, DT, WORLD)
             _add_norm_store(s, R, Wt, OUT, ROUT, off, cols, mask, n_cols, eps, DT)
-        if BARRIER:  # closing: no rank's next call may overwrite its buffer while a peer still reads it
-            _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
+        _arrive(STATE)
 
     @triton.jit
-    def _two_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, slots, rows, chunk, n_cols, eps, area,
+    def _two_shot_kernel(X, R, Wt, OUT, ROUT, BUF_PTRS, SIG_PTRS, STATE, slots, rows, chunk, n_cols, eps, area,
                          RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, BARRIER: tl.constexpr):
         # Rank s owns rows s*chunk .. s*chunk+chunk-1: it sums them over the ranks and pushes the rounded sums into
-        # every peer's second area; then each rank adds and norms every row itself (bit-identical on every rank,
+        # every peer's other area; then each rank adds and norms every row itself (bit-identical on every rank,
         # since every rank holds the same sums). Pushing the sums, not the normalized and residual rows, halves
         # the traffic. Program b handles in-share index j in b, b+G, ... of every share, in every phase, so each
         # phase only needs program b of each peer (the per-program barrier).
-        # Buffer areas, in elements: [0, area) inputs, [area, 2*area) the gathered sums.
+        # Inputs go to area ``epoch`` (as one-shot's, which a peer may still read from the previous call), sums to
+        # the other area, which peers write only after the first barrier (so after this rank's previous call).
+        # Peers read this rank's inputs before they signal the second barrier, so no read outlives the call.
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         DT: tl.constexpr = X.dtype.element_ty
+        epoch = _wide(_epoch(STATE))
+        inputs = epoch * area
+        sums = (1 - epoch) * area
         local = tl.multiple_of(tl.load(BUF_PTRS + RANK).to(tl.pointer_type(DT)), 16)
         for j in range(pid, chunk, nprog):
             for s in tl.static_range(WORLD):
                 row = s * chunk + j
                 off = _wide(row) * n_cols + cols
                 m = mask & (row < rows)
-                tl.store(local + off, tl.load(X + off, mask=m), mask=m)
+                tl.store(local + inputs + off, tl.load(X + off, mask=m), mask=m)
         if BARRIER:
             _barrier(SIG_PTRS, pid, slots, 0, RANK, WORLD)
         for j in range(pid, chunk, nprog):
             row = RANK * chunk + j
             off = _wide(row) * n_cols + cols
             m = mask & (row < rows)
-            total = _sum_over_ranks(BUF_PTRS, off, m, DT, WORLD)
+            total = _sum_over_ranks(BUF_PTRS, inputs + off, m, DT, WORLD)
             for p in tl.static_range(WORLD):
                 if p != RANK:
                     peer = tl.multiple_of(tl.load(BUF_PTRS + p).to(tl.pointer_type(DT)), 16)
-                    tl.store(peer + area + off, total.to(DT), mask=m)
+                    tl.store(peer + sums + off, total.to(DT), mask=m)
             _add_norm_store(total, R, Wt, OUT, ROUT, off, cols, m, n_cols, eps, DT)
         if BARRIER:
             _barrier(SIG_PTRS, pid, slots, 1, RANK, WORLD)
@@ -375,8 +405,9 @@ if triton is not None:
                     row = s * chunk + j
                     off = _wide(row) * n_cols + cols
                     m = mask & (row < rows)
-                    total = tl.load(local + area + off, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
+                    total = tl.load(local + sums + off, mask=m, other=0.0, cache_modifier=".cv").to(tl.float32)
                     _add_norm_store(total, R, Wt, OUT, ROUT, off, cols, m, n_cols, eps, DT)
+        _arrive(STATE)
 
 
 @dataclass(frozen=True)
@@ -386,15 +417,16 @@ class Launch:
 
     buffer_ptrs: torch.Tensor
     signal_ptrs: torch.Tensor
+    state: torch.Tensor  # int32 [epoch, programs arrived], on the device; starts at zero
     rank: int
     world_size: int
-    area_bytes: int  # bytes of each of the two areas (one-shot uses the input area only)
+    area_bytes: int  # bytes of each of the two areas
     max_programs: int
     barrier: bool = True
 
 
 def launch_for(ws: Workspace) -> Launch:
-    return Launch(ws.buffer_ptrs, ws.signal_ptrs, ws.rank, ws.world_size, ws.nbytes // 2, ws.max_programs)
+    return Launch(ws.buffer_ptrs, ws.signal_ptrs, ws.state, ws.rank, ws.world_size, ws.nbytes // 2, ws.max_programs)
 
 
 def fused_allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -412,15 +444,16 @@ def fused_allreduce_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight
     block = triton.next_power_of_2(hidden)
     warps = default_warps(hidden, rows)
     common = dict(RANK=launch.rank, WORLD=launch.world_size, BLOCK=block, BARRIER=launch.barrier, num_warps=warps)
+    area = launch.area_bytes // x.element_size()
     if path == "one_shot":
         grid = (min(rows, launch.max_programs),)
-        _one_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs,
-                               launch.max_programs, rows, hidden, eps, **common)
+        _one_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs, launch.state,
+                               launch.max_programs, rows, hidden, eps, area, **common)
     elif path == "two_shot":
         chunk = -(-rows // launch.world_size)
         grid = (min(chunk, launch.max_programs),)
-        _two_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs,
-                               launch.max_programs, rows, chunk, hidden, eps, launch.area_bytes // x.element_size(), **common)
+        _two_shot_kernel[grid](x, residual, weight, out, rout, launch.buffer_ptrs, launch.signal_ptrs, launch.state,
+                               launch.max_programs, rows, chunk, hidden, eps, area, **common)
     else:
         raise ValueError(f"fused_allreduce_add_rms_norm: path {path!r} must be 'one_shot' or 'two_shot'.")
     return out, rout

@@ -93,7 +93,7 @@ def test_every_rank_of_a_mapping_makes_the_same_choice(tp, pp):
                 assert size == tp
                 choices.append(ta.choose_allreduce(tokens, hidden, size, torch.bfloat16, ta.Gate()))
         assert len(set(choices)) == 1, choices
-        fits = tokens * hidden * 2 <= max(ta.TWO_SHOT_MAX_BYTES.values())
+        fits = tokens * hidden * 2 <= max([*ta.ONE_SHOT_MAX_BYTES.values(), *ta.TWO_SHOT_MAX_BYTES.values()])
         assert (choices[0].path == "nccl") == (tp == 1 or not fits), choices[0]
 
 
@@ -165,29 +165,50 @@ def interpreter_checks() -> None:
                 bufs[r][: rows * hidden * xs[r].element_size()].view(dtype).copy_(xs[r].reshape(-1))
             results = {}
             for r in [*range(world), *range(world)]:  # two rounds (see the docstring)
-                launch = t.Launch(bptrs, sptrs, r, world, area, programs, barrier=False)
+                state = torch.zeros(2, dtype=torch.int32)  # epoch 0 in both rounds: the prefilled input area
+                launch = t.Launch(bptrs, sptrs, state, r, world, area, programs, barrier=False)
                 results[r] = t.fused_allreduce_add_rms_norm(xs[r], residual, weight, eps, launch, path)
+                assert state.tolist() == [1, 0], "the last program flipped the epoch and reset the count"
             for r in range(world):
                 out, rout = results[r]
                 assert _same(out, ref_out) and _same(rout, ref_rout), (path, world, rows, hidden, dtype, r)
     try:
         t.fused_allreduce_add_rms_norm(torch.zeros(8, 64), torch.zeros(8, 64), torch.ones(64), eps,
-                                       t.Launch(bptrs, sptrs, 0, 2, 1024, 1, barrier=False), "one_shot")
+                                       t.Launch(bptrs, sptrs, state, 0, 2, 1024, 1, barrier=False), "one_shot")
     except ValueError as err:
         assert "do not fit the symmetric workspace" in str(err)
     else:
         raise AssertionError("an oversized call was accepted")
 
-    # the signal-pad protocol: rank 0 of 2, with rank 1's signal already in each program's slot of the phase
+    # the epoch's second area: with the epoch at 1, one-shot reads every rank's inputs from the second area
+    world, rows, hidden, dtype = 2, 3, 64, torch.bfloat16
+    xs = [torch.randn(rows, hidden).to(dtype) for _ in range(world)]
+    residual, weight = torch.randn(rows, hidden).to(dtype), torch.randn(hidden).to(dtype)
+    area = 1024
+    bufs = [torch.zeros(2 * area, dtype=torch.uint8) for _ in range(world)]
+    bptrs = torch.tensor([b.data_ptr() for b in bufs], dtype=torch.int64)
+    bufs[1][area: area + rows * hidden * 2].view(dtype).copy_(xs[1].reshape(-1))
+    state = torch.tensor([1, 0], dtype=torch.int32)
+    out, rout = t.fused_allreduce_add_rms_norm(xs[0], residual, weight, eps,
+                                               t.Launch(bptrs, sptrs, state, 0, world, area, 2, barrier=False),
+                                               "one_shot")
+    ref_out, ref_rout = _reference(xs, residual, weight, eps)
+    assert _same(out, ref_out) and _same(rout, ref_rout) and state.tolist() == [0, 0]
+    assert bufs[0][:area].eq(0).all(), "epoch 1 left the first area alone"
+
+    # the signal-pad protocol: rank 0 of 2, with rank 1's signals already counted in each program's slot (two in
+    # one slot: a signal sent before the previous one was taken is counted, not lost)
     world, programs, slots = 2, 3, 4
     for phase in (0, 1):
         pads = [torch.zeros(2 * slots * world, dtype=torch.int32) for _ in range(world)]
         sptrs = torch.tensor([p.data_ptr() for p in pads], dtype=torch.int64)
         first = phase * slots * world
         for b in range(programs):
-            pads[0][first + b * world + 1] = 1
+            pads[0][first + b * world + 1] = 2 if b == 0 else 1
         t._barrier_kernel[(programs,)](sptrs, slots, PHASE=phase, RANK=0, WORLD=world)
-        assert pads[0].eq(0).all(), "rank 0 took each program's signal from rank 1 (its pad is back at zero)"
+        left = [0] * (2 * slots * world)
+        left[first + 1] = 1
+        assert pads[0].tolist() == left, "rank 0 took one signal per program from rank 1"
         signalled = [0] * (2 * slots * world)
         for b in range(programs):
             signalled[first + b * world] = 1
@@ -200,16 +221,16 @@ def test_kernels_under_triton_interpreter():
 
 
 def hopper_compile_checks() -> None:
-    """Compile both kernels for sm_90 ahead of time (no GPU needed): the barriers' system-scope release exchange
-    and acquire compare-and-swap (predicated: one thread per program), 16-byte vector loads from the peers'
-    buffers, no multicast."""
+    """Compile both kernels for sm_90 ahead of time (no GPU needed): the barriers' system-scope release add and
+    acquire read, the epoch's arrival count, all predicated to one thread per program; 16-byte vector loads from
+    the peers' buffers; no multicast."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
     from fxpasses.ops import triton_allreduce as t
 
     types = {"X": "*bf16", "R": "*bf16", "Wt": "*bf16", "OUT": "*bf16", "ROUT": "*bf16", "BUF_PTRS": "*i64",
-             "SIG_PTRS": "*i64", "slots": "i32", "rows": "i32", "chunk": "i32", "n_cols": "i32", "eps": "fp32", "area": "i32"}
+             "SIG_PTRS": "*i64", "STATE": "*i32", "slots": "i32", "rows": "i32", "chunk": "i32", "n_cols": "i32", "eps": "fp32", "area": "i32"}
     for kernel in (t._one_shot_kernel, t._two_shot_kernel):
         signature = {a: types[a] for a in kernel.arg_names if a in types}
         aligned = {(kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in signature
@@ -217,8 +238,11 @@ def hopper_compile_checks() -> None:
         const = dict(RANK=1, WORLD=2, BLOCK=4096, BARRIER=True)
         src = ASTSource(kernel, {**signature, **{k: "constexpr" for k in const}}, const, aligned)
         ptx = triton_compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=16)).asm["ptx"]
-        atomics = set(re.findall(r"@%p\d+ atom\.[\w.]+", ptx))  # each predicated: one thread per program
-        assert {a.split()[1] for a in atomics} == {"atom.global.sys.release.exch.b32", "atom.global.acquire.sys.cas.b32"}
+        atomics = re.findall(r"(@%p\d+ )?(atom\.[\w.]+)", ptx)
+        assert atomics and all(pred for pred, _ in atomics), "every atomic predicated: one thread per program"
+        kinds = {kind for _, kind in atomics}
+        assert {"atom.global.sys.release.add.u32", "atom.global.gpu.acq_rel.add.u32"} <= kinds, kinds
+        assert re.search(r"@%p\d+ ld\.global\.sys\.acquire\.b32", ptx), "the semaphore's acquire read"
         assert "ld.global.v4.b32" in ptx and "multimem" not in ptx
 
 
