@@ -2,8 +2,8 @@
 
 Why: at decode sizes a TP all-reduce is latency, not bandwidth. NCCL's kernel plus our ``add_rms_norm`` kernel cost
 two launches and NCCL's protocol; one Triton kernel that reads the peers' rows straight through NVLink (torch's
-symmetric memory maps every rank's buffer into every process) and norms them in registers costs one launch and two
-small barriers.
+symmetric memory maps every rank's buffer into every process) and norms them in registers costs one launch and one
+small barrier (two for two-shot).
 
 - **one-shot** (few tokens): each rank copies x into its symmetric buffer; barrier; each rank reads every peer's rows,
   sums them in rank order 0..W-1 in float32 and rounds the sum to x's dtype (at W=2 that is NCCL's number bit for
