@@ -16,7 +16,8 @@ The ``fxp.linear`` rows run the same chain through the op's own launcher (``ops/
 tile ``choose`` picks, or the default GEMV tile for a shape the table does not name): without PDL (what
 ``FXPASSES_PDL=0`` runs), with PDL waiting first, and with PDL and ``weight_stable`` (the first weight block read
 before the wait, what a graph gets where ``fxpasses.stable_weights`` marked the projection). Each is checked
-bit-equal to the op's launch without PDL.
+bit-equal to the op's launch without PDL. The ``fxp.linear/probe-tile`` rows run the op's kernel with the probe
+GEMV's tile (4 columns x 1024 of K, 4 warps, on every shape), to tell the tile's part from the kernel's.
 """
 from __future__ import annotations
 
@@ -70,11 +71,13 @@ def main() -> None:
     from fxpasses.ops import triton_linear as tl_lin
 
     configs = [tl_lin.choose(1, n, k) or tl_lin.default_config(1, n, k) for w in weights for n, k in [w.shape]]
+    probe_tile = tl_lin.Config(1, 4, 1024, 4, 1)
 
     def step(variant: str) -> None:
         x = x0
         for w, y, c in zip(weights, outs, configs):
             xin = x[: w.shape[1]]
+            c = probe_tile if "probe-tile" in variant else c
             if variant == "cublas":
                 torch.matmul(w, xin, out=y)
             elif variant.startswith("fxp.linear"):
@@ -95,7 +98,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     reference = op_reference = None
     for variant in ("cublas", "gemv", "gemv+pdl", "gemv+pdl+prefetch", "fxp.linear", "fxp.linear+pdl",
-                    "fxp.linear+pdl+prefetch"):
+                    "fxp.linear+pdl+prefetch", "fxp.linear/probe-tile", "fxp.linear/probe-tile+pdl",
+                    "fxp.linear/probe-tile+pdl+prefetch"):
         try:
             step(variant)
             torch.cuda.synchronize()
@@ -108,7 +112,7 @@ def main() -> None:
             result = outs[-1].clone()
             if variant == "gemv":
                 reference = result
-            if variant == "fxp.linear":
+            if variant in ("fxp.linear", "fxp.linear/probe-tile"):
                 op_reference = result
             ref = op_reference if variant.startswith("fxp.linear") else reference
             same = "-" if ref is None or variant == "cublas" else str(torch.equal(result, ref))
