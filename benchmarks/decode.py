@@ -15,10 +15,11 @@ projection on cuBLAS, norms unfused), to measure what the small-token GEMM path 
 same run; ``fxpasses+full-cudagraphs-nofuse`` keeps ``fxp.linear`` but none of the decode fusions of issue 14
 (``FUSIONS``: RMSNorm in the projection's prologue, SiLU-and-mul in the gate/up epilogue, RoPE in attention), to
 measure what they change. Any fxpasses mode with the suffix ``-nopdl`` runs with ``FXPASSES_PDL=0`` (the linear
-kernels launched without programmatic dependent launch, as before issue 14's PDL work) and ``-waitfirst`` with
-``FXPASSES_PDL=wait`` (PDL, but no weight block read before the wait), for A/B runs of PDL in the same process
-(``fxpasses+full-cudagraphs`` itself runs PDL with the weight prefetch where ``fxpasses.stable_weights`` marked the
-projection). Each fxpasses mode prints its pattern matches. Prints a markdown table;
+kernels launched without programmatic dependent launch, as before issue 14's PDL work), ``-waitfirst`` with
+``FXPASSES_PDL=wait`` (PDL, no weight block read before the wait) and ``-prefetch`` with ``FXPASSES_PDL=1`` (PDL,
+the first weight block read before the wait where ``fxpasses.stable_weights`` marked the projection), for A/B runs
+of PDL in the same process; without a suffix a mode runs ``FXPASSES_PDL`` as set (unset: ``PDL_DEFAULT`` in
+ops/triton_linear.py). Each fxpasses mode prints its pattern matches. Prints a markdown table;
 saves decode_<model>.png in ``--out`` when matplotlib is there.
 
 ``--profile`` adds the kernel census of each mode (issue 14): the step replayed 5 times under the torch profiler
@@ -43,10 +44,11 @@ from fxpasses import patterns
 from fxpasses.models import Batch, LlamaConfig, build_model
 
 MODES = ["eager", "inductor", "reduce-overhead", "fxpasses+cudagraphs", "fxpasses+full-cudagraphs",
-         "fxpasses+full-cudagraphs-nopdl", "fxpasses+full-cudagraphs-waitfirst", "fxpasses+full-cudagraphs-cublas",
+         "fxpasses+full-cudagraphs-nopdl", "fxpasses+full-cudagraphs-waitfirst", "fxpasses+full-cudagraphs-prefetch",
+         "fxpasses+full-cudagraphs-cublas",
          "fxpasses+full-cudagraphs-nofuse", "fxpasses+inductor", "fxpasses+inductor+cudagraphs"]
 # mode suffix -> FXPASSES_PDL for that mode (compile, capture and replays)
-PDL_SUFFIXES = {"-nopdl": "0", "-waitfirst": "wait"}
+PDL_SUFFIXES = {"-nopdl": "0", "-waitfirst": "wait", "-prefetch": "1"}
 
 
 def pdl_setting(mode: str) -> tuple[str, str | None]:

@@ -70,10 +70,15 @@ logger = logging.getLogger(__name__)
 MAX_M = 32
 _DTYPES = (torch.bfloat16, torch.float16)
 # Programmatic dependent launch (PDL) of every kernel here, on by default where it exists (sm_90+, not Triton's
-# interpreter): "0" launches them the old way, for A/B runs (benchmarks/decode.py's "-nopdl" modes); "wait": PDL, but
-# every kernel waits first, even where ``weight_stable`` allows the weight prefetch (the "-waitfirst" modes).
+# interpreter): "0" launches them the old way, for A/B runs (benchmarks/decode.py's "-nopdl" modes); "wait": PDL, every
+# kernel waiting first (the "-waitfirst" modes); "1": PDL, and where the op's ``weight_stable`` is set the first weight
+# block read before the wait (the "-prefetch" modes). Unset or empty: PDL_DEFAULT.
 ENV_PDL = "FXPASSES_PDL"
 PDL_VALUES = ("", "0", "1", "wait")
+# H200, torch 2.11, 1B decode step at 1 token, full CUDA graphs, same run (benchmarks/decode.py): no PDL 0.85 ms,
+# wait-first 0.84; the first prefetch version (the preloaded block picked inside the K loop) 0.96, slower, so the
+# default waits first until the peeled prefetch (now in _gemv_block) is measured faster.
+PDL_DEFAULT = "wait"
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -93,11 +98,11 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def _pdl_setting() -> str:
-    value = os.environ.get(ENV_PDL, "1")
+    value = os.environ.get(ENV_PDL, "")
     if value not in PDL_VALUES:
         raise ValueError(f"{ENV_PDL}={value!r}: set it to 1 (programmatic dependent launch, the default), wait (PDL "
                          "without the weight prefetch) or 0 (launch the linear kernels the old way).")
-    return value
+    return value or PDL_DEFAULT
 
 
 def _prefetch(pdl: bool, weight_stable: bool) -> bool:
