@@ -22,6 +22,7 @@ GEMV's tile (4 columns x 1024 of K, 4 warps, on every shape), to tell the tile's
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import triton
@@ -69,6 +70,8 @@ def main() -> None:
     x0 = torch.randn(h, device="cuda", dtype=torch.bfloat16, generator=g)
 
     from fxpasses.ops import triton_linear as tl_lin
+
+    os.environ["FXPASSES_PDL"] = "1"  # the rows say whether to use PDL and the prefetch; the setting must allow both
 
     configs = [tl_lin.choose(1, n, k) or tl_lin.default_config(1, n, k) for w in weights for n, k in [w.shape]]
     probe_tile = tl_lin.Config(1, 4, 1024, 4, 1)

@@ -75,10 +75,11 @@ _DTYPES = (torch.bfloat16, torch.float16)
 # block read before the wait (the "-prefetch" modes). Unset or empty: PDL_DEFAULT.
 ENV_PDL = "FXPASSES_PDL"
 PDL_VALUES = ("", "0", "1", "wait")
-# H200, torch 2.11, 1B decode step at 1 token, full CUDA graphs, same run (benchmarks/decode.py): no PDL 0.85 ms,
-# wait-first 0.84; the first prefetch version (the preloaded block picked inside the K loop) 0.96, slower, so the
-# default waits first until the peeled prefetch (now in _gemv_block) is measured faster.
-PDL_DEFAULT = "wait"
+# H200, torch 2.11 / Triton 3.6, 2026-11-29, 1B decode step, full CUDA graphs, one run (benchmarks/decode.py --tokens
+# 1 8 32): prefetch 0.84 / 0.98 / 1.04 ms, wait-first 0.87 / 1.03 / 1.08, no PDL 0.88 / 1.02 / 1.08 (reduce-overhead
+# 1.08 / 1.11 / 1.16). An earlier run: wait-first 0.84, no PDL 0.85 at 1 token (run-to-run spread about 0.03 ms), and
+# the first prefetch version, which picked the preloaded block inside the K loop, 0.96 (now peeled off the loop).
+PDL_DEFAULT = "1"
 
 
 def pdl_enabled(device: torch.device) -> bool:
