@@ -479,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` sends SIGTERM: unwind, killing the ranks
     os.environ.update(SAFE_ENVIRONMENT)  # inherited by every rank
+    # NCCL's heartbeat monitor polls rank 0's TCP store; when the pool closes, rank 0 (the store) exits first and the
+    # others' monitors print a traceback a second until they exit. RankPool's own timeout covers hung ranks.
+    os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
     with contextlib.ExitStack() as stack:
         if not args.warm_caches:  # cold compiles: fresh Triton and Inductor caches, inherited by every rank
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="decode_multigpu_"))
