@@ -397,9 +397,10 @@ for dtype, rope in itertools.product([torch.float32, torch.float16], [True, Fals
 # Split over the context (flash-decoding): forced plans, a prefill chunk whose rows fall in several splits, padding,
 # rope; the arrival counters are back at zero afterwards.
 from fxpasses.ops.triton_linear import counters_idle
-for dtype, tokens, rope, plan in [(torch.float32, 1, False, ta.SplitPlan(10, 8)), (torch.float16, 5, True, ta.SplitPlan(3, 32)),
-                                  (torch.float32, 9, True, ta.SplitPlan(5, 4))]:
-    q, k, v, kc, vc, s, p = attention_inputs(tokens, 4, 2, 8, 8, slots=40, max_len=80, dtype=dtype, pad=1)
+# (chunks small enough that most tokens use at least ta.MIN_USED_SPLITS of them; shorter ones take the one-walk path)
+for dtype, tokens, rope, plan in [(torch.float32, 1, False, ta.SplitPlan(10, 8)), (torch.float16, 5, True, ta.SplitPlan(20, 4)),
+                                  (torch.float32, 9, True, ta.SplitPlan(11, 1))]:
+    q, k, v, kc, vc, s, p = attention_inputs(tokens, 4, 2, 8, 8, slots=40, max_len=80, dtype=dtype, pad=int(tokens > 1))
     if tokens == 9:  # descending positions of one slot, across chunks of 4
         s, p = torch.tensor([2, 2, 2, 2, 0, 2, 1, 3, -1]), torch.tensor([9, 8, 7, 6, 4, 10, 3, 0, 5])
     ang = torch.rand(tokens, 1, 8) * 6
