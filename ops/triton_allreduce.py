@@ -313,13 +313,16 @@ if triton is not None:
     @triton.jit
     def _sum_over_ranks(BUF_PTRS, off, mask, DT: tl.constexpr, WORLD: tl.constexpr):
         """The rows at ``off`` summed over ranks 0..W-1 in float32 (starting from rank 0's value, so -0.0 stays
-        -0.0), rounded to the dtype as NCCL's result is; returned as float32."""
+        -0.0), rounded to the dtype as NCCL's result is (an fp16 sum past the range becomes inf); as float32."""
         acc = tl.load(tl.multiple_of(tl.load(BUF_PTRS).to(tl.pointer_type(DT)), 16) + off, mask=mask, other=0.0,
                       cache_modifier=".cv").to(tl.float32)
         for p in tl.static_range(1, WORLD):
             buf = tl.multiple_of(tl.load(BUF_PTRS + p).to(tl.pointer_type(DT)), 16)
             acc += tl.load(buf + off, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-        return round_as(acc, DT)
+        s = round_as(acc, DT)
+        if DT == tl.float16:  # a sum past fp16's range is inf in NCCL's result (round_as keeps it finite)
+            s = tl.where(s > 65504.0, float("inf"), tl.where(s < -65504.0, float("-inf"), s))
+        return s
 
     @triton.jit
     def _add_norm_store(s, R, Wt, OUT, ROUT, off, cols, mask, n_cols, eps, DT: tl.constexpr):

@@ -148,6 +148,7 @@ def interpreter_checks() -> None:
         xs[world - 1][rows - 1, 5] = float("inf")
         for x in xs:
             x[rows - 1, 0] = -0.0  # -0.0 + -0.0 must stay -0.0, as in NCCL's sum
+            x[rows - 1, 1] = torch.finfo(dtype).max * 0.75  # a sum that overflows the dtype: inf, as NCCL's
         residual = torch.randn(rows, hidden, generator=g).to(dtype)
         residual[rows - 1, 0] = -0.0
         weight = torch.randn(hidden, generator=g).to(dtype)
