@@ -114,7 +114,10 @@ def _worker(rank: int, world_size: int, init_method: str, backend: str, tasks: A
 
 
 # NVLink multicast (NVLS, multimem) can take a host's shared GPUs out of service: never on in our ranks.
-NCCL_SAFE_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
+NCCL_SAFE_ENVIRONMENT = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
+                         # rank 0 hosts the store and exits first; the others' NCCL heartbeat monitor then printed a
+                         # traceback a second at shutdown (seen on two H200s)
+                         "TORCH_NCCL_ENABLE_MONITORING": "0"}
 
 
 def _prepare_nccl_rank(rank: int) -> None:

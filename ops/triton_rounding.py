@@ -5,7 +5,9 @@ kernel that reproduces that with ``v.to(tl.bfloat16).to(tl.float32)`` is not saf
 trip away (measured on an H200 with Triton 3.6: a quarter of RoPE outputs came out one bf16 step off eager). These
 helpers round with integer arithmetic on the bits instead, which nothing folds: round to nearest, ties to even.
 NaN passes through unchanged: the rounding add would carry NVIDIA's NaN (0x7FFFFFFF) into the sign bit and make it
--0.0, so a row holding a NaN came out as zeros on CUDA where eager and the CPU op give NaN.
+-0.0, so a row holding a NaN came out as zeros on CUDA where eager and the CPU op give NaN. An fp16 value past the
+largest finite one rounds to inf, as the cast does. Known difference: a negative fp16 value that rounds to zero
+(and -0.0 itself) comes out as +0.0, not -0.0 (equal as numbers; only the sign bit differs).
 """
 import triton
 import triton.language as tl
@@ -24,6 +26,9 @@ def round_as(x, DTYPE: tl.constexpr):
         # below 2**-14 fp16 is subnormal, with a fixed step of 2**-24: adding 0.75 puts x where float32's step
         # is 2**-24, so the add rounds it there (ties to even) and the subtraction is exact
         subnormal = (x + 0.75) - 0.75
+        # past fp16's largest finite value (65504) the bit rounding gives 65536 or more, still finite in float32:
+        # eager's cast gives inf there, and so must we (an overflowing fp16 sum is inf in eager and NCCL alike)
+        normal = tl.where(tl.abs(normal) > 65504.0, normal * float("inf"), normal)
         return tl.where(x != x, x, tl.where(tl.abs(x) < 6.103515625e-05, subnormal, normal))
     else:
         return x
