@@ -23,7 +23,7 @@ import triton.testing
 
 from fxpasses import ops  # noqa: F401  (registers the ops and their Triton kernels)
 from fxpasses.ops import triton_attention as ta
-from fxpasses.ops.triton_linear import counters_idle
+from fxpasses.ops.arrival_counters import counters_idle
 
 SHAPES = {"1b": dict(layers=16, heads=32, kv_heads=8, dim=64), "8b": dict(layers=32, heads=32, kv_heads=8, dim=128)}
 

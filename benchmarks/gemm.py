@@ -54,6 +54,7 @@ import triton
 import triton.testing
 
 from fxpasses import ops  # noqa: F401  (registers fxp.linear)
+from fxpasses.ops import arrival_counters
 from fxpasses.ops import triton_linear as tl_lin
 
 SHAPES = {  # name -> (N, K): weight [N, K] as nn.Linear stores it; qkv and gate_up fused as fxpasses.models does
@@ -483,7 +484,7 @@ def main() -> None:
                     print("    next: " + ", ".join(f"{c} {t:.2f}" for t, c in sorted(timed)[1:4]), flush=True)
             del weights
             torch.cuda.empty_cache()
-            if not tl_lin.counters_idle():
+            if not arrival_counters.counters_idle():
                 failures.append(f"split-K arrival counters not zero after {model} {name}")
             save(args.out, copy, rows, table)  # after every shape: a run cut short keeps what it measured
 

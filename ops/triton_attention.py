@@ -32,8 +32,8 @@ Long contexts: one program per (token, kv head) would leave most SMs idle for a 
 one token: 8 programs on 132 SMs). Such launches split each token's context over several programs
 (``plan_splits``, flash-decoding): each folds its chunk of positions into its own running max, sum and weighted
 values, writes them to a float32 workspace and takes a ticket from an arrival counter per (token, kv head); the
-last to arrive merges the splits in split order and stores the output, then zeroes the counter (the split-K
-counters of ``triton_linear``, with the same rules for CUDA graphs). Deterministic run to run; not bit-identical to
+last to arrive merges the splits in split order and stores the output, then zeroes the counter
+(``ops/arrival_counters.py``, shared with split-K). Deterministic run to run; not bit-identical to
 the unsplit walk (the merge rescales partial sums in another order), within the same tolerance of the reference.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ import triton.language as tl
 
 from fxpasses.ops.attention import PAD_SLOT, _check, _check_rope, _rotate_last
 from fxpasses.ops.library import LIB, TOKEN_PADDING
-from fxpasses.ops.triton_linear import _counters as arrival_counters
+from fxpasses.ops import arrival_counters
 from fxpasses.ops.triton_rounding import round_as
 
 
@@ -216,43 +216,42 @@ def _attention_split(Q, KC, VC, OUT, K, V, COS, SIN, WS, WSM, CNT, scale, sqt, s
                          other=0.0)
             m, denom, acc = _online_softmax_step(q, kb.to(KC.dtype.element_ty), vb.to(VC.dtype.element_ty), shared,
                                                  m, denom, acc, scale, IEEE)
-    if SPLITS > 1:
-        if used > 1:  # this split's running max, sum and weighted values to the workspace; the last to arrive
-            # merges every used split's in split order 0..used-1 (so the result does not depend on which program
-            # finished last: the same bits every run), as split-K does in ops/triton_linear.py
-            part = (t * tl.num_programs(1) + h) * SPLITS
-            tl.store(WS + ((part + split) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :], acc)
-            tl.store(WSM + (part + split) * 2 * BLOCK_G + g, m)
-            tl.store(WSM + ((part + split) * 2 + 1) * BLOCK_G + g, denom)
-            tl.debug_barrier()  # every thread's partial stores, then one release at GPU scope
-            counter = CNT + t * tl.num_programs(1) + h
-            ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if ticket == used - 1:
-                # Every split's max at once, then each split's weighted values scaled to the common max: the loads
-                # are independent (unrolled, masked past ``used``), so they are in flight together, not one L2
-                # round trip after another.
-                sidx = tl.arange(0, SPLITS_P2)
-                live = sidx < used
-                m_all = tl.load(WSM + (part + sidx)[:, None] * 2 * BLOCK_G + g[None, :], mask=live[:, None],
-                                other=float("-inf"), cache_modifier=".cg")
-                d_all = tl.load(WSM + ((part + sidx) * 2 + 1)[:, None] * BLOCK_G + g[None, :], mask=live[:, None],
-                                other=0.0, cache_modifier=".cg")
-                m = tl.max(m_all, axis=0)
-                m_safe = tl.where(m == float("-inf"), 0.0, m)  # nothing visible in any split
-                denom = tl.sum(d_all * tl.exp(m_all - m_safe[None, :]), axis=0)
-                acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-                for i in tl.static_range(SPLITS):  # in split order: the same bits whichever program came last
-                    m_i = tl.load(WSM + (part + i) * 2 * BLOCK_G + g, mask=(g >= 0) & (i < used),
-                                  other=float("-inf"), cache_modifier=".cg")
-                    a_i = tl.load(WS + ((part + i) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :],
-                                  mask=(g[:, None] >= 0) & (i < used), other=0.0, cache_modifier=".cg")
-                    acc += a_i * tl.exp(m_i - m_safe)[:, None]
-                _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
-        else:
-            _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
-    else:
+    if SPLITS == 1:  # (a constexpr: an unsplit launch compiles no merge)
         _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+    elif used == 1:
+        _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+    else:  # this split's running max, sum and weighted values to the workspace; the last to arrive merges every
+        # used split's in split order 0..used-1 (so the result does not depend on which program finished last: the
+        # same bits every run), as split-K does in ops/triton_linear.py
+        part = (t * tl.num_programs(1) + h) * SPLITS
+        tl.store(WS + ((part + split) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :], acc)
+        tl.store(WSM + (part + split) * 2 * BLOCK_G + g, m)
+        tl.store(WSM + ((part + split) * 2 + 1) * BLOCK_G + g, denom)
+        tl.debug_barrier()  # every thread's partial stores, then one release at GPU scope
+        counter = CNT + t * tl.num_programs(1) + h
+        ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if ticket == used - 1:
+            # Every split's max at once, then each split's weighted values scaled to the common max: the loads
+            # are independent (unrolled, masked past ``used``), so they are in flight together, not one L2
+            # round trip after another.
+            sidx = tl.arange(0, SPLITS_P2)
+            live = sidx < used
+            m_all = tl.load(WSM + (part + sidx)[:, None] * 2 * BLOCK_G + g[None, :], mask=live[:, None],
+                            other=float("-inf"), cache_modifier=".cg")
+            d_all = tl.load(WSM + ((part + sidx) * 2 + 1)[:, None] * BLOCK_G + g[None, :], mask=live[:, None],
+                            other=0.0, cache_modifier=".cg")
+            m = tl.max(m_all, axis=0)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)  # nothing visible in any split
+            denom = tl.sum(d_all * tl.exp(m_all - m_safe[None, :]), axis=0)
+            acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+            for i in tl.static_range(SPLITS):  # in split order: the same bits whichever program came last
+                m_i = tl.load(WSM + (part + i) * 2 * BLOCK_G + g, mask=(g >= 0) & (i < used),
+                              other=float("-inf"), cache_modifier=".cg")
+                a_i = tl.load(WS + ((part + i) * BLOCK_G + g[:, None]) * BLOCK_DV + dv[None, :],
+                              mask=(g[:, None] >= 0) & (i < used), other=0.0, cache_modifier=".cg")
+                acc += a_i * tl.exp(m_i - m_safe)[:, None]
+            _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
 
 
 @triton.jit
@@ -267,9 +266,9 @@ def _store_attention(OUT, t, sot, soh, heads, g, dv, GROUP, DV, acc, denom):
 MAX_FUSED_TOKENS = 64
 # Splits over the context: a launch of fewer (token, kv head) programs than the GPU has SMs cuts each program's
 # positions into chunks of at least MIN_CHUNK, up to SPLIT_WAVES programs per SM in all (measured, H200: a launch
-# that fills the SMs already lost by splitting at 8B's head size, 0.84-0.91x, and 4 per SM beat 2 and 8 at 1B). The split count comes from
-# the cache's length (a shape), never from the positions (values): no host sync, and a captured size always runs
-# the same way; chunks past a token's position return at once, so a short context pays only their launch.
+# that fills the SMs already lost by splitting at 8B's head size, 0.84-0.91x, and 4 per SM beat 2 and 8 at 1B).
+# The split count comes from the cache's length (a shape), never from the positions (values): no host sync, and a
+# captured size always runs the same way; chunks past a token's position return at once.
 MIN_CHUNK = 64
 # A token whose context fills fewer chunks than this is walked by one program (the others return at once): measured
 # on an H200, 256 positions in two chunks of 160 merged ran 7% slower than one walk (1B, one token), while 1024 in
@@ -340,7 +339,8 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
     block_g = max(triton.next_power_of_2(group), 16)
     if split is None:
         split = plan_splits(tokens * kv_heads, k_cache.shape[1], block_n, _sm_count(q.device))
-    counters = arrival_counters(q.device, tokens * kv_heads) if split.splits > 1 else None
+    counters = (arrival_counters.take(q.device, tokens * kv_heads, "fxp.attention's context split")
+                if split.splits > 1 else None)
     if counters is None:  # no split, or no counters to be had (first use inside a capture): the whole context
         split = SplitPlan(1, max(k_cache.shape[1], 1))
         ws = wsm = counters = out  # unread
@@ -352,7 +352,8 @@ def _launch(q, k, v, k_cache, v_cache, slot_ids, position_ids, scale, rope: tupl
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], out.stride(0), out.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), sct, sst, group, dk, dv, half, tokens, split.chunk,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_T=max(triton.next_power_of_2(tokens), 16) if fuse_write else 16,
-        SPLITS=split.splits, SPLITS_P2=triton.next_power_of_2(split.splits), IEEE=k_cache.dtype == torch.float32, WRITE=fuse_write, num_warps=4, **common,
+        SPLITS=split.splits, SPLITS_P2=triton.next_power_of_2(split.splits), IEEE=k_cache.dtype == torch.float32,
+        WRITE=fuse_write, num_warps=4, **common,
     )
     return out
 

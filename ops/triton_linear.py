@@ -19,7 +19,7 @@ split-K kernel splits K, and it reduces in the same launch:
   operand), with K cut into splits so that even a 2048-column projection has a few programs per SM. The splits'
   float32 partials meet in a workspace and the last-arriving program of each column block (an int32 arrival
   counter) sums them in split order, so the result is the same bits every run; the counters reset themselves
-  (``_Ring``), so CUDA-graph replays need no memset.
+  (``ops/arrival_counters.py``), so CUDA-graph replays need no memset.
 
 All accumulate in float32 and round once to the output dtype (plus the bias in float32), as cuBLAS does, but in
 a different order: results equal cuBLAS's within bf16 GEMM tolerance, not bit for bit. The two-pass prologue and
@@ -46,7 +46,6 @@ import dataclasses
 import functools
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +54,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from fxpasses.ops import arrival_counters
 from fxpasses.ops.library import LIB
 from fxpasses.ops.linear import (
     _check_add_rms_norm_linear,
@@ -570,82 +570,6 @@ def _split_k_kernel(X, W, B, OUT, WS, CNT, M, N, K, sxm, swn, som, k_per_split, 
             tl.atomic_xchg(CNT + pid_n, 0, sem="relaxed", scope="gpu")  # zeroed for the next launch / replay
 
 
-# ---- split-K: arrival counters --------------------------------------------------------------------------------
-COUNTER_RING = 1 << 22  # int32 arrival counters per device (16 MB): the first EAGER_SLOTS for eager launches
-EAGER_SLOTS = 1 << 16  # (wrapping), the rest handed once each to launches captured into CUDA graphs
-
-
-@dataclass
-class _Ring:
-    """A device's arrival counters. Every launch of ``_split_k_kernel`` takes its own ``tiles`` consecutive slots,
-    which it finds zero and leaves zero: its last-arriving program of each column block resets the block's
-    counter. Why that is safe without a memset:
-
-    - a launch captured into a CUDA graph keeps its slots for every replay, so captured launches take slots above
-      ``EAGER_SLOTS`` that nothing else ever gets: two graphs never share a counter, whichever streams replay them
-      and however many launches came between their captures. When that region is used up, later captures run
-      the kernel unsplit (logged once): slower, never shared;
-    - eager launches take slots below ``EAGER_SLOTS``, wrapping around. Launches on one stream run one after
-      another, so each finds its slots as the previous user left them: zero. Launches that may overlap on
-      different streams hold different slots unless ``EAGER_SLOTS`` slots were handed out between them (hundreds
-      of launches even of the largest projections).
-
-    The buffer is created zeroed (waited for once, so a launch on another stream cannot read it before the
-    fill), outside any CUDA-graph capture (a buffer made during a capture would come from the graph's private
-    pool and be zeroed only at replay): a call captured before any eager call on the device runs the kernel
-    unsplit instead (see ``_counters``)."""
-
-    buffer: torch.Tensor
-    next: int = 0  # the next eager slot
-    captured: int = EAGER_SLOTS  # the next slot for a captured launch
-    warned: bool = False
-
-
-_RINGS: dict[torch.device, _Ring] = {}
-_RING_LOCK = threading.Lock()
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """``tiles`` zeroed int32 counters for one launch, or None (no buffer yet and the stream is capturing, or no
-    room for them): the caller then runs one split."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    with _RING_LOCK:
-        ring = _RINGS.get(device)
-        if ring is None:
-            if capturing:
-                logger.warning("fxp.linear: split-K kernel first used inside a CUDA-graph capture on %s; running it "
-                               "unsplit (run one call outside the capture first)", device)
-                return None
-            ring = _RINGS[device] = _Ring(torch.zeros(COUNTER_RING, dtype=torch.int32, device=device))
-            if device.type == "cuda":  # once per device: the zeros are written before any stream's launch reads them
-                torch.cuda.current_stream(device).synchronize()
-        if capturing:
-            if ring.captured + tiles > COUNTER_RING:
-                if not ring.warned:
-                    ring.warned = True
-                    logger.warning("fxp.linear: the split-K counters for captured launches on %s are used up (%d "
-                                   "slots); later captures run the kernel unsplit", device,
-                                   COUNTER_RING - EAGER_SLOTS)
-                return None
-            start, ring.captured = ring.captured, ring.captured + tiles
-            return ring.buffer[start:start + tiles]
-        if tiles > EAGER_SLOTS:
-            return None
-        if ring.next + tiles > EAGER_SLOTS:
-            ring.next = 0
-        start, ring.next = ring.next, ring.next + tiles
-        return ring.buffer[start:start + tiles]
-
-
-def counters_idle() -> bool:
-    """Whether every split-K arrival counter is zero, as each launch leaves its own (for tests and the benchmark;
-    synchronize first)."""
-    with _RING_LOCK:
-        return all(not bool(ring.buffer.any()) for ring in _RINGS.values())
-
-
 def split_plan(k: int, block_k: int, split: int) -> tuple[int, int]:
     """``(splits, k_per_split)``: K cut into at most ``split`` runs of whole ``block_k`` steps, none empty."""
     steps = triton.cdiv(k, block_k)
@@ -658,7 +582,7 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``_split_k_kernel`` on ``x2 [M, K]`` (M <= ``config.block_m``, K > 0, last dim contiguous), ``weight [N, K]``
     contiguous, into ``out [M, N]``. Grid: column blocks x K splits; with more than one split, an ``[S, M, N]``
     float32 workspace from torch's caching allocator (capture-safe: under a CUDA graph it comes from the graph's
-    pool) and a run of the device's arrival counters (``_counters``). ``pdl`` None: ``pdl_enabled``;
+    pool) and a run of the device's arrival counters (``arrival_counters.take``). ``pdl`` None: ``pdl_enabled``;
     ``weight_stable`` as in ``launch``."""
     pdl = pdl_enabled(out.device) if pdl is None else pdl
     m, k = x2.shape
@@ -671,7 +595,7 @@ def launch_split_k(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                          "of two of at least 16 (tl.dot's smallest tile).")
     tiles = triton.cdiv(n, c.block_n)
     splits, per = split_plan(k, c.block_k, c.split)
-    counters = _counters(out.device, tiles) if splits > 1 else None
+    counters = arrival_counters.take(out.device, tiles, "fxp.linear's split-K kernel") if splits > 1 else None
     if counters is None:
         splits, per = 1, triton.cdiv(k, c.block_k) * c.block_k
     ws = torch.empty((splits, m, n), dtype=torch.float32, device=out.device) if splits > 1 else out

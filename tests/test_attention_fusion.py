@@ -396,7 +396,7 @@ for dtype, rope in itertools.product([torch.float32, torch.float16], [True, Fals
         fails.append(("descending chunk", dtype, rope))
 # Split over the context (flash-decoding): forced plans, a prefill chunk whose rows fall in several splits, padding,
 # rope; the arrival counters are back at zero afterwards.
-from fxpasses.ops.triton_linear import counters_idle
+from fxpasses.ops.arrival_counters import counters_idle
 # (chunks small enough that most tokens use at least ta.MIN_USED_SPLITS of them; shorter ones take the one-walk path)
 for dtype, tokens, rope, plan in [(torch.float32, 1, False, ta.SplitPlan(10, 8)), (torch.float16, 5, True, ta.SplitPlan(20, 4)),
                                   (torch.float32, 9, True, ta.SplitPlan(11, 1))]:
@@ -447,6 +447,29 @@ def test_context_split_plan(monkeypatch):
     assert ta.plan_splits(programs=8, cache_len=40, block_n=32, sms=132).splits == 1  # nothing worth splitting
     monkeypatch.setenv("FXPASSES_ATTENTION_SPLIT", "0")
     assert ta.plan_splits(programs=8, cache_len=4104, block_n=32, sms=132).splits == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not importable")
+def test_attention_kernel_compiles_for_sm90_with_and_without_the_context_split():
+    """The kernel compiled ahead for Hopper (no GPU needed): a split launch takes arrival tickets, an unsplit one
+    compiles no merge at all (no atomics), with and without the one-launch cache write."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    from fxpasses.ops import triton_attention as ta
+
+    kernel = ta._attention_kernel
+    pointers = {"Q": "*bf16", "KC": "*bf16", "VC": "*bf16", "SLOT": "*i64", "POS": "*i64", "OUT": "*bf16",
+                "K": "*bf16", "V": "*bf16", "COS": "*fp32", "SIN": "*fp32", "WS": "*fp32", "WSM": "*fp32",
+                "CNT": "*i32", "scale": "fp32"}
+    for splits, write in [(1, True), (1, False), (8, True), (32, False)]:
+        const = dict(BLOCK_G=16, BLOCK_N=32, BLOCK_DK=64, BLOCK_DV=64, BLOCK_T=16, SPLITS=splits,
+                     SPLITS_P2=triton.next_power_of_2(splits), IEEE=False, ROPE=True, UPCAST=True, WRITE=write)
+        signature = {a: "constexpr" if a in const else pointers.get(a, "i32") for a in kernel.arg_names}
+        ptx = triton_compile(ASTSource(kernel, signature, const, {}), target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=4)).asm["ptx"]
+        assert ("atom.global" in ptx) == (splits > 1), (splits, write)
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
@@ -527,7 +550,7 @@ def test_gpu_long_context_split_matches_the_reference(dtype, tokens, pad):
     """Contexts of up to 3000 positions split over the SMs (flash-decoding) as the op plans them: outputs equal the
     float64 reference, caches written as unsplit, eager and in CUDA-graph replays, counters back at zero."""
     from fxpasses.ops import triton_attention as ta
-    from fxpasses.ops.triton_linear import counters_idle
+    from fxpasses.ops.arrival_counters import counters_idle
 
     q, k, v, kc, vc, slot, pos = attention_inputs(tokens, 32, 8, 64, 64, slots=9, max_len=3008, dtype=dtype,
                                                   device="cuda", pad=pad)

@@ -35,6 +35,7 @@ def interpreter_checks() -> None:
     defined). The interpreter runs the programs one after another, so this checks the tile arithmetic, the masks,
     the split plan and the last-arrival reduction, not the memory ordering (the GPU tests do)."""
     from fxpasses.ops import triton_linear as tl_lin
+    from fxpasses.ops import arrival_counters
 
     assert tl_lin.split_plan(4096, 256, 4) == (4, 1024)
     assert tl_lin.split_plan(100, 32, 3) == (2, 64)  # 4 steps: 2 + 2, not 2 + 1 + 1 into 3 non-empty splits
@@ -70,7 +71,7 @@ def interpreter_checks() -> None:
             out = torch.full((m, n), float("nan"), dtype=dtype)  # poisoned: every element must be written
             tl_lin.launch(x, w, b, config, out=out)
             assert rel_err(out, x, w, b) < 5e-3, (m, n, k, config)
-            assert tl_lin.counters_idle(), (m, n, k, config)
+            assert arrival_counters.counters_idle(), (m, n, k, config)
             again = tl_lin.launch(x, w, b, config)
             assert torch.equal(again, out), (m, n, k, config)
 
@@ -130,6 +131,7 @@ def test_split_k_matches_float64_and_cublas_and_repeats_bit_for_bit(n, k, dtype,
     """Odd shapes: N not a multiple of any column block (1000, 24, 4097), K not a multiple of the K step (300,
     4104, 1000), every row count of ROWS."""
     from fxpasses.ops import triton_linear as tl_lin
+    from fxpasses.ops import arrival_counters
 
     w = rand(n, k, dtype=dtype, seed=1, device="cuda") * 0.05
     b = rand(n, dtype=dtype, seed=2, device="cuda") if bias else None
@@ -144,7 +146,7 @@ def test_split_k_matches_float64_and_cublas_and_repeats_bit_for_bit(n, k, dtype,
             for _ in range(3):  # whichever program arrives last, the partials are summed in one order
                 assert torch.equal(tl_lin.launch(x, w, b, config), out), (m, config)
     torch.cuda.synchronize()
-    assert tl_lin.counters_idle()
+    assert arrival_counters.counters_idle()
 
 
 @gpu
@@ -154,6 +156,7 @@ def test_split_k_in_a_cuda_graph_replays_with_the_counters_reset(m):
     """Captured with several splits and replayed twice on new inputs: equal bit for bit to eager launches (the
     counters the capture's launches took are back at zero after each replay)."""
     from fxpasses.ops import triton_linear as tl_lin
+    from fxpasses.ops import arrival_counters
 
     n, k = 2048, 4096
     w = rand(n, k, seed=1, device="cuda") * 0.05
@@ -171,7 +174,7 @@ def test_split_k_in_a_cuda_graph_replays_with_the_counters_reset(m):
         static.copy_(new)
         g.replay()
         torch.cuda.synchronize()
-        assert tl_lin.counters_idle()
+        assert arrival_counters.counters_idle()
         for i, c in enumerate(configs):
             eager = tl_lin.launch(new, w, b, c)
             assert torch.equal(outs[2 * i], eager) and torch.equal(outs[2 * i + 1], eager), (seed, c)
@@ -199,6 +202,7 @@ def test_op_runs_the_table_choice_at_two_to_thirty_two_rows():
 CAPTURED_FIRST = """
 import json, logging, torch
 from fxpasses.ops import triton_linear as tl_lin
+from fxpasses.ops import arrival_counters
 records = []
 logging.getLogger(tl_lin.__name__).addHandler(logging.Handler())
 logging.getLogger(tl_lin.__name__).handlers[-1].emit = records.append
@@ -211,7 +215,7 @@ with torch.cuda.graph(g):
     out = tl_lin.launch(x, w, None, tl_lin.Config(16, 64, 256, 4, 3, split=8, swap=True))
 g.replay()
 torch.cuda.synchronize()
-print(json.dumps({"equal": torch.equal(out, eager), "idle": tl_lin.counters_idle(),
+print(json.dumps({"equal": torch.equal(out, eager), "idle": arrival_counters.counters_idle(),
                   "warned": any("inside a CUDA-graph capture" in r.getMessage() for r in records)}))
 """
 
