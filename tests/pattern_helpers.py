@@ -24,6 +24,50 @@ def compile_and_capture(fn, args, *, dynamic=None, fullgraph=False, **backend_kw
     return out, backend, backend.before, backend.after
 
 
+def fake_cuda(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor like ``t`` on CUDA (call under a FakeTensorMode on a machine without a GPU)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
+
+
+def aot_graph_on_cpu(fn, *args, grad_mode=torch.no_grad):
+    """Compile ``fn`` on the CPU with a backend that keeps the AOT graph and copies of its first call's real inputs
+    (taken before the call, so inputs the graph writes, such as a KV cache, hold what it read). Returns (graph,
+    inputs, the compiled call's output)."""
+    from functorch.compile import aot_module_simplified, make_boxed_func
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        def keep(g, _):
+            real = []
+
+            def run(*call_args):
+                if not real:
+                    real.extend(a.clone() for a in call_args)
+                return g(*call_args)
+
+            graphs.append((g, real))
+            return make_boxed_func(run)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep)
+
+    torch._dynamo.reset()
+    with grad_mode():
+        out = torch.compile(fn, backend=backend)(*args)
+    assert len(graphs) == 1
+    return graphs[0][0], graphs[0][1], out
+
+
+def point_graph_at(gm: torch.fx.GraphModule, device: str) -> None:
+    """Point the graph's factory and copy calls (arange, .to(device=...)) at ``device``, dropping the fake values
+    (re-derived from the next inputs it is traced with)."""
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device):
+            node.kwargs = {**node.kwargs, "device": torch.device(device)}
+        node.meta.pop("val", None)
+    gm.recompile()
+
+
 # bf16 results of a fused op and of the unfused eager code may differ by one rounding of the last product
 BF16_TOL = dict(rtol=1.6e-2, atol=1.6e-2)
 

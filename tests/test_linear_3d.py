@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 import fxpasses
 from fxpasses.testing import RecordingBackend
+from pattern_helpers import aot_graph_on_cpu, fake_cuda, point_graph_at
 
 fxp = torch.ops.fxp
 gpu = pytest.mark.gpu
@@ -82,19 +83,15 @@ BLOCK_MATCHES = {"rms_norm_linear": 1, "linear_bias": 1, "add_rms_norm_linear_si
                  "add_rms_norm_linear": 1}
 
 
-def _fake_cuda(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
-
-
-def compile_on_fake_cuda(model: nn.Module, *inputs: torch.Tensor, **backend_kwargs):
+def compile_onfake_cuda(model: nn.Module, *inputs: torch.Tensor, **backend_kwargs):
     """Compile ``model`` with a recording fxpasses Backend on fake CUDA copies of its parameters and ``inputs``;
     run the graph the pipeline produced on the real CPU tensors. Returns (that output, eager's, backend)."""
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     backend = RecordingBackend(**backend_kwargs)
     torch._dynamo.reset()
     with torch.no_grad(), FakeTensorMode():
-        fake = {k: _fake_cuda(v) for k, v in params.items()}
-        torch.compile(lambda p, *xs: functional_call(model, p, xs), backend=backend)(fake, *map(_fake_cuda, inputs))
+        fake = {k: fake_cuda(v) for k, v in params.items()}
+        torch.compile(lambda p, *xs: functional_call(model, p, xs), backend=backend)(fake, *map(fake_cuda, inputs))
     assert len(backend.records) == 1, "one graph"
     # Dynamo lifted the parameters and inputs into graph inputs in this order
     with torch.no_grad():
@@ -119,7 +116,7 @@ def test_transformers_shaped_block_fuses_and_is_bit_identical(dtype, shape):
     torch.manual_seed(0)
     model = Block().to(dtype).eval()
     x = rand(*shape, 16, dtype=dtype)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES
     assert backend.report.near_misses == []
     after = backend.after
@@ -142,7 +139,7 @@ def test_fused_gate_up_split_by_chunk(dtype):
     torch.manual_seed(1)
     model = Block(fused_gate_up=True).to(dtype).eval()
     x = rand(2, 3, 16, dtype=dtype, seed=1)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES
     assert backend.after["fxp.add_rms_norm_linear_silu_mul"] == 1 and "aten.split" not in backend.after
     assert torch.equal(got, want)
@@ -167,7 +164,7 @@ def test_swiglu_of_two_3d_projections():
     torch.manual_seed(2)
     model = Mlp().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=2)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == {"linear_silu_mul": 1, "linear": 1}
     assert backend.after["fxp.linear_silu_mul"] == 1 and "aten.silu" not in backend.after
     assert torch.equal(got, want)
@@ -177,7 +174,7 @@ def test_swiglu_whose_gate_is_read_elsewhere_is_not_fused():
     torch.manual_seed(2)
     model = Mlp(read_gate=True).to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=2)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     # each projection alone (3-D, views folded), the activation alone
     assert backend.report.matches == {"linear": 3, "silu_and_mul": 1}
     assert "fxp.linear_silu_mul" not in backend.after
@@ -201,7 +198,7 @@ def test_swiglu_halves_whose_gate_is_read_elsewhere_are_explained():
     torch.manual_seed(4)
     model = GateUpReadTwice().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=5)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == {"linear": 2, "silu_and_mul": 1}
     misses = [str(m) for m in backend.report.near_misses]
     assert len(misses) == 1 and "linear_silu_mul did not apply" in misses[0] and "another user" in misses[0], misses
@@ -221,7 +218,7 @@ class NormReadTwice(nn.Module):
 def test_norm_whose_output_is_read_elsewhere_is_not_fused_into_the_projection():
     model = NormReadTwice().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=3)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == {"rms_norm": 1, "linear": 1}
     assert "fxp.rms_norm_linear" not in backend.after
     assert same(got, want)
@@ -302,7 +299,7 @@ def test_views_that_change_the_meaning_are_not_folded(case):
     torch.manual_seed(3)
     model = cls().to(torch.bfloat16).eval()
     x = rand(*shape, dtype=torch.bfloat16, seed=4)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == matches
     misses = [str(m) for m in backend.report.near_misses]
     assert (any(near in m for m in misses) if near else misses == []), misses
@@ -339,7 +336,7 @@ def test_property_a_linear_on_any_leading_shape_takes_the_activation(lead, bias,
     torch.manual_seed(seed)
     model = nn.Linear(8, 5, bias=bias).to(dtype).eval()
     x = rand(*lead, 8, dtype=dtype, seed=seed)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == {"linear_bias" if bias else "linear": 1}
     assert backend.after["fxp.linear"] == 1 and not any(
         k in backend.after for k in ("aten.mm", "aten.addmm", "aten.view", "aten._unsafe_view"))
@@ -354,7 +351,7 @@ def test_property_a_decoder_step_on_any_leading_shape_fuses_bit_identically(lead
     torch.manual_seed(seed)
     model = Block(fused_gate_up=fused_gate_up).to(dtype).eval()
     x = rand(*lead, 16, dtype=dtype, seed=seed)
-    got, want, backend = compile_on_fake_cuda(model, x)
+    got, want, backend = compile_onfake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES and backend.report.near_misses == []
     assert torch.equal(got, want)
 
@@ -386,42 +383,6 @@ DECODERS = {
 DECODER_CASES = [("Llama", torch.float32)] + [(name, torch.bfloat16) for name in DECODERS]
 
 
-def _aot_graph_on_cpu(fn, *args):
-    """Compile ``fn`` on the CPU with a backend that keeps the AOT graph and the real inputs of its first call."""
-    from functorch.compile import aot_module_simplified, make_boxed_func
-
-    graphs = []
-
-    def backend(gm, example_inputs):
-        def keep(g, _):
-            real = []
-
-            def run(*args):
-                if not real:
-                    real.extend(args)
-                return g(*args)
-
-            graphs.append((g, real))
-            return make_boxed_func(run)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep)
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(fn, backend=backend)(*args)
-    assert len(graphs) == 1
-    return graphs[0][0], graphs[0][1], out
-
-
-def _to_device(gm: torch.fx.GraphModule, device: str) -> None:
-    """Point the graph's factory and copy calls (arange, .to(device=...)) at ``device``."""
-    for node in gm.graph.nodes:
-        if isinstance(node.kwargs.get("device"), torch.device):
-            node.kwargs = {**node.kwargs, "device": torch.device(device)}
-        node.meta.pop("val", None)  # re-derived from the fake CUDA inputs
-    gm.recompile()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name, dtype", DECODER_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in DECODER_CASES])
 def test_transformers_decoders_fuse_on_cuda_and_are_bit_identical(name, dtype):
@@ -433,11 +394,11 @@ def test_transformers_decoders_fuse_on_cuda_and_are_bit_identical(name, dtype):
     ids = torch.randint(0, 128, (2, 7))
     with torch.no_grad():
         eager = model(ids, use_cache=False).logits
-    gm, real_inputs, compiled = _aot_graph_on_cpu(lambda i: model(i, use_cache=False).logits, ids)
+    gm, real_inputs, compiled = aot_graph_on_cpu(lambda i: model(i, use_cache=False).logits, ids)
     assert torch.equal(compiled, eager)
-    _to_device(gm, "cuda")
+    point_graph_at(gm, "cuda")
     with FakeTensorMode():
-        fakes = [_fake_cuda(t) for t in real_inputs]
+        fakes = [fake_cuda(t) for t in real_inputs]
     gm, report = fxpasses.rewrite(gm, example_inputs=fakes)
     assert report.matches == expected
     misses = [m.reason for m in report.near_misses]
@@ -451,7 +412,7 @@ def test_transformers_decoders_fuse_on_cuda_and_are_bit_identical(name, dtype):
         if node.op == "call_function" and str(node.target).startswith(("fxp.linear", "fxp.add_rms_norm_linear",
                                                                         "fxp.rms_norm_linear")):
             assert node.args[0].meta["val"].shape[:2] == (2, 7), node.format_node()
-    _to_device(gm, "cpu")  # on CPU tensors every fused op is its composition: bit for bit
+    point_graph_at(gm, "cpu")  # on CPU tensors every fused op is its composition: bit for bit
     with torch.no_grad():
         (got,) = gm(*real_inputs)
     assert torch.equal(got, eager)

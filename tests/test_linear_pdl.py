@@ -25,7 +25,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import fxpasses
 from fxpasses.stable_weights import verdicts_of
 from fxpasses.testing import RecordingBackend
-from pattern_helpers import needs_triton, run_under_triton_interpreter
+from pattern_helpers import aot_graph_on_cpu, fake_cuda, needs_triton, point_graph_at, run_under_triton_interpreter
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -36,44 +36,19 @@ def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
 
 
-def _fake_cuda(t):
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cuda")
-
-
 def _pass_notes(report) -> list[str]:
     return [n for r in report.passes if r.name == "weights/mark_stable_weights" for n in r.notes]
 
 
 # ---- CPU: the reference Llama ---------------------------------------------------------------------------------
 def _llama_aot_graph(config):
-    """Compile the Llama on the CPU with a backend that keeps its AOT graph and the first call's real inputs."""
-    from functorch.compile import aot_module_simplified, make_boxed_func
-
+    """The Llama's AOT graph for a decode step, compiled on the CPU, and that step's real inputs."""
     from fxpasses.models import build_model, make_steps
 
-    model = build_model("llama", config)
     batch = make_steps(config.vocab_size)[-1]  # a decode step
-    graphs = []
-
-    def backend(gm, example_inputs):
-        def keep(g, _):
-            real = []
-
-            def run(*args):
-                if not real:
-                    real.extend(a.clone() for a in args)  # before the step writes the KV cache
-                return g(*args)
-
-            graphs.append((g, real))
-            return make_boxed_func(run)
-
-        return aot_module_simplified(gm, example_inputs, fw_compiler=keep)
-
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        torch.compile(model, backend=backend)(batch.input_ids, batch.position_ids, batch.slot_ids)
-    assert len(graphs) == 1
-    return graphs[0]
+    gm, real, _ = aot_graph_on_cpu(build_model("llama", config), batch.input_ids, batch.position_ids,
+                                   batch.slot_ids, grad_mode=torch.inference_mode)
+    return gm, real
 
 
 def test_every_projection_of_a_llama_is_weight_stable_and_the_graph_equals_eager():
@@ -83,13 +58,9 @@ def test_every_projection_of_a_llama_is_weight_stable_and_the_graph_equals_eager
     gm, real = _llama_aot_graph(config)
     with torch.no_grad():
         want = gm(*[t.clone() for t in real])
-    for node in gm.graph.nodes:  # the graph's factory calls onto (fake) CUDA, where the patterns apply
-        if isinstance(node.kwargs.get("device"), torch.device):
-            node.kwargs = {**node.kwargs, "device": torch.device("cuda")}
-        node.meta.pop("val", None)
-    gm.recompile()
+    point_graph_at(gm, "cuda")  # the graph's factory calls onto (fake) CUDA, where the patterns apply
     with FakeTensorMode():
-        fakes = [_fake_cuda(t) for t in real]
+        fakes = [fake_cuda(t) for t in real]
     gm, report = fxpasses.rewrite(gm, example_inputs=fakes)
     expected = config.predicted_matches(fxpasses.Mapping(), cuda=True)
     projections = sum(v for k, v in expected.items() if k in FAMILY)
@@ -100,10 +71,7 @@ def test_every_projection_of_a_llama_is_weight_stable_and_the_graph_equals_eager
     assert record.counts == {"weight_stable": projections} and not record.error
     assert _pass_notes(report) == [f"{projections} of {projections} linear-family nodes weight-stable (their GEMV "
                                    "reads the first weight block before the PDL wait)"]
-    for node in gm.graph.nodes:  # back to the CPU, where every op is its composition and ignores the flag
-        if isinstance(node.kwargs.get("device"), torch.device):
-            node.kwargs = {**node.kwargs, "device": torch.device("cpu")}
-    gm.recompile()
+    point_graph_at(gm, "cpu")  # back to the CPU, where every op is its composition and ignores the flag
     with torch.no_grad():
         got = gm(*[t.clone() for t in real])
     assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want))
