@@ -83,7 +83,7 @@ BLOCK_MATCHES = {"rms_norm_linear": 1, "linear_bias": 1, "add_rms_norm_linear_si
                  "add_rms_norm_linear": 1}
 
 
-def compile_onfake_cuda(model: nn.Module, *inputs: torch.Tensor, **backend_kwargs):
+def compile_on_fake_cuda(model: nn.Module, *inputs: torch.Tensor, **backend_kwargs):
     """Compile ``model`` with a recording fxpasses Backend on fake CUDA copies of its parameters and ``inputs``;
     run the graph the pipeline produced on the real CPU tensors. Returns (that output, eager's, backend)."""
     params = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -116,7 +116,7 @@ def test_transformers_shaped_block_fuses_and_is_bit_identical(dtype, shape):
     torch.manual_seed(0)
     model = Block().to(dtype).eval()
     x = rand(*shape, 16, dtype=dtype)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES
     assert backend.report.near_misses == []
     after = backend.after
@@ -139,7 +139,7 @@ def test_fused_gate_up_split_by_chunk(dtype):
     torch.manual_seed(1)
     model = Block(fused_gate_up=True).to(dtype).eval()
     x = rand(2, 3, 16, dtype=dtype, seed=1)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES
     assert backend.after["fxp.add_rms_norm_linear_silu_mul"] == 1 and "aten.split" not in backend.after
     assert torch.equal(got, want)
@@ -164,7 +164,7 @@ def test_swiglu_of_two_3d_projections():
     torch.manual_seed(2)
     model = Mlp().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=2)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == {"linear_silu_mul": 1, "linear": 1}
     assert backend.after["fxp.linear_silu_mul"] == 1 and "aten.silu" not in backend.after
     assert torch.equal(got, want)
@@ -174,7 +174,7 @@ def test_swiglu_whose_gate_is_read_elsewhere_is_not_fused():
     torch.manual_seed(2)
     model = Mlp(read_gate=True).to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=2)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     # each projection alone (3-D, views folded), the activation alone
     assert backend.report.matches == {"linear": 3, "silu_and_mul": 1}
     assert "fxp.linear_silu_mul" not in backend.after
@@ -198,7 +198,7 @@ def test_swiglu_halves_whose_gate_is_read_elsewhere_are_explained():
     torch.manual_seed(4)
     model = GateUpReadTwice().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=5)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == {"linear": 2, "silu_and_mul": 1}
     misses = [str(m) for m in backend.report.near_misses]
     assert len(misses) == 1 and "linear_silu_mul did not apply" in misses[0] and "another user" in misses[0], misses
@@ -218,7 +218,7 @@ class NormReadTwice(nn.Module):
 def test_norm_whose_output_is_read_elsewhere_is_not_fused_into_the_projection():
     model = NormReadTwice().to(torch.bfloat16).eval()
     x = rand(2, 3, 16, dtype=torch.bfloat16, seed=3)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == {"rms_norm": 1, "linear": 1}
     assert "fxp.rms_norm_linear" not in backend.after
     assert same(got, want)
@@ -299,7 +299,7 @@ def test_views_that_change_the_meaning_are_not_folded(case):
     torch.manual_seed(3)
     model = cls().to(torch.bfloat16).eval()
     x = rand(*shape, dtype=torch.bfloat16, seed=4)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == matches
     misses = [str(m) for m in backend.report.near_misses]
     assert (any(near in m for m in misses) if near else misses == []), misses
@@ -336,7 +336,7 @@ def test_property_a_linear_on_any_leading_shape_takes_the_activation(lead, bias,
     torch.manual_seed(seed)
     model = nn.Linear(8, 5, bias=bias).to(dtype).eval()
     x = rand(*lead, 8, dtype=dtype, seed=seed)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == {"linear_bias" if bias else "linear": 1}
     assert backend.after["fxp.linear"] == 1 and not any(
         k in backend.after for k in ("aten.mm", "aten.addmm", "aten.view", "aten._unsafe_view"))
@@ -351,7 +351,7 @@ def test_property_a_decoder_step_on_any_leading_shape_fuses_bit_identically(lead
     torch.manual_seed(seed)
     model = Block(fused_gate_up=fused_gate_up).to(dtype).eval()
     x = rand(*lead, 16, dtype=dtype, seed=seed)
-    got, want, backend = compile_onfake_cuda(model, x)
+    got, want, backend = compile_on_fake_cuda(model, x)
     assert backend.report.matches == BLOCK_MATCHES and backend.report.near_misses == []
     assert torch.equal(got, want)
 
